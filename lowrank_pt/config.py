@@ -1,0 +1,299 @@
+"""The one config schema: dataclasses with a docstring under every field.
+
+A run is loaded from a YAML file plus ``key=value`` overrides (``stages.1.steps=500``,
+``engine.zero_stage=2``) through OmegaConf, checked completely, and only then allowed to touch
+the disk. The field docstrings are the config reference (``lowrank-pt config-reference``).
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Dict, List, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lowrank_pt.data.config import DataConfig
+from lowrank_pt.data.config import validate as validate_data
+from lowrank_pt.model import MODEL_SIZES, ModelConfig
+
+
+class ConfigError(ValueError):
+    """A config problem, reported before any work starts."""
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-3
+    """Peak learning rate of the stage."""
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas (beta1, beta2)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay on matrices (not on norms)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "cosine"
+    """cosine | linear | constant | jagged_cosine (cosine envelope re-warmed at every restart)."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to the peak LR at the start of the stage."""
+    min_lr_ratio: float = 0.1
+    """Floor of the decay, as a fraction of the peak LR."""
+    restart_every: int = 0
+    """jagged_cosine: steps between restarts (set from the method, e.g. relora's restart_every)."""
+    restart_warmup_steps: int = 0
+    """jagged_cosine: steps to re-warm the LR from 0 after each restart."""
+
+
+@dataclass
+class StageConfig:
+    name: str = "main"
+    """Name of the stage in logs, metrics and checkpoints."""
+    method: str = "full"
+    """Training method: one of lowrank_pt.methods.METHODS (full, ...)."""
+    steps: Optional[int] = None
+    """Length in optimizer steps. Give exactly one of steps and tokens."""
+    tokens: Optional[int] = None
+    """Length in training tokens (all ranks), rounded up to whole steps."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer settings of this stage."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule of this stage."""
+    micro_batch_size: Optional[int] = None
+    """Sequences per rank per micro-batch; null takes train.micro_batch_size."""
+    grad_accum: Optional[int] = None
+    """Micro-batches per optimizer step; null takes train.grad_accum."""
+    options: Dict[str, Any] = field(default_factory=dict)
+    """The method's own options (e.g. rank, restart_every); checked against its schema."""
+    data: Optional[DataConfig] = None
+    """Data of this stage; null uses the run's data (continuing its stream)."""
+    init_from: Optional[str] = None
+    """Start this stage from the weights of a checkpoint dir (a run dir or one checkpoint)."""
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
+    precision: str = "fp32"
+    """fp32 | bf16 | fp16 (fp16 only where the device supports it, i.e. on GPUs)."""
+    offload_optimizer: bool = False
+    """Keep optimizer states on the CPU (ZeRO stages 1-3)."""
+    deepspeed: Dict[str, Any] = field(default_factory=dict)
+    """Raw DeepSpeed config keys, deep-merged over the generated config."""
+    backend: Optional[str] = None
+    """torch.distributed backend; null picks nccl on GPUs, gloo on CPU."""
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 8
+    """Sequences per rank per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    log_every: int = 10
+    """Optimizer steps between metric lines."""
+    eval_every: int = 100
+    """Optimizer steps between validation passes (and at the end of each stage); 0 = stage ends only."""
+    eval_sequences: int = 64
+    """Validation sequences per evaluation: the first N of the held-out split, fixed across runs."""
+    save_every: int = 0
+    """Optimizer steps between checkpoints; 0 = only at the end of each stage."""
+    keep_last: int = 2
+    """Complete checkpoints to keep; older ones are deleted after a successful save."""
+    progress: bool = True
+    """Print a progress line (loss, lr, tokens/s) at every log step on rank 0."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars under RUN_DIR/tb."""
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    """Directory of the run: resolved config, metrics.jsonl, TensorBoard logs, checkpoints."""
+    seed: int = 0
+    """Seed of model init and data order."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in run_dir if any; never: refuse a run_dir
+    that has checkpoints; or a path to a checkpoint dir to start from."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model architecture."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and validation data."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """DeepSpeed engine settings."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop, logging and checkpoint settings."""
+    stages: List[StageConfig] = field(default_factory=lambda: [StageConfig(steps=100)])
+    """The recipe: stages run in order, each starting from the previous stage's weights."""
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. engine.zero_stage=2)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _om_error(e: OmegaConfBaseException, where: str) -> ConfigError:
+    msg = str(e).splitlines()[0]
+    key = getattr(e, "full_key", None)
+    return ConfigError(f"{where}: {msg}" + (f" (key: {key})" if key else ""))
+
+
+def load(path: Optional[str], overrides: list[str] = ()) -> RunConfig:
+    """Build a checked RunConfig from a YAML file and ``key=value`` overrides."""
+    cfg = OmegaConf.structured(RunConfig)
+    if path is not None:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(raw).__name__}")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(raw))
+        except OmegaConfBaseException as e:
+            raise _om_error(e, path) from None
+    for item in overrides:
+        key, value = _parse_override(item)
+        try:
+            OmegaConf.update(cfg, key, value, merge=True)
+        except OmegaConfBaseException as e:
+            raise _om_error(e, f"override {item!r}") from None
+    run: RunConfig = OmegaConf.to_object(cfg)
+    validate(run)
+    return run
+
+
+def _choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: allowed {list(allowed)}")
+
+
+def validate(run: RunConfig) -> None:
+    """Every check that can be made before work starts; raises ConfigError naming the key."""
+    from lowrank_pt.methods import METHODS, parse_options
+
+    if run.model.size not in MODEL_SIZES:
+        _choice("model.size", run.model.size, sorted(MODEL_SIZES))
+    _choice("engine.zero_stage", run.engine.zero_stage, [0, 1, 2, 3])
+    _choice("engine.precision", run.engine.precision, ["fp32", "bf16", "fp16"])
+    if run.engine.offload_optimizer and run.engine.zero_stage == 0:
+        raise ConfigError("engine.offload_optimizer=true needs engine.zero_stage >= 1")
+    if not run.stages:
+        raise ConfigError("stages: the recipe needs at least one stage")
+    for key in ("micro_batch_size", "grad_accum"):
+        if getattr(run.train, key) < 1:
+            raise ConfigError(f"train.{key}={getattr(run.train, key)} must be >= 1")
+    if run.train.keep_last < 1:
+        raise ConfigError(f"train.keep_last={run.train.keep_last} must be >= 1")
+    if run.model.seq_len < 2:
+        raise ConfigError(f"model.seq_len={run.model.seq_len} must be >= 2")
+    names = set()
+    for i, stage in enumerate(run.stages):
+        where = f"stages[{i}] ({stage.name})"
+        if stage.name in names:
+            raise ConfigError(f"{where}.name: stage names must be unique")
+        names.add(stage.name)
+        if (stage.steps is None) == (stage.tokens is None):
+            raise ConfigError(f"{where}: give exactly one of steps and tokens (its length)")
+        length = stage.steps if stage.steps is not None else stage.tokens
+        if length < 1:
+            raise ConfigError(f"{where}: length must be >= 1, got {length}")
+        _choice(f"{where}.method", stage.method, sorted(METHODS))
+        _choice(f"{where}.schedule.kind", stage.schedule.kind, ["cosine", "linear", "constant", "jagged_cosine"])
+        if stage.optimizer.lr <= 0:
+            raise ConfigError(f"{where}.optimizer.lr={stage.optimizer.lr} must be > 0")
+        if len(stage.optimizer.betas) != 2 or not all(0 <= b < 1 for b in stage.optimizer.betas):
+            raise ConfigError(f"{where}.optimizer.betas={stage.optimizer.betas}: two values in [0, 1)")
+        if not 0 <= stage.schedule.min_lr_ratio <= 1:
+            raise ConfigError(f"{where}.schedule.min_lr_ratio must be in [0, 1]")
+        for key in ("micro_batch_size", "grad_accum"):
+            value = getattr(stage, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{where}.{key}={value} must be >= 1")
+        try:
+            parse_options(stage.method, stage.options)
+        except ConfigError as e:
+            raise ConfigError(f"{where}.options: {e}") from None
+        if stage.data is not None:
+            try:
+                validate_data(stage.data)
+            except ValueError as e:
+                raise ConfigError(f"{where}.data: {e}") from None
+    try:
+        validate_data(run.data)
+    except ValueError as e:
+        raise ConfigError(f"data: {e}") from None
+
+
+def stage_steps(stage: StageConfig, tokens_per_step: int) -> int:
+    if stage.steps is not None:
+        return stage.steps
+    return math.ceil(stage.tokens / tokens_per_step)
+
+
+def to_yaml(run: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(run))
+
+
+# --- reference ----------------------------------------------------------------------------------
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Docstrings written under each field of a dataclass (read from its source)."""
+    tree = ast.parse(inspect.getsource(cls).lstrip())
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def reference(cls=RunConfig, prefix: str = "") -> list[str]:
+    """Markdown lines documenting every key of the schema, nested sections included."""
+    lines = []
+    docs = field_docs(cls)
+    nested = []
+    for f in fields(cls):
+        default = f.default if f.default is not inspect.Parameter.empty else None
+        if callable(f.default_factory):  # type: ignore[arg-type]
+            default = f.default_factory()
+        target = _dataclass_of(f.type)
+        shown = "(section)" if is_dataclass(default) or target else repr(default)
+        lines.append(f"| `{prefix}{f.name}` | {shown} | {docs.get(f.name, '')} |")
+        if target is not None:
+            nested.append((f.name, target))
+    for name, target in nested:
+        sub = f"{prefix}{name}." if name != "stages" else f"{prefix}stages.N."
+        lines += reference(target, sub)
+    return lines
+
+
+def _dataclass_of(annotation) -> Optional[type]:
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    table = {c.__name__: c for c in (OptimizerConfig, ScheduleConfig, StageConfig, EngineConfig,
+                                     TrainConfig, ModelConfig, DataConfig)}
+    for name, cls in table.items():
+        if name in str(text):
+            return cls
+    return None

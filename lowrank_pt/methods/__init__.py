@@ -1,0 +1,42 @@
+"""Registry of training methods: one line per method."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lowrank_pt.methods.base import Method
+
+METHODS: dict[str, type[Method]] = {
+    "full": Method,
+}
+
+
+def parse_options(method: str, options: dict) -> Any:
+    """The method's options dataclass filled from ``options``; unknown keys or bad types fail."""
+    from lowrank_pt.config import ConfigError
+
+    if method not in METHODS:
+        raise ConfigError(f"method={method!r}: allowed {sorted(METHODS)}")
+    schema = OmegaConf.structured(METHODS[method].Options)
+    try:
+        merged = OmegaConf.merge(schema, OmegaConf.create(dict(options or {})))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{method}: {str(e).splitlines()[0]}") from None
+    parsed = OmegaConf.to_object(merged)
+    check = getattr(parsed, "check", None)
+    if check is not None:
+        try:
+            check()
+        except ValueError as e:
+            raise ConfigError(f"{method}: {e}") from None
+    return parsed
+
+
+def build(stage, run) -> Method:
+    return METHODS[stage.method](parse_options(stage.method, stage.options), stage, run)
+
+
+__all__ = ["METHODS", "Method", "build", "parse_options"]

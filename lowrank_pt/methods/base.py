@@ -1,0 +1,101 @@
+"""The one small interface every training method implements.
+
+The trainer calls a method at fixed points of a recipe stage and never branches on which method
+it runs. Order of calls in one stage:
+
+    method = MethodClass(options, stage, run)         # options: the method's own dataclass
+    method.prepare_model(model)                         # wrap / freeze, before DeepSpeed sees it
+    groups = method.param_groups(model)                 # what the optimizer trains
+    lr_fn  = method.lr_lambda(total_steps)              # LR multiplier by optimizer step
+    engine = deepspeed.initialize(...)
+    method.on_engine_ready(engine)
+    method.load_state_dict(saved) if resuming
+    for step in range(start, total_steps):
+        loss = method.train_step(engine, micro_batches, step)   # fwd/bwd/step of one optimizer step
+        events = method.after_step(engine, step)                 # e.g. merge-and-restart
+    weights = method.export_weights(engine)             # plain-model state dict, adapters merged
+
+Adding a method means a module with a subclass and one line in ``methods/__init__.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from lowrank_pt import schedule, zero_io
+
+
+@dataclass
+class NoOptions:
+    """This method takes no options."""
+
+
+class Method:
+    """Full-rank training of every parameter; the base every other method refines."""
+
+    name: ClassVar[str] = "full"
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any, stage: Any, run: Any):
+        self.options = options
+        self.stage = stage
+        self.run = run
+
+    # --- before the engine exists -------------------------------------------------------------
+    def prepare_model(self, model: nn.Module) -> None:
+        """Wrap or freeze modules. Full-rank training trains everything."""
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """Optimizer groups of the trainable params: weight decay on matrices only."""
+        decay, no_decay = [], []
+        for _, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.ndim >= 2 else no_decay).append(p)
+        wd = self.stage.optimizer.weight_decay
+        groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
+    def lr_lambda(self, total_steps: int) -> Callable[[int], float]:
+        """LR multiplier (of the stage's peak LR) for each optimizer step."""
+        return schedule.build(self.stage.schedule, total_steps)
+
+    # --- with the engine ----------------------------------------------------------------------
+    def on_engine_ready(self, engine) -> None:
+        """Called once after ``deepspeed.initialize``."""
+        self.engine = engine
+
+    def train_step(self, engine, micro_batches: list[dict], step: int) -> float:
+        """One optimizer step over ``micro_batches`` (gradient accumulation); mean loss."""
+        total = 0.0
+        for batch in micro_batches:
+            loss = engine(batch["input_ids"], batch["labels"])
+            engine.backward(loss)
+            engine.step()
+            total += loss.detach().float().item()
+        return total / len(micro_batches)
+
+    def after_step(self, engine, step: int) -> dict:
+        """Work after optimizer step ``step`` (0-based). Returns metrics/events to log."""
+        return {}
+
+    # --- checkpoints and stage hand-over ------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Counters and tensors the engine does not hold; plain data only, never objects."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def export_weights(self, engine) -> dict[str, torch.Tensor]:
+        """Full fp32 state dict of the plain model (adapters merged), identical on every rank.
+
+        Collective at ZeRO stages 1-3: call on every rank.
+        """
+        return zero_io.full_state_dict(engine)

@@ -1,0 +1,123 @@
+"""Read and write parameters and optimizer moments through DeepSpeed, at every ZeRO stage.
+
+A method that edits weights (a merge, a re-init, a zeroed factor) must write every copy DeepSpeed
+keeps, or the next step silently undoes the edit. Where the copies live depends on the wrapper
+DeepSpeed picked (measured facts in shared/DESIGN.md):
+
+- stage 0 fp32: the param itself is the master; moments in ``engine.optimizer.state[p]``.
+- stage 0 bf16: ``FP16_UnfusedOptimizer`` keeps an fp32 master per param in ``fp32_groups``; its
+  inner optimizer keys moments by that master.
+- stages 1-3: flat partitions; ``deepspeed.utils.safe_*`` reach them. Getters are collective,
+  setters write only the local shard: every rank calls both, with the same full value.
+
+Every function here is called on every rank with identical arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
+
+
+def zero_stage(engine) -> int:
+    return int(engine.zero_optimization_stage())
+
+
+def gathered(engine, params, modifier_rank=None):
+    """Full values of ``params`` inside the block (ZeRO-3 gathers; other stages hold them)."""
+    if zero_stage(engine) == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
+    return contextlib.nullcontext()
+
+
+def _stage0_master(engine, p):
+    """fp32 master of ``p`` under the stage-0 bf16/fp16 wrapper, or None where p is its own."""
+    groups = getattr(engine.optimizer, "fp16_groups", None)
+    if groups is None or zero_stage(engine) != 0:
+        return None
+    for g, group in enumerate(groups):
+        for i, q in enumerate(group):
+            if q is p:
+                return engine.optimizer.fp32_groups[g][i]
+    return None
+
+
+def full_param(engine, p: torch.Tensor) -> torch.Tensor:
+    """The full fp32 value of ``p`` (its master where one exists), a fresh CPU tensor, same on all ranks."""
+    stage = zero_stage(engine)
+    if p.requires_grad and stage >= 1:
+        return safe_get_full_fp32_param(p).detach().float().cpu().clone()
+    master = _stage0_master(engine, p) if p.requires_grad else None
+    if master is not None:
+        return master.detach().float().cpu().clone().view_as(p)
+    with gathered(engine, [p]):
+        return p.detach().float().cpu().clone()
+
+
+def set_param(engine, p: torch.Tensor, value: torch.Tensor) -> None:
+    """Write ``value`` (full shape) into the module copy of ``p`` and its fp32 master."""
+    stage = zero_stage(engine)
+    value = value.detach().cpu().float()
+    if stage == 3:
+        with gathered(engine, [p], modifier_rank=0):
+            if dist.get_rank() == 0:
+                p.data.copy_(value.to(p.device, p.dtype))
+    else:
+        p.data.copy_(value.to(p.device, p.dtype).view_as(p))
+    if not p.requires_grad:
+        return  # frozen params have no master: the module copy is all there is
+    if stage >= 1:
+        safe_set_full_fp32_param(p, value.to(p.device))
+        return
+    master = _stage0_master(engine, p)
+    if master is not None:
+        master.data.copy_(value.to(master.device).view_as(master))
+
+
+def _stage0_state(engine, p) -> dict:
+    master = _stage0_master(engine, p)
+    if master is not None:
+        return engine.optimizer.optimizer.state.get(master, {})
+    return engine.optimizer.state.get(p, {})
+
+
+def optimizer_state(engine, p: torch.Tensor, key: str) -> torch.Tensor | None:
+    """Full fp32 optimizer moment ``key`` ("exp_avg", "exp_avg_sq") of ``p``; None before any step."""
+    if zero_stage(engine) >= 1:
+        value = safe_get_full_optimizer_state(p, key)
+        return None if value is None else value.detach().float().cpu().clone()
+    value = _stage0_state(engine, p).get(key)
+    return None if value is None else value.detach().float().cpu().clone().view_as(p)
+
+
+def set_optimizer_state(engine, p: torch.Tensor, key: str, value: torch.Tensor) -> None:
+    """Write the full moment ``key`` of ``p``; each rank keeps its own shard of it."""
+    value = value.detach().cpu().float()
+    if zero_stage(engine) >= 1:
+        safe_set_full_optimizer_state(p, value.to(p.device), key)
+        return
+    state = _stage0_state(engine, p)
+    if key not in state:
+        raise RuntimeError(f"optimizer holds no {key!r} for this param yet (no step taken)")
+    state[key].copy_(value.to(state[key].device).view_as(state[key]))
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """fp32 params (masters where they exist) and persistent buffers of ``engine.module``."""
+    module = engine.module
+    out = {name: full_param(engine, p) for name, p in module.named_parameters()}
+    keys = set(module.state_dict().keys())
+    for name, buf in module.named_buffers():
+        if name in keys:
+            out[name] = buf.detach().cpu().clone()
+    return out

@@ -1,0 +1,92 @@
+"""Shared test utilities: run a function on N gloo ranks, build a tiny DeepSpeed engine."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import tempfile
+import traceback
+
+import torch
+
+from lowrank_pt import dist
+
+
+def _worker(fn, rank, world_size, port, out_dir, args):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1 if world_size > 1 else 2)
+    try:
+        dist.init()
+        result = fn(rank, world_size, *args)
+        payload = ("ok", result)
+    except BaseException:  # noqa: BLE001 - the traceback goes back to the test
+        payload = ("error", traceback.format_exc())
+    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(payload, f)
+
+
+def spawn(fn, world_size: int, *args, timeout: float = 300):
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` fresh processes joined in a gloo
+    group; return the list of per-rank return values (must be picklable). ``fn`` must be a
+    module-level function. Raises with the rank's traceback if any rank failed."""
+    ctx = mp.get_context("spawn")
+    port = dist.free_port()
+    with tempfile.TemporaryDirectory() as out_dir:
+        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, out_dir, args))
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                raise TimeoutError(f"rank process still running after {timeout}s")
+        results = []
+        for r in range(world_size):
+            path = os.path.join(out_dir, f"rank{r}.pkl")
+            if not os.path.exists(path):
+                raise RuntimeError(f"rank {r} died without a result (exit code {procs[r].exitcode})")
+            with open(path, "rb") as f:
+                status, value = pickle.load(f)
+            if status == "error":
+                raise RuntimeError(f"rank {r} failed:\n{value}")
+            results.append(value)
+        return results
+
+
+def tiny_engine(zero_stage: int, precision: str, method=None, model=None, micro_batch_size: int = 2,
+                grad_accum: int = 1, lr: float = 1e-2, vocab_size: int = 64, seed: int = 0):
+    """A DeepSpeed engine over the tiny LLaMA (or ``model``) with ``method`` (default full-rank).
+
+    Call inside a process where ``dist.init()`` ran (e.g. under ``spawn``)."""
+    from lowrank_pt import engine as E
+    from lowrank_pt.config import EngineConfig, OptimizerConfig, ScheduleConfig, StageConfig
+    from lowrank_pt.methods import Method
+    from lowrank_pt.model import LlamaModel, ModelConfig, resolve
+
+    torch.manual_seed(seed)
+    if model is None:
+        model = LlamaModel(resolve(ModelConfig(size="tiny", seq_len=16), vocab_size=vocab_size))
+    stage = StageConfig(steps=100, optimizer=OptimizerConfig(lr=lr), schedule=ScheduleConfig(kind="constant"))
+    method = method or Method(None, stage, None)
+    method.prepare_model(model)
+    optimizer = E.build_optimizer(method.param_groups(model), stage.optimizer)
+    ds = E.deepspeed_config(EngineConfig(zero_stage=zero_stage, precision=precision),
+                            micro_batch_size, grad_accum, 1.0, dist.world_size())
+    engine = E.initialize(model, optimizer, method.lr_lambda(100), ds)
+    method.on_engine_ready(engine)
+    return engine, method
+
+
+def random_batches(n: int, micro_batch_size: int = 2, seq_len: int = 16, vocab_size: int = 64, seed: int = 0,
+                   rank: int = 0):
+    """``n`` micro-batches of random tokens, different per rank, reproducible."""
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab_size, (micro_batch_size, seq_len + 1), generator=g)
+        out.append({"input_ids": ids[:, :-1], "labels": ids[:, 1:]})
+    return out
