@@ -110,6 +110,9 @@ class TrainConfig:
     """Optimizer steps between checkpoints; 0 = only at the end of each stage."""
     keep_last: int = 2
     """Complete checkpoints to keep; older ones are deleted after a successful save."""
+    stop_at_step: Optional[int] = None
+    """Save a checkpoint and exit once the global step reaches this (for time-sliced jobs:
+    the next launch with resume=auto continues exactly there)."""
     progress: bool = True
     """Print a progress line (loss, lr, tokens/s) at every log step on rank 0."""
     tensorboard: bool = True

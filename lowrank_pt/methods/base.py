@@ -98,4 +98,10 @@ class Method:
 
         Collective at ZeRO stages 1-3: call on every rank.
         """
-        return zero_io.full_state_dict(engine)
+        return self.to_plain(zero_io.full_state_dict(engine), self.options)
+
+    @classmethod
+    def to_plain(cls, state: dict[str, torch.Tensor], options: Any) -> dict[str, torch.Tensor]:
+        """Turn a full state dict of a model this method prepared into the plain model's
+        (adapters merged). Used for stage hand-over, ``init_from`` and export."""
+        return state

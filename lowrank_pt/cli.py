@@ -1,0 +1,52 @@
+"""``lowrank-pt`` command line: train, data tools, config reference."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _train(args) -> int:
+    from lowrank_pt.train import main as train_main
+
+    return train_main([args.config, *args.overrides])
+
+
+def _reference(args) -> int:
+    from lowrank_pt.config import reference
+    from lowrank_pt.methods import METHODS
+
+    print("| key | default | meaning |\n|---|---|---|")
+    print("\n".join(reference()))
+    for name, cls in sorted(METHODS.items()):
+        if cls.Options.__dataclass_fields__:
+            print(f"\n**`stages.N.options` for method `{name}`**\n\n| key | default | meaning |\n|---|---|---|")
+            print("\n".join(reference(cls.Options, "")))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowrank-pt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="run a recipe (one process; see launch/ for several)")
+    train.add_argument("config", help="YAML recipe, e.g. configs/demo.yaml")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. engine.zero_stage=2")
+    train.set_defaults(func=_train)
+
+    ref = sub.add_parser("config-reference", help="print every config key with its meaning (markdown)")
+    ref.set_defaults(func=_reference)
+
+    from lowrank_pt.data import cli as data_cli
+
+    data_cli.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""The training loop: a recipe of stages, each with its method, engine, data and schedule.
+
+Reads top to bottom: ``Trainer.run`` prepares data and the run dir, then runs each stage;
+``run_stage`` builds the model, lets the method shape it, builds the DeepSpeed engine, restores a
+checkpoint if one belongs to this stage, loops over optimizer steps, and hands the weights on.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+
+import torch
+
+from lowrank_pt import checkpoint, dist, methods
+from lowrank_pt import engine as E
+from lowrank_pt.config import ConfigError, RunConfig, StageConfig, stage_steps, to_yaml
+from lowrank_pt.data import DataConfig, PackedLoader, TokenShard, Tokenizer, check_tokenizer, prepare_data
+from lowrank_pt.data import validation_batches
+from lowrank_pt.metrics import MetricsLogger, truncate_after
+from lowrank_pt.model import LlamaModel, resolve
+
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size", "tie_embeddings")
+
+
+class DataStreams:
+    """One loader per distinct (data config, micro-batch): stages that share data continue
+    one stream instead of re-reading its start."""
+
+    def __init__(self, run: RunConfig, seq_len: int, tokenizer: Tokenizer):
+        self.run = run
+        self.seq_len = seq_len
+        self.tokenizer = tokenizer
+        self.loaders: dict[str, PackedLoader] = {}
+        self.prepared: dict[str, object] = {}
+        self.saved: dict[str, dict] = {}
+
+    def _prepared(self, data: DataConfig):
+        key = json.dumps(asdict(data), sort_keys=True)
+        if key not in self.prepared:
+            self.prepared[key] = prepare_on_local_rank0(data)
+        return key, self.prepared[key]
+
+    def train(self, stage: StageConfig, micro_batch_size: int) -> PackedLoader:
+        key, prepared = self._prepared(stage.data or self.run.data)
+        key = f"{key}|mb={micro_batch_size}"
+        if key not in self.loaders:
+            shard = TokenShard(prepared.train_shard)
+            check_tokenizer(shard, self.tokenizer)
+            loader = PackedLoader(shard, self.seq_len, micro_batch_size, dist.rank(), dist.world_size(),
+                                  self.run.seed)
+            if key in self.saved:
+                loader.load_state_dict(self.saved[key])
+            self.loaders[key] = loader
+        return self.loaders[key]
+
+    def validation(self, stage: StageConfig, micro_batch_size: int) -> list[dict]:
+        _, prepared = self._prepared(stage.data or self.run.data)
+        shard = TokenShard(prepared.val_shard)
+        check_tokenizer(shard, self.tokenizer)
+        batches = validation_batches(shard, self.seq_len, micro_batch_size, self.run.train.eval_sequences,
+                                     dist.rank(), dist.world_size())
+        # Every rank must run the same number of forwards (ZeRO-3 gathers are collective).
+        return batches[:_min_over_ranks(len(batches))]
+
+    def state_dict(self) -> dict:
+        return {**self.saved, **{k: v.state_dict() for k, v in self.loaders.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.saved = dict(state)
+        for key, loader in self.loaders.items():
+            if key in state:
+                loader.load_state_dict(state[key])
+
+
+def _min_over_ranks(value: int) -> int:
+    if dist.world_size() == 1:
+        return value
+    t = torch.tensor([value])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return int(t.item())
+
+
+def prepare_on_local_rank0(data: DataConfig):
+    """Tokenizer and shards are built once per node; the other ranks then reuse the cache."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if local_rank == 0:
+        prepared = prepare_data(data, progress=dist.rank() == 0)
+    dist.barrier()
+    if local_rank != 0:
+        prepared = prepare_data(data, progress=False)
+    return prepared
+
+
+class Trainer:
+    def __init__(self, run: RunConfig):
+        self.run = run
+        self.world_size = dist.world_size()
+        self.rank = dist.rank()
+
+    # --- the run ----------------------------------------------------------------------------
+    def run_all(self) -> dict:
+        run = self.run
+        E.check_precision(run.engine.precision)
+        resume_path = self.find_resume()  # fails fast on a mismatched checkpoint, before any write
+        prepared = prepare_on_local_rank0(run.data)
+        self.tokenizer = Tokenizer(prepared.tokenizer_path)
+        self.model_cfg = resolve(run.model, vocab_size=self.tokenizer.vocab_size)
+        if self.model_cfg.vocab_size != self.tokenizer.vocab_size:
+            raise ConfigError(f"model.vocab_size={self.model_cfg.vocab_size} differs from the tokenizer's "
+                              f"{self.tokenizer.vocab_size}; leave it null to take the tokenizer's")
+        if resume_path:
+            self.check_shape(checkpoint.read_meta(resume_path))
+        self.streams = DataStreams(run, self.model_cfg.seq_len, self.tokenizer)
+        self.write_run_dir()
+
+        meta = checkpoint.read_meta(resume_path) if resume_path else None
+        self.global_step = meta["global_step"] if meta else 0
+        self.tokens = meta["tokens"] if meta else 0
+        first_stage = meta["stage_index"] if meta else 0
+        if meta:
+            truncate_after(run.run_dir, self.global_step)
+        self.metrics = MetricsLogger(run.run_dir, run.train.tensorboard, self.global_step)
+        if meta:
+            self.say(f"resuming from {resume_path} (stage {meta['stage_name']}, step {meta['stage_step']})")
+        weights = None
+        self.stopped = False
+        try:
+            for index in range(first_stage, len(run.stages)):
+                if run.train.stop_at_step is not None and self.global_step >= run.train.stop_at_step:
+                    self.stopped = True
+                    self.say(f"stopped at step {self.global_step} (train.stop_at_step); resume=auto continues")
+                    break
+                resume_here = resume_path if meta and index == first_stage else None
+                weights = self.run_stage(index, weights, resume_here)
+        finally:
+            self.metrics.close()
+        return {"global_step": self.global_step, "tokens": self.tokens, "finished": not self.stopped}
+
+    def find_resume(self) -> str | None:
+        run = self.run
+        if run.resume == "auto":
+            return checkpoint.newest(run.run_dir)
+        if run.resume == "never":
+            if checkpoint.newest(run.run_dir):
+                raise ConfigError(f"resume=never but {run.run_dir} holds checkpoints; use another run_dir")
+            return None
+        try:
+            return checkpoint.resolve(run.resume)
+        except FileNotFoundError as e:
+            raise ConfigError(f"resume={run.resume!r}: {e}") from None
+
+    def check_shape(self, meta: dict) -> None:
+        saved = meta.get("model", {})
+        for key in SHAPE_KEYS:
+            if saved.get(key) != getattr(self.model_cfg, key):
+                raise ConfigError(f"checkpoint model shape differs: model.{key} is {getattr(self.model_cfg, key)} "
+                                  f"here but {saved.get(key)} in the checkpoint; use another run_dir or the same model")
+
+    def write_run_dir(self) -> None:
+        if self.rank == 0:
+            os.makedirs(self.run.run_dir, exist_ok=True)
+            tmp = os.path.join(self.run.run_dir, "config.yaml.tmp")
+            with open(tmp, "w") as f:
+                f.write(to_yaml(self.run))
+            os.replace(tmp, os.path.join(self.run.run_dir, "config.yaml"))
+        dist.barrier()
+
+    # --- one stage --------------------------------------------------------------------------
+    def run_stage(self, index: int, weights: dict | None, resume_path: str | None) -> dict | None:
+        run, stage = self.run, self.run.stages[index]
+        micro = stage.micro_batch_size or run.train.micro_batch_size
+        accum = stage.grad_accum or run.train.grad_accum
+        tokens_per_step = micro * accum * self.world_size * self.model_cfg.seq_len
+        total = stage_steps(stage, tokens_per_step)
+
+        # Same seed on every rank: the ranks must build identical models before ZeRO partitions.
+        torch.manual_seed(run.seed + 1000 * index)
+        model = LlamaModel(self.model_cfg)
+        if weights is None and stage.init_from and resume_path is None:
+            weights = load_plain_weights(checkpoint.resolve(stage.init_from))
+            self.say(f"stage {stage.name}: weights from {stage.init_from}")
+        if weights is not None:
+            model.load_state_dict(weights)
+        method = methods.build(stage, run)
+        method.prepare_model(model)
+        optimizer = E.build_optimizer(method.param_groups(model), stage.optimizer)
+        ds_config = E.deepspeed_config(run.engine, micro, accum, stage.optimizer.grad_clip, self.world_size)
+        engine = E.initialize(model, optimizer, method.lr_lambda(total), ds_config)
+        method.on_engine_ready(engine)
+        if weights is not None and run.engine.precision != "fp32":
+            self.restore_masters(engine, weights)
+        # Dropout and other training randomness differ by rank, reproducibly.
+        torch.manual_seed(run.seed + 1000 * index + 1 + self.rank)
+
+        start = 0
+        if resume_path:
+            client = checkpoint.load(engine, resume_path)
+            method.load_state_dict(client.get("method", {}))
+            self.streams.load_state_dict(client.get("data", {}))
+            start = client["trainer"]["stage_step"]
+        loader = self.streams.train(stage, micro)
+        val_batches = self.streams.validation(stage, micro)
+        self.say(f"stage {index + 1}/{len(run.stages)} {stage.name!r}: method {stage.method}, {total} steps, "
+                 f"{tokens_per_step} tokens/step, ZeRO {run.engine.zero_stage}, {run.engine.precision}, "
+                 f"{self.world_size} rank(s)")
+
+        window_start, window_tokens, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+        stop_at = run.train.stop_at_step
+        for step in range(start, total):
+            if stop_at is not None and self.global_step >= stop_at:
+                self.stopped = True
+                self.say(f"stopped at step {self.global_step} (train.stop_at_step); resume=auto continues")
+                break
+            micro_batches = [loader.next_batch() for _ in range(accum)]
+            lr = engine.get_lr()[0]
+            loss = method.train_step(engine, micro_batches, step)
+            events = method.after_step(engine, step)
+            self.global_step += 1
+            self.tokens += tokens_per_step
+            window_tokens += tokens_per_step
+            window_loss += loss
+            window_steps += 1
+            last = step + 1 == total
+            if (step + 1) % run.train.log_every == 0 or last or events:
+                elapsed = time.perf_counter() - window_start
+                record = {"step": self.global_step, "stage": stage.name, "stage_step": step + 1,
+                          "loss": dist.all_reduce_mean(window_loss / window_steps),
+                          "lr": lr, "tokens": self.tokens,
+                          "tokens_per_s": window_tokens / max(elapsed, 1e-9), **events}
+                self.metrics.log(record)
+                self.say(f"[{stage.name}] step {step + 1}/{total} loss {record['loss']:.4f} "
+                         f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s", progress=True)
+                window_start, window_tokens, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+            if (run.train.eval_every and (step + 1) % run.train.eval_every == 0) or last:
+                self.evaluate(engine, val_batches, stage)
+            stopping = stop_at is not None and self.global_step >= stop_at
+            if (run.train.save_every and (step + 1) % run.train.save_every == 0) or last or stopping:
+                self.save(engine, method, index, step + 1)
+        if self.stopped or index + 1 == len(run.stages):
+            weights = None
+        else:
+            weights = method.export_weights(engine)
+        del engine, optimizer, model, method
+        gc.collect()
+        return weights
+
+    # --- pieces ------------------------------------------------------------------------------
+    def restore_masters(self, engine, weights: dict) -> None:
+        """The new engine built its fp32 masters from bf16 params; put back the carried fp32 values."""
+        from lowrank_pt import zero_io
+
+        for name, p in engine.module.named_parameters():
+            if p.requires_grad and name in weights:
+                zero_io.set_param(engine, p, weights[name])
+
+    @torch.no_grad()
+    def evaluate(self, engine, batches: list[dict], stage: StageConfig) -> None:
+        engine.eval()
+        total = 0.0
+        for batch in batches:
+            total += engine(batch["input_ids"], batch["labels"]).float().item()
+        engine.train()
+        loss = dist.all_reduce_mean(total / max(1, len(batches)))
+        record = {"step": self.global_step, "stage": stage.name, "eval/loss": loss,
+                  "eval/perplexity": math.exp(min(loss, 50.0)), "tokens": self.tokens}
+        self.metrics.log(record)
+        self.say(f"[{stage.name}] eval loss {loss:.4f} ppl {record['eval/perplexity']:.2f}")
+
+    def save(self, engine, method, index: int, stage_step: int) -> None:
+        stage = self.run.stages[index]
+        trainer_state = {"stage_index": index, "stage_name": stage.name, "stage_step": stage_step,
+                         "global_step": self.global_step, "tokens": self.tokens}
+        meta = {**trainer_state, "model": asdict(self.model_cfg), "world_size": self.world_size,
+                "zero_stage": self.run.engine.zero_stage, "method": stage.method,
+                "method_options": dict(stage.options)}
+        client = {"trainer": trainer_state, "method": method.state_dict(), "data": self.streams.state_dict()}
+        path = checkpoint.save(engine, self.run.run_dir, self.global_step, meta, client, self.run.train.keep_last)
+        self.say(f"[{stage.name}] checkpoint {path}")
+
+    def say(self, text: str, progress: bool = False) -> None:
+        if self.rank == 0 and (not progress or self.run.train.progress):
+            print(text, flush=True)
+
+
+
+def load_plain_weights(path: str) -> dict:
+    """Plain-model weights of a checkpoint, with the saving stage's adapters merged."""
+    meta = checkpoint.read_meta(path)
+    state = checkpoint.load_weights(path)
+    method_cls = methods.METHODS[meta.get("method", "full")]
+    return method_cls.to_plain(state, methods.parse_options(meta.get("method", "full"), meta.get("method_options", {})))
