@@ -112,20 +112,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x, cos, sin, kv_cache=None):
+    def forward(self, x, cos, sin):
         b, t, d = x.shape
         shape = (b, t, self.num_heads, self.head_dim)
         q = self.q_proj(x).view(shape).transpose(1, 2)
         k = self.k_proj(x).view(shape).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(k, v)
-        if k.shape[2] == t:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # decoding onto a non-empty cache: query i sees every cached key and its own prefix
-            mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, d))
 
 
@@ -148,13 +142,14 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv_cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)
+    def forward(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
-    """Decoder-only LM. ``forward(input_ids, labels)`` returns the mean next-token loss;
+    """Decoder-only LM. ``forward(input_ids, labels)`` returns the mean next-token loss
+    (labels of -100 are ignored);
     ``forward(input_ids)`` returns logits."""
 
     def __init__(self, cfg: ModelConfig):
@@ -188,24 +183,20 @@ class LlamaModel(nn.Module):
             else:
                 p.normal_(0.0, std)
 
-    def rope(self, start: int, length: int, dtype):
-        if start + length > self.rope_cos.shape[0]:
-            cos, sin = rope_tables(self.rope_cos.shape[1], start + length, self.cfg.rope_theta)
-        else:
-            cos, sin = self.rope_cos, self.rope_sin
-        cos = cos[start : start + length].to(device=self.embed_tokens.weight.device, dtype=dtype)
-        sin = sin[start : start + length].to(device=self.embed_tokens.weight.device, dtype=dtype)
-        return cos, sin
+    def rope(self, length: int, dtype):
+        if length > self.rope_cos.shape[0]:
+            raise ValueError(f"sequence of {length} tokens is longer than model.seq_len={self.cfg.seq_len}")
+        device = self.embed_tokens.weight.device
+        return self.rope_cos[:length].to(device, dtype), self.rope_sin[:length].to(device, dtype)
 
-    def forward(self, input_ids, labels=None, kv_caches=None, start_pos: int = 0):
+    def forward(self, input_ids, labels=None):
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rope(start_pos, input_ids.shape[1], x.dtype)
-        for i, layer in enumerate(self.layers):
-            cache = kv_caches[i] if kv_caches is not None else None
-            if self.cfg.activation_checkpointing and self.training and cache is None:
+        cos, sin = self.rope(input_ids.shape[1], x.dtype)
+        for layer in self.layers:
+            if self.cfg.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, cache)
+                x = layer(x, cos, sin)
         logits = self.lm_head(self.norm(x))
         if labels is None:
             return logits
