@@ -16,6 +16,8 @@ def _reference(args) -> int:
     from lowrank_pt.config import reference
     from lowrank_pt.methods import METHODS
 
+    print("# Config reference\n\nEvery key of a recipe, generated from the schema's field docstrings by "
+          "`lowrank-pt config-reference`.\n")
     print("| key | default | meaning |\n|---|---|---|")
     print("\n".join(reference()))
     for name, cls in sorted(METHODS.items()):

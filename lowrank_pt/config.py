@@ -272,23 +272,25 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def reference(cls=RunConfig, prefix: str = "") -> list[str]:
-    """Markdown lines documenting every key of the schema, nested sections included."""
-    lines = []
+def reference(cls=RunConfig, prefix: str = "", seen: dict | None = None) -> list[str]:
+    """Markdown table rows documenting every key of the schema, nested sections included."""
+    seen = {} if seen is None else seen
+    seen.setdefault(cls, prefix.rstrip("."))
+    lines, nested = [], []
     docs = field_docs(cls)
-    nested = []
     for f in fields(cls):
-        default = f.default if f.default is not inspect.Parameter.empty else None
-        if callable(f.default_factory):  # type: ignore[arg-type]
-            default = f.default_factory()
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
         target = _dataclass_of(f.type)
-        shown = "(section)" if is_dataclass(default) or target else repr(default)
-        lines.append(f"| `{prefix}{f.name}` | {shown} | {docs.get(f.name, '')} |")
-        if target is not None:
+        shown = "(section)" if target else f"`{default!r}`"
+        text = docs.get(f.name, "").replace("|", "\\|")
+        if target in seen:
+            text += f" Same keys as `{seen[target]}`."
+        lines.append(f"| `{prefix}{f.name}` | {shown} | {text} |")
+        if target is not None and target not in seen:
             nested.append((f.name, target))
     for name, target in nested:
         sub = f"{prefix}{name}." if name != "stages" else f"{prefix}stages.N."
-        lines += reference(target, sub)
+        lines += reference(target, sub, seen)
     return lines
 
 

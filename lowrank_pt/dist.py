@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import socket
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,8 @@ def init(backend: str | None = None) -> None:
     """Join (or create) the process group. A lone process gets a world of one on localhost."""
     if dist.is_available() and dist.is_initialized():
         return
+    # DeepSpeed's ZeRO calls a torch collective that torch marks deprecated, once per gather.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
