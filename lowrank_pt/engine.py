@@ -42,13 +42,22 @@ def deepspeed_config(engine_cfg, micro_batch_size: int, grad_accum: int, grad_cl
         "fp16": {"enabled": engine_cfg.precision == "fp16"},
         # Our optimizer is a client torch AdamW: no JIT-compiled FusedAdam on CPU machines.
         "zero_allow_untested_optimizer": True,
+        # With offload on a CPU-only machine our torch AdamW already runs on the CPU; on GPUs
+        # build_optimizer picks DeepSpeedCPUAdam, the fast offload path.
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
     }
     return deep_merge(cfg, engine_cfg.deepspeed or {})
 
 
-def build_optimizer(param_groups: list[dict], opt_cfg, eps_scale: float = 1.0) -> torch.optim.Optimizer:
+def build_optimizer(param_groups: list[dict], opt_cfg, eps_scale: float = 1.0,
+                    offload: bool = False) -> torch.optim.Optimizer:
+    if offload and torch.cuda.is_available():
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # compiled once per machine
+
+        return DeepSpeedCPUAdam(param_groups, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps * eps_scale,
+                                weight_decay=opt_cfg.weight_decay, adamw_mode=True)
     return torch.optim.AdamW(
         param_groups,
         lr=opt_cfg.lr,

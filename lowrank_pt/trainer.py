@@ -188,7 +188,8 @@ class Trainer:
             model.load_state_dict(weights)
         method = methods.build(stage, run)
         method.prepare_model(model)
-        optimizer = E.build_optimizer(method.param_groups(model), stage.optimizer)
+        optimizer = E.build_optimizer(method.param_groups(model), stage.optimizer,
+                                      offload=run.engine.offload_optimizer)
         ds_config = E.deepspeed_config(run.engine, micro, accum, stage.optimizer.grad_clip, self.world_size)
         engine = E.initialize(model, optimizer, method.lr_lambda(total), ds_config)
         method.on_engine_ready(engine)

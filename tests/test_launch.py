@@ -1,0 +1,52 @@
+"""The user-facing launch paths: launch/ scripts with torchrun and DeepSpeed's launcher, and
+optimizer offload, all training the same model to the same losses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from helpers import spawn
+from lowrank_pt import metrics
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+
+
+def trace(run_dir):
+    return [(r["step"], r["loss"]) for r in metrics.read(run_dir) if "loss" in r]
+
+
+def common(run_dir, cache):
+    return [f"run_dir={run_dir}", f"data.cache_dir={cache}", "engine.zero_stage=3", "stages.0.steps=3",
+            "stages.1.steps=2", "train.log_every=1", "train.tensorboard=false"]
+
+
+@pytest.mark.slow
+def test_torchrun_and_deepspeed_launchers_agree(tmp_path, data_cache):
+    runs = {}
+    for launcher in ("torchrun", "deepspeed"):
+        run_dir = str(tmp_path / launcher)
+        done = subprocess.run([os.path.join(ROOT, "launch", "single_node.sh"), TINY, "2", *common(run_dir, data_cache)],
+                              env={**os.environ, "LAUNCHER": launcher}, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert "2 rank(s)" in done.stdout
+        runs[launcher] = trace(run_dir)
+    assert len(runs["torchrun"]) == 5
+    assert runs["torchrun"] == runs["deepspeed"]
+
+
+def _train(rank, world_size, overrides):
+    from lowrank_pt.config import load
+    from lowrank_pt.trainer import Trainer
+
+    return Trainer(load(TINY, overrides)).run_all()
+
+
+def test_optimizer_offload_trains_like_no_offload(tmp_path, data_cache):
+    plain, offload = str(tmp_path / "plain"), str(tmp_path / "offload")
+    spawn(_train, 1, common(plain, data_cache))
+    spawn(_train, 1, common(offload, data_cache) + ["engine.offload_optimizer=true"])
+    assert trace(plain) == trace(offload)
