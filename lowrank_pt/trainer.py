@@ -264,7 +264,7 @@ class Trainer:
         engine.eval()
         total = 0.0
         for batch in batches:
-            total += engine(batch["input_ids"], batch["labels"]).float().item()
+            total += engine(batch["input_ids"].to(engine.device), batch["labels"].to(engine.device)).float().item()
         engine.train()
         loss = dist.all_reduce_mean(total / max(1, len(batches)))
         record = {"step": self.global_step, "stage": stage.name, "eval/loss": loss,

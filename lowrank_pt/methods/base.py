@@ -75,7 +75,7 @@ class Method:
         """One optimizer step over ``micro_batches`` (gradient accumulation); mean loss."""
         total = 0.0
         for batch in micro_batches:
-            loss = engine(batch["input_ids"], batch["labels"])
+            loss = engine(batch["input_ids"].to(engine.device), batch["labels"].to(engine.device))
             engine.backward(loss)
             engine.step()
             total += loss.detach().float().item()
