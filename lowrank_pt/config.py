@@ -20,6 +20,8 @@ from omegaconf.errors import OmegaConfBaseException
 from lowrank_pt.data.config import DataConfig
 from lowrank_pt.data.config import validate as validate_data
 from lowrank_pt.model import MODEL_SIZES, ModelConfig
+from lowrank_pt.sft import SFTDataConfig
+from lowrank_pt.sft import validate_config as validate_sft
 
 
 class ConfigError(ValueError):
@@ -76,6 +78,8 @@ class StageConfig:
     """The method's own options (e.g. rank, restart_every); checked against its schema."""
     data: Optional[DataConfig] = None
     """Data of this stage; null uses the run's data (continuing its stream)."""
+    sft: Optional[SFTDataConfig] = None
+    """Instruction data: makes this an SFT stage (chat template, loss on assistant tokens only)."""
     init_from: Optional[str] = None
     """Start this stage from the weights of a checkpoint dir (a run dir or one checkpoint)."""
 
@@ -113,6 +117,13 @@ class TrainConfig:
     stop_at_step: Optional[int] = None
     """Save a checkpoint and exit once the global step reaches this (for time-sliced jobs:
     the next launch with resume=auto continues exactly there)."""
+    sample_prompts: List[str] = field(default_factory=list)
+    """Prompts to sample from at the end of every stage (SFT stages apply the chat template);
+    printed and logged to samples.jsonl."""
+    sample_tokens: int = 48
+    """Tokens to generate per sample prompt."""
+    sample_temperature: float = 0.7
+    """Sampling temperature of the end-of-stage samples (0 = greedy)."""
     progress: bool = True
     """Print a progress line (loss, lr, tokens/s) at every log step on rank 0."""
     tensorboard: bool = True
@@ -237,11 +248,18 @@ def validate(run: RunConfig) -> None:
             parse_options(stage.method, stage.options)
         except ConfigError as e:
             raise ConfigError(f"{where}.options: {e}") from None
+        if stage.data is not None and stage.sft is not None:
+            raise ConfigError(f"{where}: give data (pre-training) or sft (instruction data), not both")
         if stage.data is not None:
             try:
                 validate_data(stage.data)
             except ValueError as e:
                 raise ConfigError(f"{where}.data: {e}") from None
+        if stage.sft is not None:
+            try:
+                validate_sft(stage.sft)
+            except ValueError as e:
+                raise ConfigError(f"{where}.sft: {e}") from None
     try:
         validate_data(run.data)
     except ValueError as e:
@@ -262,13 +280,16 @@ def to_yaml(run: RunConfig) -> str:
 
 
 def field_docs(cls) -> dict[str, str]:
-    """Docstrings written under each field of a dataclass (read from its source)."""
-    tree = ast.parse(inspect.getsource(cls).lstrip())
-    body = tree.body[0].body
+    """Docstrings written under each field of a dataclass and its dataclass bases (from source)."""
     docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    for klass in reversed(cls.__mro__):
+        if not is_dataclass(klass):
+            continue
+        body = ast.parse(inspect.getsource(klass).lstrip()).body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant)):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
 
 
@@ -297,7 +318,7 @@ def reference(cls=RunConfig, prefix: str = "", seen: dict | None = None) -> list
 def _dataclass_of(annotation) -> Optional[type]:
     text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
     table = {c.__name__: c for c in (OptimizerConfig, ScheduleConfig, StageConfig, EngineConfig,
-                                     TrainConfig, ModelConfig, DataConfig)}
+                                     TrainConfig, ModelConfig, DataConfig, SFTDataConfig)}
     for name, cls in table.items():
         if name in str(text):
             return cls

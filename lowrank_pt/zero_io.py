@@ -10,6 +10,13 @@ DeepSpeed picked (measured facts in shared/DESIGN.md):
 - stages 1-3: flat partitions; ``deepspeed.utils.safe_*`` reach them. Getters are collective,
   setters write only the local shard: every rank calls both, with the same full value.
 
+Two DeepSpeed 0.19.8 defects are handled here rather than in every method:
+- stage 3 full setters cut the value at ``rank * partition`` without padding, so the last rank
+  fails for a param whose size does not divide by the world size: we pad and write the local
+  shard ourselves;
+- stages 1/2 link each param to its optimizer-state fragment after the *first* param group's
+  step, before later groups have state: we re-link before reading or writing moments.
+
 Every function here is called on every rank with identical arguments.
 """
 
@@ -24,6 +31,8 @@ from deepspeed.utils import (
     safe_get_full_optimizer_state,
     safe_set_full_fp32_param,
     safe_set_full_optimizer_state,
+    safe_set_local_fp32_param,
+    safe_set_local_optimizer_state,
 )
 
 
@@ -76,12 +85,37 @@ def set_param(engine, p: torch.Tensor, value: torch.Tensor) -> None:
         p.data.copy_(value.to(p.device, p.dtype).view_as(p))
     if not p.requires_grad:
         return  # frozen params have no master: the module copy is all there is
+    if stage == 3:
+        safe_set_local_fp32_param(p, _local_shard(p, value))
+        return
     if stage >= 1:
         safe_set_full_fp32_param(p, value.to(p.device))
         return
     master = _stage0_master(engine, p)
     if master is not None:
         master.data.copy_(value.to(master.device).view_as(master))
+
+
+def _local_shard(p, value: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of ``value`` in ZeRO-3's padded partitioning of ``p``."""
+    part = p.ds_tensor.ds_numel
+    group = p.ds_process_group
+    padded = torch.zeros(part * dist.get_world_size(group=group))
+    padded[: value.numel()] = value.detach().float().flatten()
+    rank = dist.get_rank(group=group)
+    return padded[rank * part : (rank + 1) * part].to(p.ds_tensor.device)
+
+
+def _relink_optimizer_states(engine) -> None:
+    opt = engine.optimizer
+    if zero_stage(engine) in (1, 2) and hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
+def _has_stepped(engine) -> bool:
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    return any(len(s) > 0 for s in inner.state.values())
 
 
 def _stage0_state(engine, p) -> dict:
@@ -94,6 +128,9 @@ def _stage0_state(engine, p) -> dict:
 def optimizer_state(engine, p: torch.Tensor, key: str) -> torch.Tensor | None:
     """Full fp32 optimizer moment ``key`` ("exp_avg", "exp_avg_sq") of ``p``; None before any step."""
     if zero_stage(engine) >= 1:
+        if not _has_stepped(engine):
+            return None
+        _relink_optimizer_states(engine)
         value = safe_get_full_optimizer_state(p, key)
         return None if value is None else value.detach().float().cpu().clone()
     value = _stage0_state(engine, p).get(key)
@@ -103,7 +140,14 @@ def optimizer_state(engine, p: torch.Tensor, key: str) -> torch.Tensor | None:
 def set_optimizer_state(engine, p: torch.Tensor, key: str, value: torch.Tensor) -> None:
     """Write the full moment ``key`` of ``p``; each rank keeps its own shard of it."""
     value = value.detach().cpu().float()
-    if zero_stage(engine) >= 1:
+    stage = zero_stage(engine)
+    if stage >= 1 and not _has_stepped(engine):
+        raise RuntimeError(f"optimizer holds no {key!r} for this param yet (no step taken)")
+    if stage == 3:
+        safe_set_local_optimizer_state(p, _local_shard(p, value), key)
+        return
+    if stage >= 1:
+        _relink_optimizer_states(engine)
         safe_set_full_optimizer_state(p, value.to(p.device), key)
         return
     state = _stage0_state(engine, p)
