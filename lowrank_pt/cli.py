@@ -39,9 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     ref = sub.add_parser("config-reference", help="print every config key with its meaning (markdown)")
     ref.set_defaults(func=_reference)
 
+    from lowrank_pt import export, generate
     from lowrank_pt.data import cli as data_cli
 
     data_cli.register(sub)
+    export.register(sub)
+    generate.register(sub)
     return parser
 
 

@@ -19,8 +19,9 @@ import torch
 from lowrank_pt import checkpoint, dist, methods
 from lowrank_pt import engine as E
 from lowrank_pt.config import ConfigError, RunConfig, StageConfig, stage_steps, to_yaml
-from lowrank_pt.data import DataConfig, PackedLoader, TokenShard, Tokenizer, check_tokenizer, prepare_data
+from lowrank_pt.data import PackedLoader, TokenShard, Tokenizer, check_tokenizer, prepare_data
 from lowrank_pt.data import validation_batches
+from lowrank_pt.sft import SFTLoader, prepare_sft, sft_validation_batches
 from lowrank_pt.metrics import MetricsLogger, truncate_after
 from lowrank_pt.model import LlamaModel, resolve
 
@@ -29,41 +30,52 @@ SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vo
 
 class DataStreams:
     """One loader per distinct (data config, micro-batch): stages that share data continue
-    one stream instead of re-reading its start."""
+    one stream instead of re-reading its start. Pre-training stages read token shards, SFT
+    stages instruction data; both loaders share one interface and save plain-int cursors."""
 
     def __init__(self, run: RunConfig, seq_len: int, tokenizer: Tokenizer):
         self.run = run
         self.seq_len = seq_len
         self.tokenizer = tokenizer
-        self.loaders: dict[str, PackedLoader] = {}
-        self.prepared: dict[str, object] = {}
+        self.loaders: dict[str, object] = {}
+        self.prepared: dict[str, tuple] = {}
         self.saved: dict[str, dict] = {}
 
-    def _prepared(self, data: DataConfig):
-        key = json.dumps(asdict(data), sort_keys=True)
+    def _prepared(self, stage: StageConfig) -> tuple[str, tuple]:
+        """(key, (train, validation)) of the stage's data, built once per node."""
+        if stage.sft is not None:
+            key = "sft:" + json.dumps(asdict(stage.sft), sort_keys=True)
+            build = lambda: prepare_sft(stage.sft, self.tokenizer)  # noqa: E731
+        else:
+            data = stage.data or self.run.data
+            key = json.dumps(asdict(data), sort_keys=True)
+
+            def build():
+                prepared = prepare_data(data, progress=dist.rank() == 0)
+                shards = TokenShard(prepared.train_shard), TokenShard(prepared.val_shard)
+                for shard in shards:
+                    check_tokenizer(shard, self.tokenizer)
+                return shards
         if key not in self.prepared:
-            self.prepared[key] = prepare_on_local_rank0(data)
+            self.prepared[key] = on_local_rank0_first(build)
         return key, self.prepared[key]
 
-    def train(self, stage: StageConfig, micro_batch_size: int) -> PackedLoader:
-        key, prepared = self._prepared(stage.data or self.run.data)
+    def train(self, stage: StageConfig, micro_batch_size: int):
+        key, (train, _) = self._prepared(stage)
         key = f"{key}|mb={micro_batch_size}"
         if key not in self.loaders:
-            shard = TokenShard(prepared.train_shard)
-            check_tokenizer(shard, self.tokenizer)
-            loader = PackedLoader(shard, self.seq_len, micro_batch_size, dist.rank(), dist.world_size(),
-                                  self.run.seed)
+            loader_cls = SFTLoader if stage.sft is not None else PackedLoader
+            loader = loader_cls(train, self.seq_len, micro_batch_size, dist.rank(), dist.world_size(), self.run.seed)
             if key in self.saved:
                 loader.load_state_dict(self.saved[key])
             self.loaders[key] = loader
         return self.loaders[key]
 
     def validation(self, stage: StageConfig, micro_batch_size: int) -> list[dict]:
-        _, prepared = self._prepared(stage.data or self.run.data)
-        shard = TokenShard(prepared.val_shard)
-        check_tokenizer(shard, self.tokenizer)
-        batches = validation_batches(shard, self.seq_len, micro_batch_size, self.run.train.eval_sequences,
-                                     dist.rank(), dist.world_size())
+        _, (_, val) = self._prepared(stage)
+        make = sft_validation_batches if stage.sft is not None else validation_batches
+        batches = make(val, self.seq_len, micro_batch_size, self.run.train.eval_sequences,
+                       dist.rank(), dist.world_size())
         # Every rank must run the same number of forwards (ZeRO-3 gathers are collective).
         return batches[:_min_over_ranks(len(batches))]
 
@@ -85,15 +97,15 @@ def _min_over_ranks(value: int) -> int:
     return int(t.item())
 
 
-def prepare_on_local_rank0(data: DataConfig):
-    """Tokenizer and shards are built once per node; the other ranks then reuse the cache."""
+def on_local_rank0_first(build):
+    """Run ``build`` on each node's local rank 0, then on the other ranks, which find its cache."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if local_rank == 0:
-        prepared = prepare_data(data, progress=dist.rank() == 0)
+        result = build()
     dist.barrier()
     if local_rank != 0:
-        prepared = prepare_data(data, progress=False)
-    return prepared
+        result = build()
+    return result
 
 
 class Trainer:
@@ -107,7 +119,7 @@ class Trainer:
         run = self.run
         E.check_precision(run.engine.precision)
         resume_path = self.find_resume()  # fails fast on a mismatched checkpoint, before any write
-        prepared = prepare_on_local_rank0(run.data)
+        prepared = on_local_rank0_first(lambda: prepare_data(run.data, progress=dist.rank() == 0))
         self.tokenizer = Tokenizer(prepared.tokenizer_path)
         self.model_cfg = resolve(run.model, vocab_size=self.tokenizer.vocab_size)
         if self.model_cfg.vocab_size != self.tokenizer.vocab_size:
@@ -182,7 +194,9 @@ class Trainer:
         torch.manual_seed(run.seed + 1000 * index)
         model = LlamaModel(self.model_cfg)
         if weights is None and stage.init_from and resume_path is None:
-            weights = load_plain_weights(checkpoint.resolve(stage.init_from))
+            from lowrank_pt.export import load_init_weights
+
+            weights = load_init_weights(stage.init_from)
             self.say(f"stage {stage.name}: weights from {stage.init_from}")
         if weights is not None:
             model.load_state_dict(weights)
@@ -242,15 +256,35 @@ class Trainer:
             stopping = stop_at is not None and self.global_step >= stop_at
             if (run.train.save_every and (step + 1) % run.train.save_every == 0) or last or stopping:
                 self.save(engine, method, index, step + 1)
-        if self.stopped or index + 1 == len(run.stages):
-            weights = None
-        else:
-            weights = method.export_weights(engine)
+        last_stage = index + 1 == len(run.stages)
+        needs_weights = not self.stopped and (not last_stage or run.train.sample_prompts)
+        weights = method.export_weights(engine) if needs_weights else None
+        if weights is not None and run.train.sample_prompts and step_ran(start, total):
+            self.sample(weights, stage)
         del engine, optimizer, model, method
         gc.collect()
         return weights
 
     # --- pieces ------------------------------------------------------------------------------
+    def sample(self, weights: dict, stage: StageConfig) -> None:
+        """Generations from the stage's final weights, on rank 0 (the weights are full there)."""
+        if self.rank != 0:
+            return
+        from lowrank_pt.generate import chat, generate
+
+        model = LlamaModel(self.model_cfg)
+        model.load_state_dict(weights)
+        model.eval()
+        train = self.run.train
+        with open(os.path.join(self.run.run_dir, "samples.jsonl"), "a") as f:
+            for prompt in train.sample_prompts:
+                sampler = chat if stage.sft is not None else generate
+                out = sampler(model, self.tokenizer, prompt, max_new_tokens=train.sample_tokens,
+                              temperature=train.sample_temperature, seed=self.run.seed)
+                f.write(json.dumps({"step": self.global_step, "stage": stage.name, "prompt": prompt,
+                                    "text": out.text}) + "\n")
+                self.say(f"[{stage.name}] sample: {prompt!r} -> {out.text!r}")
+
     def restore_masters(self, engine, weights: dict) -> None:
         """The new engine built its fp32 masters from bf16 params; put back the carried fp32 values."""
         from lowrank_pt import zero_io
@@ -278,7 +312,7 @@ class Trainer:
                          "global_step": self.global_step, "tokens": self.tokens}
         meta = {**trainer_state, "model": asdict(self.model_cfg), "world_size": self.world_size,
                 "zero_stage": self.run.engine.zero_stage, "method": stage.method,
-                "method_options": dict(stage.options)}
+                "method_options": dict(stage.options), "tokenizer": os.path.abspath(self.tokenizer.path)}
         client = {"trainer": trainer_state, "method": method.state_dict(), "data": self.streams.state_dict()}
         path = checkpoint.save(engine, self.run.run_dir, self.global_step, meta, client, self.run.train.keep_last)
         self.say(f"[{stage.name}] checkpoint {path}")
@@ -287,6 +321,11 @@ class Trainer:
         if self.rank == 0 and (not progress or self.run.train.progress):
             print(text, flush=True)
 
+
+
+def step_ran(start: int, total: int) -> bool:
+    """A stage resumed at its end ran no step: its samples were printed before."""
+    return start < total
 
 
 def load_plain_weights(path: str) -> dict:
