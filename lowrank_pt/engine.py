@@ -51,18 +51,17 @@ def deepspeed_config(engine_cfg, micro_batch_size: int, grad_accum: int, grad_cl
     return deep_merge(cfg, engine_cfg.deepspeed or {})
 
 
-def build_optimizer(param_groups: list[dict], opt_cfg, eps_scale: float = 1.0,
-                    offload: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(param_groups: list[dict], opt_cfg, offload: bool = False) -> torch.optim.Optimizer:
     if offload and torch.cuda.is_available():
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # compiled once per machine
 
-        return DeepSpeedCPUAdam(param_groups, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps * eps_scale,
+        return DeepSpeedCPUAdam(param_groups, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps,
                                 weight_decay=opt_cfg.weight_decay, adamw_mode=True)
     return torch.optim.AdamW(
         param_groups,
         lr=opt_cfg.lr,
         betas=tuple(opt_cfg.betas),
-        eps=opt_cfg.eps * eps_scale,
+        eps=opt_cfg.eps,
         weight_decay=opt_cfg.weight_decay,
         # Single-tensor loops: same numerics on every ZeRO stage's flat and 2-D views.
         foreach=False,

@@ -30,8 +30,10 @@ from deepspeed.utils import (
     safe_get_full_fp32_param,
     safe_get_full_optimizer_state,
     safe_set_full_fp32_param,
+    safe_set_full_grad,
     safe_set_full_optimizer_state,
     safe_set_local_fp32_param,
+    safe_set_local_grad,
     safe_set_local_optimizer_state,
 )
 
@@ -113,11 +115,6 @@ def _relink_optimizer_states(engine) -> None:
         opt._lazy_init_hp_params_optimizer_state()
 
 
-def _has_stepped(engine) -> bool:
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    return any(len(s) > 0 for s in inner.state.values())
-
-
 def _stage0_state(engine, p) -> dict:
     master = _stage0_master(engine, p)
     if master is not None:
@@ -128,7 +125,7 @@ def _stage0_state(engine, p) -> dict:
 def optimizer_state(engine, p: torch.Tensor, key: str) -> torch.Tensor | None:
     """Full fp32 optimizer moment ``key`` ("exp_avg", "exp_avg_sq") of ``p``; None before any step."""
     if zero_stage(engine) >= 1:
-        if not _has_stepped(engine):
+        if not moments_ready(engine):
             return None
         _relink_optimizer_states(engine)
         value = safe_get_full_optimizer_state(p, key)
@@ -141,7 +138,7 @@ def set_optimizer_state(engine, p: torch.Tensor, key: str, value: torch.Tensor) 
     """Write the full moment ``key`` of ``p``; each rank keeps its own shard of it."""
     value = value.detach().cpu().float()
     stage = zero_stage(engine)
-    if stage >= 1 and not _has_stepped(engine):
+    if stage >= 1 and not moments_ready(engine):
         raise RuntimeError(f"optimizer holds no {key!r} for this param yet (no step taken)")
     if stage == 3:
         safe_set_local_optimizer_state(p, _local_shard(p, value), key)
@@ -154,6 +151,37 @@ def set_optimizer_state(engine, p: torch.Tensor, key: str, value: torch.Tensor) 
     if key not in state:
         raise RuntimeError(f"optimizer holds no {key!r} for this param yet (no step taken)")
     state[key].copy_(value.to(state[key].device).view_as(state[key]))
+
+
+def set_grad(engine, p: torch.Tensor, value: torch.Tensor) -> None:
+    """Replace the reduced gradient of ``p`` (full value) after the boundary backward, before step."""
+    if zero_stage(engine) == 3 and p.grad is None:
+        safe_set_local_grad(p, _local_shard(p, value))
+        return
+    hp_grad = getattr(p, "_hp_grad", None)
+    if hp_grad is not None:
+        # BF16_Optimizer (bf16 with fp32 gradient accumulation) steps from its fp32 accumulation
+        # buffer; safe_set_full_grad would write the bf16 staging gradient, which nothing reads.
+        hp_grad.copy_(value.detach().to(hp_grad.device, hp_grad.dtype).view_as(hp_grad))
+        return
+    dtype = p.grad.dtype if p.grad is not None else torch.float32
+    safe_set_full_grad(p, value.detach().to(p.device, dtype).reshape(p.shape))
+
+
+def moments_ready(engine) -> bool:
+    """Whether Adam's moments exist for the trainable params (the same answer on every rank);
+    false before a fresh engine's first step."""
+    opt = engine.optimizer
+    if zero_stage(engine) == 0:
+        inner = opt.optimizer if hasattr(opt, "fp32_groups") else opt
+        return any("exp_avg" in s for s in inner.state.values())
+    # The flat fp32 partitions the inner optimizer steps: ZeRO-3, ZeRO-1/2, BF16_Optimizer.
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        flats = getattr(opt, attr, None)
+        if flats is not None:
+            break
+    state = opt.optimizer.state
+    return bool(flats) and all(f in state and "exp_avg" in state[f] for f in flats)
 
 
 def full_state_dict(engine) -> dict[str, torch.Tensor]:

@@ -8,11 +8,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lowrank_pt.methods.base import Method
+from lowrank_pt.methods.galore import GaLore
 from lowrank_pt.methods.lora import LoRA
 from lowrank_pt.methods.relora import ReLoRA
 
 METHODS: dict[str, type[Method]] = {
     "full": Method,
+    "galore": GaLore,
     "relora": ReLoRA,
     "lora": LoRA,
 }

@@ -1,0 +1,193 @@
+"""The frozen-projector adapter: GaLore as ordinary parameters that DeepSpeed shards like any other.
+
+A targeted linear becomes ``W = d·W0 + α·B·Q`` (right side) or ``d·W0 + α·P·B`` (left side):
+
+- ``weight`` — ``W0``, frozen (a frozen param, or an fp32 buffer with ``base_in_fp32``);
+- ``galore_b`` — ``B``, the only trainable part, low-rank shaped (m×r or r×n), zero between
+  refreshes' merges; Adam on ``B`` with eps ``α·eps`` is GaLore-Adam on ``W``;
+- ``galore_basis`` — ``Q``/``P``, a persistent fp32 buffer (checkpointed, never broadcast by
+  DeepSpeed: the method makes it identical on every rank);
+- ``galore_decay`` — ``d``, a persistent scalar that carries decoupled weight decay of ``W0``
+  lazily (``d *= 1 - lr·wd`` each step, folded into ``W0`` at the next merge) so no step rewrites
+  the full base.
+
+Forward and ``dx`` run at full-rank cost on ``W_eff`` materialised once per call; the backward
+never forms the m×n weight gradient: ``dB = α·dyᵀ·(x·Qᵀ)`` (or ``α·(dy·P)ᵀ·x``). Only at a
+refresh, when ``capture`` holds a ``GradientCapture``, does it also form the full gradient
+``dyᵀ·x`` of each micro-batch and hand it over (summed onto one owner rank).
+``W_eff`` is recomputed in backward instead of saved: one m×n·r product per call, and under
+ZeRO-3 nothing full-size outlives the layer's gather.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowrank_pt.galore import projector
+
+
+def effective_weight(w0, b, basis, decay, scale: float, side: str, dtype, use_decay: bool):
+    """``d·W0 + α·B·Q`` (or ``d·W0 + α·P·B``) in float32, returned in ``dtype``."""
+    b32, q32 = b.float(), basis.float()
+    delta = b32 @ q32 if side == "right" else q32 @ b32
+    base = w0.float()
+    if use_decay:
+        base = base * decay.float()
+    return base.add(delta, alpha=scale).to(dtype)
+
+
+class _GaLoreLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w0, b, basis, decay, layer):
+        ctx.layer = layer
+        ctx.save_for_backward(x, w0, b, basis, decay)
+        w = effective_weight(w0, b, basis, decay, layer.scale, layer.side, x.dtype, layer.use_decay)
+        return F.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w0, b, basis, decay = ctx.saved_tensors
+        layer = ctx.layer
+        dx = db = None
+        if ctx.needs_input_grad[0]:
+            w = effective_weight(w0, b, basis, decay, layer.scale, layer.side, dy.dtype, layer.use_decay)
+            dx = dy @ w
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[2]:
+            if layer.side == "right":  # dB = α·dyᵀ·(x·Qᵀ): m×r
+                db = dy2.t() @ (x2 @ (basis.t() * layer.scale).to(x2.dtype))
+            else:  # dB = α·(dy·P)ᵀ·x: r×n
+                db = (dy2 @ (basis * layer.scale).to(dy2.dtype)).t() @ x2
+            db = db.to(b.dtype)
+        if layer.capture is not None:
+            layer.capture.add(dy2.t().float() @ x2.float())
+        return dx, None, db, None, None, None
+
+
+class GradientCapture:
+    """Sums the full gradient ``dyᵀ·x`` of one matrix over the micro-batches of a refresh step and
+    over the data-parallel ranks, onto the ``owner`` rank only (which computes its SVD).
+
+    Each micro-batch's gradient is reduced to the owner inside the backward, as soon as it exists:
+    the other ranks keep nothing, so at a refresh a rank holds full gradients only for the
+    matrices it owns (about 1/world of them), not a full unsharded copy of all of them. Every rank
+    must run the same adapters in the same order (one model, one graph), like any
+    data-parallel backward.
+    """
+
+    def __init__(self, owner: int = 0, world: int = 1, rank: int = 0):
+        self.owner, self.world, self.rank = owner, world, rank
+        self.grad: torch.Tensor | None = None
+
+    def add(self, grad: torch.Tensor) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.reduce(grad, dst=self.owner)
+            if self.rank != self.owner:
+                return
+        self.grad = grad if self.grad is None else self.grad.add_(grad)
+
+    def mean(self) -> torch.Tensor | None:
+        """The gradient averaged over ranks (on the owner; None elsewhere or if never run)."""
+        if self.grad is None or self.rank != self.owner:
+            return None
+        return self.grad.div_(self.world)
+
+
+class GaLoreLinear(nn.Module):
+    """A bias-free or biased linear trained by GaLore through a frozen projector (see module doc)."""
+
+    def __init__(self, linear: nn.Linear, rank: int, scale: float, proj_type: str,
+                 base_in_fp32: bool = False):
+        super().__init__()
+        shape = tuple(linear.weight.shape)
+        self.out_features, self.in_features = shape
+        self.side = projector.projection_side(shape, proj_type)
+        self.rank = projector.effective_rank(shape, rank)
+        self.scale = float(scale)
+        self.use_decay = False
+        self.capture: GradientCapture | None = None  # set by the method during a refresh step
+        w0 = linear.weight.detach().clone()
+        if base_in_fp32:
+            self.register_buffer("weight", w0.float())
+        else:
+            self.weight = nn.Parameter(w0, requires_grad=False)
+        self.bias = linear.bias
+        low = projector.low_rank_shape(shape, self.rank, self.side)
+        self.galore_b = nn.Parameter(torch.zeros(low, dtype=w0.dtype, device=w0.device))
+        basis = projector.basis_shape(shape, self.rank, self.side)
+        self.register_buffer("galore_basis", torch.zeros(basis, dtype=torch.float32, device=w0.device))
+        self.register_buffer("galore_decay", torch.ones((), dtype=torch.float32, device=w0.device))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def forward(self, x):
+        y = _GaLoreLinearFn.apply(x, self.weight, self.galore_b, self.galore_basis, self.galore_decay, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def merged(self, weight, b, basis, decay) -> torch.Tensor:
+        """The plain weight ``d·W0 + α·back(B)`` (float32) from full values of the pieces."""
+        return effective_weight(weight, b, basis, decay, self.scale, self.side, torch.float32, True)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, side={self.side}, "
+                f"scale={self.scale}")
+
+
+def merged_state_dict(state: dict[str, torch.Tensor], scale: float, proj_type: str) -> dict[str, torch.Tensor]:
+    """The plain model's state dict from a GaLore-wrapped one: ``weight = d·W0 + α·back(B)``,
+    the adapter's tensors dropped. ``state`` holds full tensors; it is not modified. The side
+    of each matrix follows from its shape and ``proj_type``, as when it was wrapped."""
+    prefixes = [k[: -len(".galore_b")] for k in state if k.endswith(".galore_b")]
+    out = dict(state)
+    for prefix in prefixes:
+        b, basis = out.pop(f"{prefix}.galore_b"), out.pop(f"{prefix}.galore_basis")
+        decay = out.pop(f"{prefix}.galore_decay", torch.ones(()))
+        w0 = out[f"{prefix}.weight"]
+        side = projector.projection_side(tuple(w0.shape), proj_type)
+        out[f"{prefix}.weight"] = effective_weight(w0, b, basis, decay, scale, side, torch.float32, True)
+    return out
+
+
+def matches(name: str, patterns) -> bool:
+    """``name`` (a dotted module name) matches a pattern equal to it or to its last components
+    (``q_proj``, ``mlp.down_proj``), a glob over the full name (``layers.*.mlp.*``) or a regular
+    expression matching the full name (``layers\\.0\\..*_proj``) — the same rules as the LoRA wrapper."""
+    for pattern in patterns:
+        if name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern):
+            return True
+        try:
+            if re.fullmatch(pattern, name):
+                return True
+        except re.error:
+            pass
+    return False
+
+
+def wrap_linears(model: nn.Module, patterns, rank: int, scale: float, proj_type: str,
+                 base_in_fp32: bool = False) -> dict[str, GaLoreLinear]:
+    """Replace every ``nn.Linear`` whose name matches ``patterns`` by a ``GaLoreLinear``, in place.
+
+    Returns the adapters by module name, in ``model.named_modules()`` order. A linear whose
+    weight is shared with another module (tied embeddings) is left alone.
+    """
+    tied = {id(m.weight) for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    targets = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and matches(n, patterns) and id(m.weight) not in tied]
+    adapters = {}
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        adapter = GaLoreLinear(linear, rank, scale, proj_type, base_in_fp32)
+        setattr(parent, child, adapter)
+        adapters[name] = adapter
+    return adapters

@@ -1,0 +1,268 @@
+"""GaLore (gradient low-rank projection) as a method, at every ZeRO stage, via frozen projectors.
+
+Each targeted linear is a ``GaLoreLinear`` (``W = d·W0 + α·B·Q``): DeepSpeed trains ``B`` with
+AdamW (eps ``α·eps`` in its own param group) and never sees a projector, so ZeRO 1-3, bf16,
+gradient accumulation and checkpoints work unchanged. At steps 0, T, 2T, ... ``train_step``
+runs the refresh between the last micro-batch's backward and the optimizer step:
+
+1. the adapters' backward has also formed the full gradient ``dyᵀ·x`` of each micro-batch and
+   summed adapter i's onto rank ``i % world`` (its owner: a rank holds the full gradients of
+   ~1/world of the matrices, and the SVD work is spread over the ranks);
+2. the owner computes the new basis; it and ``α·project(G)`` come back by broadcast, so every
+   rank holds the same ``Q``;
+3. ``W0 ← d·W0 + α·B·Q_old``, ``B ← 0``, ``d ← 1``, ``Q ← Q_new``, Adam's moments kept
+   (published GaLore) or re-projected, and ``B``'s reduced gradient replaced by ``α·G·Q_newᵀ``;
+4. the optimizer step runs as usual (clipping then sees the low-rank gradient norm).
+
+A refresh whose gradient is zero or non-finite, or whose SVD fails, keeps the old basis and
+leaves the step as computed (``after_step`` reports it). Non-targeted params train full-rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import List
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lowrank_pt import zero_io
+from lowrank_pt.galore import projector
+from lowrank_pt.galore.adapter import GaLoreLinear, GradientCapture, merged_state_dict, wrap_linears
+from lowrank_pt.methods.base import Method
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class GaLoreOptions:
+    rank: int = 128
+    """Rank r of the gradient subspace of each targeted matrix (capped at the matrix's smaller side)."""
+    update_proj_gap: int = 200
+    """T: steps between subspace refreshes; the first subspace is computed at step 0."""
+    scale: float = 0.25
+    """alpha: the projected-back update is multiplied by this (GaLore's scale)."""
+    proj_type: str = "std"
+    """Side projected: std (the smaller side: right when rows >= cols), reverse_std (the larger
+    side), left or right (fixed), as in galore-torch."""
+    target_modules: List[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    """Linears trained by GaLore: a name or its last components (q_proj, mlp.down_proj), a glob
+    over the full module name (layers.*.mlp.*) or a regex matching it. Other params train
+    full-rank with AdamW."""
+    svd: str = "exact"
+    """Subspace solver: exact (float32 torch.linalg.svd) or randomized (subspace iteration,
+    warm-started from the previous subspace)."""
+    svd_niter: int = 2
+    """randomized: power iterations per refresh."""
+    svd_oversample: int = 8
+    """randomized: extra random directions searched beyond the rank."""
+    moments_on_refresh: str = "keep"
+    """keep: Adam's moments carry over unchanged, as published; reproject: carried into the new
+    subspace (first moment exactly, second under an uncorrelated-coordinates approximation)."""
+    base_in_fp32: bool = False
+    """Hold the frozen base W0 as an fp32 buffer, so bf16 runs merge without rounding W0 to
+    bf16 at every refresh. Costs 4 bytes per weight on every rank (buffers are not sharded by
+    ZeRO-3) instead of a sharded bf16 frozen param."""
+
+    def check(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"rank={self.rank} must be >= 1")
+        if self.update_proj_gap < 1:
+            raise ValueError(f"update_proj_gap={self.update_proj_gap} must be >= 1")
+        if not self.scale > 0:
+            raise ValueError(f"scale={self.scale} must be > 0")
+        if self.proj_type not in projector.PROJ_TYPES:
+            raise ValueError(f"proj_type={self.proj_type!r}: allowed {list(projector.PROJ_TYPES)}")
+        if self.svd not in projector.SVD_METHODS:
+            raise ValueError(f"svd={self.svd!r}: allowed {list(projector.SVD_METHODS)}")
+        if self.svd_niter < 0 or self.svd_oversample < 0:
+            raise ValueError(f"svd_niter={self.svd_niter} and svd_oversample={self.svd_oversample} must be >= 0")
+        if self.moments_on_refresh not in ("keep", "reproject"):
+            raise ValueError(f"moments_on_refresh={self.moments_on_refresh!r}: allowed ['keep', 'reproject']")
+        if not self.target_modules:
+            raise ValueError("target_modules must name at least one module")
+
+
+class GaLore(Method):
+    """GaLore-AdamW on the targeted linears through frozen projectors; AdamW on the rest."""
+
+    name = "galore"
+    Options = GaLoreOptions
+
+    def __init__(self, options, stage, run):
+        super().__init__(options, stage, run)
+        self.adapters: dict[str, GaLoreLinear] = {}
+        self.refreshes = 0
+        self.kept_bases = 0
+        self.last_refresh_step = -1
+        self._events: dict = {}
+
+    # --- before the engine exists -------------------------------------------------------------
+    def prepare_model(self, model: nn.Module) -> None:
+        o = self.options
+        for p in model.parameters():
+            p.requires_grad_(True)
+        self.adapters = wrap_linears(model, o.target_modules, o.rank, o.scale, o.proj_type, o.base_in_fp32)
+        if not self.adapters:
+            raise ValueError(f"target_modules={o.target_modules}: no nn.Linear of the model matches")
+        decay = self.stage.optimizer.weight_decay > 0
+        for adapter in self.adapters.values():
+            adapter.use_decay = decay
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """B of every adapter in group 0 (eps scaled by alpha); then full-rank AdamW groups."""
+        opt = self.stage.optimizer
+        projected = [a.galore_b for a in self.adapters.values()]
+        ids = {id(p) for p in projected}
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad and id(p) not in ids:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [{"params": projected, "weight_decay": opt.weight_decay, "eps": opt.eps * self.options.scale},
+                  {"params": decay, "weight_decay": opt.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
+    # --- with the engine ----------------------------------------------------------------------
+    def on_engine_ready(self, engine) -> None:
+        super().on_engine_ready(engine)
+        # Engine's module may be a different object than the one prepared (it is not, today);
+        # find the adapters by name in what DeepSpeed trains.
+        modules = dict(engine.module.named_modules())
+        self.adapters = {name: modules[name] for name in self.adapters}
+
+    def is_refresh_step(self, step: int) -> bool:
+        return step % self.options.update_proj_gap == 0
+
+    def train_step(self, engine, micro_batches: list[dict], step: int) -> float:
+        refresh = self.is_refresh_step(step)
+        lr = engine.get_lr()[0]  # this step's LR (the scheduler moves on inside engine.step)
+        self._events = {}
+        if refresh:
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            for index, adapter in enumerate(self.adapters.values()):
+                adapter.capture = GradientCapture(owner=index % world, world=world, rank=rank)
+        total = 0.0
+        try:
+            for batch in micro_batches:
+                with self._phase("forward"):
+                    loss = engine(batch["input_ids"].to(engine.device), batch["labels"].to(engine.device))
+                with self._phase("backward"):
+                    engine.backward(loss)
+                if refresh and engine.is_gradient_accumulation_boundary():
+                    with self._phase("refresh"):
+                        self._refresh(engine, step)
+                with self._phase("optimizer"):
+                    engine.step()
+                total += loss.detach().float().item()
+        finally:
+            for adapter in self.adapters.values():
+                adapter.capture = None
+        wd = self.stage.optimizer.weight_decay
+        if wd > 0:  # W0's share of decoupled decay, folded into W0 at the next merge
+            for adapter in self.adapters.values():
+                adapter.galore_decay.mul_(1 - lr * wd)
+        return total / len(micro_batches)
+
+    def _phase(self, name: str):
+        """A span of the trainer's phase timer when it gave us one (``self.timer``)."""
+        timer = getattr(self, "timer", None)
+        return timer.phase(name) if timer is not None else contextlib.nullcontext()
+
+    def after_step(self, engine, step: int) -> dict:
+        events, self._events = self._events, {}
+        return events
+
+    # --- the refresh --------------------------------------------------------------------------
+    def _refresh(self, engine, step: int) -> None:
+        start = time.perf_counter()
+        o = self.options
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        reproject = o.moments_on_refresh == "reproject" and zero_io.moments_ready(engine)
+        kept: dict[str, str] = {}
+        for index, (name, adapter) in enumerate(self.adapters.items()):
+            owner = index % world
+            grad = adapter.capture.mean()  # on the owner: summed over micro-batches and ranks
+            adapter.capture = None
+            basis = torch.zeros_like(adapter.galore_basis)
+            low = torch.zeros(projector.low_rank_shape(adapter.shape, adapter.rank, adapter.side),
+                              dtype=torch.float32, device=basis.device)
+            ok = torch.zeros((), dtype=torch.float32, device=basis.device)
+            why = ""
+            if rank == owner and grad is None:
+                why = "no gradient reached this matrix"
+            elif rank == owner:
+                new, why = projector.new_basis(grad, adapter.rank, adapter.side, o.svd, adapter.galore_basis,
+                                               o.svd_niter, o.svd_oversample, seed=step * 100_003 + index)
+                if new is not None:
+                    basis.copy_(new)
+                    low.copy_(projector.project(grad, new, adapter.side) * adapter.scale)
+                    ok.fill_(1.0)
+            del grad
+            if world > 1:
+                for t in (ok, basis, low):
+                    dist.broadcast(t, src=owner)
+            if ok.item() == 0:
+                kept[name] = why or f"see rank {owner}"
+                continue
+            self._install(engine, adapter, basis, low, reproject)
+        self.refreshes += 1
+        self.kept_bases += len(kept)
+        self.last_refresh_step = step
+        self._events = {"galore/refresh": 1, "galore/refresh_s": time.perf_counter() - start,
+                        "galore/kept_subspace": len(kept)}
+        if kept:
+            self._events["galore/kept_subspace_modules"] = sorted(kept)
+            log.warning("galore: step %d: %d of %d matrices keep their old subspace: %s", step, len(kept),
+                        len(self.adapters), "; ".join(f"{n} ({why})" for n, why in kept.items()))
+
+    def _install(self, engine, adapter: GaLoreLinear, basis, low, reproject: bool) -> None:
+        """Merge B into W0, zero B, switch the basis, fix moments and B's gradient."""
+        b_param = adapter.galore_b
+        b = zero_io.full_param(engine, b_param)
+        old = adapter.galore_basis.detach().clone()
+        if bool(b.abs().amax() > 0) or float(adapter.galore_decay) != 1.0:
+            w0 = zero_io.full_param(engine, adapter.weight) if isinstance(adapter.weight, nn.Parameter) \
+                else adapter.weight.detach().float().cpu()
+            merged = adapter.merged(w0, b, old.cpu(), adapter.galore_decay.cpu())
+            if isinstance(adapter.weight, nn.Parameter):
+                zero_io.set_param(engine, adapter.weight, merged)
+            else:
+                adapter.weight.copy_(merged.to(adapter.weight.device))
+            zero_io.set_param(engine, b_param, torch.zeros_like(b))
+        if reproject and projector.is_set(old):
+            m = zero_io.optimizer_state(engine, b_param, "exp_avg")
+            v = zero_io.optimizer_state(engine, b_param, "exp_avg_sq")
+            if m is not None and v is not None:
+                m, v = projector.reproject_moments(m.view_as(low), v.view_as(low), old.cpu(), basis.cpu(),
+                                                   adapter.side)
+                zero_io.set_optimizer_state(engine, b_param, "exp_avg", m)
+                zero_io.set_optimizer_state(engine, b_param, "exp_avg_sq", v)
+        adapter.galore_basis.copy_(basis)
+        adapter.galore_decay.fill_(1.0)
+        zero_io.set_grad(engine, b_param, low)
+
+    # --- checkpoints and export ---------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Counters only: bases, decay factors and B live in the module state DeepSpeed saves."""
+        return {"refreshes": self.refreshes, "kept_bases": self.kept_bases,
+                "last_refresh_step": self.last_refresh_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.refreshes = int(state.get("refreshes", 0))
+        self.kept_bases = int(state.get("kept_bases", 0))
+        self.last_refresh_step = int(state.get("last_refresh_step", -1))
+
+    @classmethod
+    def to_plain(cls, state: dict[str, torch.Tensor], options: GaLoreOptions) -> dict[str, torch.Tensor]:
+        """Plain-model state dict with ``weight = d·W0 + α·B·Q`` merged and the adapters' tensors
+        dropped (``export_weights``, stage hand-over, ``init_from`` and export)."""
+        return merged_state_dict(state, options.scale, options.proj_type)
