@@ -67,7 +67,7 @@ def test_relora_stage_starts_from_a_saved_full_rank_checkpoint(tmp_path, data_ca
 def test_validation_loss_keeps_falling_across_restarts(tmp_path, data_cache):
     run_dir = str(tmp_path / "run")
     spawn(run_invocations, 1, [[
-        f"run_dir={run_dir}", f"data.cache_dir={data_cache}", "model.size=small", "train.tensorboard=false",
+        f"run_dir={run_dir}", f"data.cache_dir={data_cache}", "train.tensorboard=false",
         "train.progress=false", "train.micro_batch_size=8", "train.eval_every=20", "train.eval_sequences=32",
         "stages.0.steps=60", "stages.0.optimizer.lr=3.0e-3",
         "stages.1.name=relora", "stages.1.method=relora", "stages.1.steps=100", "stages.1.optimizer.lr=2.0e-3",
