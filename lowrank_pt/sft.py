@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from lowrank_pt.data import DataError, Tokenizer
+from lowrank_pt.data.loader import ShuffledLoader, check_rank
 
 logger = logging.getLogger(__name__)
 
@@ -265,84 +266,25 @@ def _batch(data: SFTData, seq_len: int, indices: Iterable[int]) -> dict[str, tor
     return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels)}
 
 
-def _check_rank(rank: int, world_size: int) -> None:
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+class SFTLoader(ShuffledLoader):
+    """Deterministic, resumable SFT batches for one data-parallel rank (PackedLoader's interface):
+    items are the conversations that keep a target within seq_len."""
 
-
-class SFTLoader:
-    """Deterministic, resumable SFT batches for one data-parallel rank (PackedLoader's interface)."""
+    count_key = "num_examples"
+    label = "SFT data"
 
     def __init__(self, data: SFTData, seq_len: int, micro_batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0):
-        if micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
-        _check_rank(rank, world_size)
         self.data = data
-        self.seq_len = seq_len
-        self.micro_batch_size = micro_batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
         self.kept, self.truncated = _fit(data, seq_len)
-        self.num_examples = len(self.kept)
-        self.epoch = 0
-        self.position = 0  # examples of this epoch's order already consumed (by all ranks)
-        self._order: np.ndarray | None = None
-        self._order_epoch = -1
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """Example indices (into ``data.examples``) in the order epoch ``epoch`` visits them."""
-        if self._order_epoch != epoch:
-            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
-            self._order, self._order_epoch = self.kept[rng.permutation(self.num_examples)], epoch
-        return self._order
-
-    def _take(self, count: int) -> np.ndarray:
-        parts = []
-        while count > 0:
-            order = self.epoch_order(self.epoch)
-            n = min(count, self.num_examples - self.position)
-            parts.append(order[self.position:self.position + n])
-            self.position += n
-            count -= n
-            if self.position == self.num_examples:
-                self.epoch, self.position = self.epoch + 1, 0
-        return np.concatenate(parts)
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        """``{"input_ids", "labels"}``, LongTensors of shape [micro_batch_size, seq_len]."""
-        ids = self._take(self.world_size * self.micro_batch_size)
-        start = self.rank * self.micro_batch_size
-        return _batch(self.data, self.seq_len, ids[start:start + self.micro_batch_size])
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        while True:
-            yield self.next_batch()
+        super().__init__(len(self.kept), seq_len, micro_batch_size, rank, world_size, seed, index_map=self.kept)
 
     @property
-    def tokens_per_step(self) -> int:
-        """Token positions (padding included) all ranks consume per next_batch call."""
-        return self.world_size * self.micro_batch_size * self.seq_len
+    def num_examples(self) -> int:
+        return self.num_items
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seq_len": self.seq_len,
-                "micro_batch_size": self.micro_batch_size, "world_size": self.world_size,
-                "seed": self.seed, "num_examples": self.num_examples}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a cursor; refuse one saved with another seq_len, world size, seed or dataset.
-        The micro-batch size may change (the cursor counts examples of the global order)."""
-        for key in ("seq_len", "world_size", "seed", "num_examples"):
-            if key not in state or int(state[key]) != getattr(self, key):
-                raise ValueError(f"SFT data cursor was saved with {key}={state.get(key)}, this loader has "
-                                 f"{key}={getattr(self, key)}; resuming would not replay the same batches")
-        position = int(state["position"])
-        if not 0 <= position < self.num_examples:
-            raise ValueError(f"SFT data cursor position {position} outside [0, {self.num_examples})")
-        self.epoch, self.position = int(state["epoch"]), position
+    def make_batch(self, ids: np.ndarray) -> dict[str, torch.Tensor]:
+        return _batch(self.data, self.seq_len, ids)
 
 
 def sft_validation_batches(data: SFTData, seq_len: int, micro_batch_size: int, num_sequences: int,
@@ -352,7 +294,7 @@ def sft_validation_batches(data: SFTData, seq_len: int, micro_batch_size: int, n
     ``validation_batches``: every rank runs the same number of forwards)."""
     if micro_batch_size < 1 or num_sequences < 1:
         raise ValueError(f"micro_batch_size and num_sequences must be >= 1, got {micro_batch_size}, {num_sequences}")
-    _check_rank(rank, world_size)
+    check_rank(rank, world_size)
     kept, _ = _fit(data, seq_len)
     count = min(num_sequences, len(kept))
     count -= count % world_size

@@ -34,7 +34,7 @@ def num_windows(shard: TokenShard, seq_len: int) -> int:
     return count
 
 
-def _check_rank(rank: int, world_size: int) -> None:
+def check_rank(rank: int, world_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
 
@@ -45,51 +45,58 @@ def _batch(shard: TokenShard, seq_len: int, window_ids: np.ndarray) -> dict[str,
     return {"input_ids": windows[:, :-1].contiguous(), "labels": windows[:, 1:].contiguous()}
 
 
-class PackedLoader:
-    """Deterministic, resumable training batches for one data-parallel rank."""
+class ShuffledLoader:
+    """Deterministic, resumable batches of ``num_items`` items for one data-parallel rank.
 
-    def __init__(
-        self,
-        shard: TokenShard,
-        seq_len: int,
-        micro_batch_size: int,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-    ):
+    The global order is the concatenation of per-epoch permutations of the items, each drawn from
+    (seed, epoch); ``next_batch`` on every rank consumes the next ``world_size * micro_batch_size``
+    items and rank r takes slice r. The cursor is (epoch, position). Subclasses say what an item
+    is (``make_batch``) and name their item count in the cursor (``count_key``).
+    """
+
+    count_key = "num_items"
+    label = "data"
+
+    def __init__(self, num_items: int, seq_len: int, micro_batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, index_map: np.ndarray | None = None):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        _check_rank(rank, world_size)
+        check_rank(rank, world_size)
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        self.shard = shard
+        self.num_items = num_items
         self.seq_len = seq_len
         self.micro_batch_size = micro_batch_size
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
-        self.num_windows = num_windows(shard, seq_len)
+        self.index_map = index_map  # item i of the order is index_map[i] (e.g. kept examples)
         self.epoch = 0
-        self.position = 0  # windows of this epoch's order already consumed (by all ranks)
+        self.position = 0  # items of this epoch's order already consumed (by all ranks)
         self._order: np.ndarray | None = None
         self._order_epoch = -1
 
+    def make_batch(self, ids: np.ndarray) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """Window indices in the order epoch ``epoch`` visits them (the same on every rank)."""
+        """Item indices in the order epoch ``epoch`` visits them (the same on every rank)."""
         if self._order_epoch != epoch:
             rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
-            self._order, self._order_epoch = rng.permutation(self.num_windows), epoch
+            order = rng.permutation(self.num_items)
+            self._order = order if self.index_map is None else self.index_map[order]
+            self._order_epoch = epoch
         return self._order
 
     def _take(self, count: int) -> np.ndarray:
         parts = []
         while count > 0:
             order = self.epoch_order(self.epoch)
-            n = min(count, self.num_windows - self.position)
+            n = min(count, self.num_items - self.position)
             parts.append(order[self.position:self.position + n])
             self.position += n
             count -= n
-            if self.position == self.num_windows:
+            if self.position == self.num_items:
                 self.epoch, self.position = self.epoch + 1, 0
         return np.concatenate(parts)
 
@@ -97,7 +104,7 @@ class PackedLoader:
         """``{"input_ids", "labels"}``, LongTensors of shape [micro_batch_size, seq_len]."""
         ids = self._take(self.world_size * self.micro_batch_size)
         start = self.rank * self.micro_batch_size
-        return _batch(self.shard, self.seq_len, ids[start:start + self.micro_batch_size])
+        return self.make_batch(ids[start:start + self.micro_batch_size])
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
@@ -105,7 +112,7 @@ class PackedLoader:
 
     @property
     def tokens_per_step(self) -> int:
-        """Tokens (labels) all ranks consume per next_batch call."""
+        """Token positions all ranks consume per next_batch call."""
         return self.world_size * self.micro_batch_size * self.seq_len
 
     def state_dict(self) -> dict[str, int]:
@@ -117,25 +124,44 @@ class PackedLoader:
             "micro_batch_size": self.micro_batch_size,
             "world_size": self.world_size,
             "seed": self.seed,
-            "num_windows": self.num_windows,
+            self.count_key: self.num_items,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a cursor; refuse one saved with another seq_len, world size, seed or shard.
+        """Restore a cursor; refuse one saved with another seq_len, world size, seed or dataset.
 
-        The micro-batch size may change: the cursor counts windows of the global order, so the
+        The micro-batch size may change: the cursor counts items of the global order, so the
         stream continues where it stopped, only cut into batches of another size.
         """
-        for key in ("seq_len", "world_size", "seed", "num_windows"):
-            if int(state[key]) != getattr(self, key):
+        for key in ("seq_len", "world_size", "seed", self.count_key):
+            mine = self.num_items if key == self.count_key else getattr(self, key)
+            if key not in state or int(state[key]) != mine:
                 raise ValueError(
-                    f"data cursor was saved with {key}={state[key]}, this loader has "
-                    f"{key}={getattr(self, key)}; resuming would not replay the same batches"
+                    f"{self.label} cursor was saved with {key}={state.get(key)}, this loader has "
+                    f"{key}={mine}; resuming would not replay the same batches"
                 )
         position = int(state["position"])
-        if not 0 <= position < self.num_windows:
-            raise ValueError(f"data cursor position {position} outside [0, {self.num_windows})")
+        if not 0 <= position < self.num_items:
+            raise ValueError(f"{self.label} cursor position {position} outside [0, {self.num_items})")
         self.epoch, self.position = int(state["epoch"]), position
+
+
+class PackedLoader(ShuffledLoader):
+    """Training batches of packed token windows (see the module docstring)."""
+
+    count_key = "num_windows"
+
+    def __init__(self, shard: TokenShard, seq_len: int, micro_batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0):
+        self.shard = shard
+        super().__init__(num_windows(shard, seq_len), seq_len, micro_batch_size, rank, world_size, seed)
+
+    @property
+    def num_windows(self) -> int:
+        return self.num_items
+
+    def make_batch(self, ids: np.ndarray) -> dict[str, torch.Tensor]:
+        return _batch(self.shard, self.seq_len, ids)
 
 
 def validation_batches(
@@ -158,7 +184,7 @@ def validation_batches(
         raise ValueError(
             f"micro_batch_size and num_sequences must be >= 1, got {micro_batch_size}, {num_sequences}"
         )
-    _check_rank(rank, world_size)
+    check_rank(rank, world_size)
     count = min(num_sequences, num_windows(shard, seq_len))
     count -= count % world_size
     if count == 0:
