@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lowrank_pt.data import cli as data_cli
 
     data_cli.register(sub)
+    from lowrank_pt.tracking import cli as tracking_cli
+
+    tracking_cli.register(sub)
     export.register(sub)
     generate.register(sub)
     return parser

@@ -24,6 +24,7 @@ from lowrank_pt.data import validation_batches
 from lowrank_pt.sft import SFTLoader, prepare_sft, sft_validation_batches
 from lowrank_pt.metrics import MetricsLogger, truncate_after
 from lowrank_pt.model import LlamaModel, resolve
+from lowrank_pt.tracking import StageTracker, write_stage_summary
 
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size", "tie_embeddings")
 
@@ -224,6 +225,11 @@ class Trainer:
                  f"{tokens_per_step} tokens/step, ZeRO {run.engine.zero_stage}, {run.engine.precision}, "
                  f"{self.world_size} rank(s)")
 
+        tracker = StageTracker(engine=engine, stage=stage, index=index, model_cfg=self.model_cfg,
+                               tokens_per_step=tokens_per_step, precision=run.engine.precision,
+                               zero_stage=run.engine.zero_stage, start_step=start, cache_dir=run.data.cache_dir)
+        timer = method.timer = tracker.timer
+        reached = start
         window_start, window_tokens, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
         stop_at = run.train.stop_at_step
         for step in range(start, total):
@@ -231,10 +237,15 @@ class Trainer:
                 self.stopped = True
                 self.say(f"stopped at step {self.global_step} (train.stop_at_step); resume=auto continues")
                 break
-            micro_batches = [loader.next_batch() for _ in range(accum)]
+            tracker.start_step()
+            with timer.phase("data"):
+                micro_batches = [loader.next_batch() for _ in range(accum)]
             lr = engine.get_lr()[0]
             loss = method.train_step(engine, micro_batches, step)
-            events = method.after_step(engine, step)
+            with timer.phase("method"):
+                events = method.after_step(engine, step)
+            tracker.end_step()
+            reached = step + 1
             self.global_step += 1
             self.tokens += tokens_per_step
             window_tokens += tokens_per_step
@@ -246,16 +257,22 @@ class Trainer:
                 record = {"step": self.global_step, "stage": stage.name, "stage_step": step + 1,
                           "loss": dist.all_reduce_mean(window_loss / window_steps),
                           "lr": lr, "tokens": self.tokens,
-                          "tokens_per_s": window_tokens / max(elapsed, 1e-9), **events}
+                          "tokens_per_s": window_tokens / max(elapsed, 1e-9), **events, **tracker.metrics()}
+                tracker.observe(record)
                 self.metrics.log(record)
                 self.say(f"[{stage.name}] step {step + 1}/{total} loss {record['loss']:.4f} "
                          f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s", progress=True)
                 window_start, window_tokens, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
             if (run.train.eval_every and (step + 1) % run.train.eval_every == 0) or last:
-                self.evaluate(engine, val_batches, stage)
+                with timer.phase("eval"):
+                    tracker.observe(self.evaluate(engine, val_batches, stage))
             stopping = stop_at is not None and self.global_step >= stop_at
             if (run.train.save_every and (step + 1) % run.train.save_every == 0) or last or stopping:
-                self.save(engine, method, index, step + 1)
+                with timer.phase("checkpoint"):
+                    self.save(engine, method, index, step + 1)
+        entry = tracker.finish(end_step=reached, total_steps=total)  # collective
+        if self.rank == 0:
+            write_stage_summary(run.run_dir, entry)
         last_stage = index + 1 == len(run.stages)
         needs_weights = not self.stopped and (not last_stage or run.train.sample_prompts)
         weights = method.export_weights(engine) if needs_weights else None
@@ -294,7 +311,7 @@ class Trainer:
                 zero_io.set_param(engine, p, weights[name])
 
     @torch.no_grad()
-    def evaluate(self, engine, batches: list[dict], stage: StageConfig) -> None:
+    def evaluate(self, engine, batches: list[dict], stage: StageConfig) -> dict:
         engine.eval()
         total = 0.0
         for batch in batches:
@@ -305,6 +322,7 @@ class Trainer:
                   "eval/perplexity": math.exp(min(loss, 50.0)), "tokens": self.tokens}
         self.metrics.log(record)
         self.say(f"[{stage.name}] eval loss {loss:.4f} ppl {record['eval/perplexity']:.2f}")
+        return record
 
     def save(self, engine, method, index: int, stage_step: int) -> None:
         stage = self.run.stages[index]

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lowrank_pt import schedule, zero_io
+from lowrank_pt.tracking.timer import NULL_TIMER
 
 
 @dataclass
@@ -38,6 +39,8 @@ class Method:
     """Full-rank training of every parameter; the base every other method refines."""
 
     name: ClassVar[str] = "full"
+    timer = NULL_TIMER
+    """Phase timer; the trainer sets its stage's ``PhaseTimer`` (spans: forward, backward, optimizer)."""
     Options: ClassVar[type] = NoOptions
 
     def __init__(self, options: Any, stage: Any, run: Any):
@@ -75,9 +78,12 @@ class Method:
         """One optimizer step over ``micro_batches`` (gradient accumulation); mean loss."""
         total = 0.0
         for batch in micro_batches:
-            loss = engine(batch["input_ids"].to(engine.device), batch["labels"].to(engine.device))
-            engine.backward(loss)
-            engine.step()
+            with self.timer.phase("forward"):
+                loss = engine(batch["input_ids"].to(engine.device), batch["labels"].to(engine.device))
+            with self.timer.phase("backward"):
+                engine.backward(loss)
+            with self.timer.phase("optimizer"):
+                engine.step()
             total += loss.detach().float().item()
         return total / len(micro_batches)
 

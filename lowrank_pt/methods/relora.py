@@ -115,7 +115,8 @@ class ReLoRA(LoRA):
     def after_step(self, engine, step: int) -> dict:
         if not self.is_restart_step(step):
             return {}
-        self.restart(engine)
+        with self.timer.phase("merge"):
+            self.restart(engine)
         return {"relora/restart": self.restarts}
 
     @torch.no_grad()

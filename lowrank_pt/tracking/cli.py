@@ -1,0 +1,171 @@
+"""``lowrank-pt report`` and ``lowrank-pt plan``: ``register(subparsers)`` adds both."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+
+GIB = 1024.0**3
+
+PLAN_ROWS = (
+    ("params", "parameters (module copy, frozen bases included)"),
+    ("master_params", "fp32 master params"),
+    ("grads", "gradients"),
+    ("optimizer_states", "optimizer states (Adam moments)"),
+    ("method_buffers", "method buffers (projectors, scales)"),
+    ("zero_buffers", "ZeRO reduce bucket (resident, stage 3)"),
+    ("resident", "resident state, total"),
+    ("activations", "activations (estimate, one micro-batch)"),
+    ("method_transient", "method transient (GaLore refresh: owned full gradients)"),
+    ("zero_transient", "ZeRO reduce bucket (during backward, stages 1-2)"),
+    ("total", "peak estimate"),
+)
+
+# The GaLore paper's memory table (weights + optimizer states, BF16), the entries compared here.
+PAPER_TABLE = (
+    ("60m", 128, 0.36e9, 0.24e9),
+    ("1b", 512, 7.80e9, 4.38e9),
+)
+
+
+def _report(args) -> int:
+    from lowrank_pt.tracking.report import build_report
+
+    try:
+        files = build_report(args.run_dirs, args.out, html=args.html)
+    except (FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for kind, path in files.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _parse_options(method: str, rank: int | None, pairs: list[str]) -> dict:
+    import yaml
+
+    options: dict = {}
+    if rank is not None and method != "full":
+        options["rank"] = rank
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--option {pair!r}: expected KEY=VALUE")
+        options[key] = yaml.safe_load(value)
+    if method == "relora":
+        options.setdefault("restart_every", 1000)  # required by relora; no effect on memory
+    return options
+
+
+def plan_markdown(p) -> str:
+    i = p.inputs
+    lines = [f"Plan: {i['size']} ({p.layout['total_params']:,} params, {p.layout['trainable_params']:,} trainable), "
+             f"method {i['method']} {i['options'] or ''}, ZeRO {i['zero_stage']}, {i['world']} GPU(s), "
+             f"{i['precision']}, micro-batch {i['micro_batch']} × {i['seq_len']} tokens"
+             f"{', activation checkpointing' if i['activation_checkpointing'] else ''}; per GPU (rank {i['rank']}):",
+             "", "| | GiB | bytes |", "|---|---:|---:|"]
+    for key, label in PLAN_ROWS:
+        value = p.bytes.get(key, 0)
+        bold = "**" if key in ("resident", "total") else ""
+        lines.append(f"| {bold}{label}{bold} | {value / GIB:.2f} | {value:,} |")
+    lines += ["", "peak estimate = resident + activations + the larger of the two transients."]
+    return "\n".join(lines)
+
+
+def paper_markdown() -> str:
+    """Our planner beside the GaLore paper's memory estimates (see the README snippet)."""
+    from lowrank_pt.model import ModelConfig, resolve
+    from lowrank_pt.tracking import planner
+
+    lines = ["| model | rank | paper full | ours (paper's accounting) full | paper GaLore | "
+             "ours (paper's accounting) GaLore | ours, DeepSpeed bf16 ZeRO-0, 1 GPU: full / GaLore |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for size, rank, paper_full, paper_galore in PAPER_TABLE:
+        cfg = resolve(ModelConfig(size=size), vocab_size=32000)
+        ours_full = planner.paper_accounting(cfg, "full")
+        ours_galore = planner.paper_accounting(cfg, "galore", {"rank": rank})
+        real = []
+        for method, options in (("full", {}), ("galore", {"rank": rank})):
+            b = planner.plan(cfg, method, options, zero_stage=0, world=1, precision="bf16").bytes
+            real.append(b["params"] + b["master_params"] + b["optimizer_states"] + b["method_buffers"])
+        lines.append(f"| {size} | {rank} | {paper_full / 1e9:.2f}G | {ours_full / 1e9:.2f} GB "
+                     f"({ours_full / GIB:.2f} GiB) | {paper_galore / 1e9:.2f}G | {ours_galore / 1e9:.2f} GB "
+                     f"({ours_galore / GIB:.2f} GiB) | {real[0] / 1e9:.2f} / {real[1] / 1e9:.2f} GB |")
+    return "\n".join(lines)
+
+
+def _plan(args) -> int:
+    from lowrank_pt.model import ModelConfig, resolve
+    from lowrank_pt.tracking import planner
+
+    # DeepSpeed prints to stdout when the methods import it: keep stdout for the plan (--json).
+    with contextlib.redirect_stdout(sys.stderr):
+        if args.paper:
+            text = paper_markdown()
+        try:
+            options = _parse_options(args.method, args.rank, args.option)
+            cfg = resolve(ModelConfig(size=args.size, seq_len=args.seq_len,
+                                      activation_checkpointing=args.activation_checkpointing),
+                          vocab_size=args.vocab_size)
+            p = planner.plan(cfg, args.method, options, zero_stage=args.zero_stage, world=args.gpus,
+                             micro_batch=args.micro_batch, seq_len=args.seq_len, precision=args.precision,
+                             activation_checkpointing=args.activation_checkpointing, rank=args.rank_index,
+                             reduce_bucket_size=args.reduce_bucket_size)
+        except ValueError as e:  # ConfigError included
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if args.paper:
+        print(text)
+        return 0
+    if args.json:
+        print(json.dumps({"inputs": p.inputs, "layout": p.layout, "bytes": p.bytes}, indent=1))
+    else:
+        print(plan_markdown(p))
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add the ``report`` and ``plan`` subcommands to the main CLI's subparsers."""
+    # Nothing here imports DeepSpeed (the methods do): it prints to stdout, which --json keeps clean.
+    from lowrank_pt.model import MODEL_SIZES
+    from lowrank_pt.tracking.planner import DEEPSPEED_REDUCE_BUCKET
+
+    rep = subparsers.add_parser("report", help="markdown/HTML report with plots of one or more run dirs")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (side by side)")
+    rep.add_argument("--out", required=True, help="output directory for report.md and the PNGs")
+    rep.add_argument("--html", action="store_true", help="also write report.html")
+    rep.set_defaults(func=_report)
+
+    pl = subparsers.add_parser("plan", help="per-GPU memory by category of a configuration, before running it")
+    pl.add_argument("--size", default="7b", choices=sorted(MODEL_SIZES), help="named model size")
+    pl.add_argument("--method", default="full", help="training method (full, lora, relora, galore, ...)")
+    pl.add_argument("--rank", type=int, default=None, help="rank r of lora/relora/galore (their default if omitted)")
+    pl.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="another method option, e.g. proj_type=left or target_modules=[q_proj,v_proj]")
+    pl.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage")
+    pl.add_argument("--gpus", type=int, default=1, help="data-parallel ranks (ZeRO partitions over them)")
+    pl.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-batch")
+    pl.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
+    pl.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"), help="training dtype")
+    pl.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
+    pl.add_argument("--vocab-size", type=int, default=32000, help="vocabulary size")
+    pl.add_argument("--reduce-bucket-size", type=int, default=DEEPSPEED_REDUCE_BUCKET,
+                    help="DeepSpeed zero_optimization.reduce_bucket_size (elements)")
+    pl.add_argument("--rank-index", type=int, default=0, help="which rank to report (partitions differ by padding)")
+    pl.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    pl.add_argument("--paper", action="store_true", help="print the comparison with the GaLore paper's estimates")
+    pl.set_defaults(func=_plan)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m lowrank_pt.tracking.cli plan ...``) until the main CLI registers us."""
+    parser = argparse.ArgumentParser(prog="lowrank-pt")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Per-rank memory of a training configuration, before anything runs.
+
+The model is built on the ``meta`` device (no memory, any size) and shaped by the method's own
+``prepare_model`` and ``param_groups``, so the planner sees exactly the params, frozen bases,
+factors, buffers and optimizer groups a run would have. DeepSpeed's layout rules (0.19.8) then
+give the bytes each rank holds. With N the elements of one optimizer param group, W the world
+size, b the bytes of the training dtype (2 for bf16/fp16, 4 for fp32):
+
+==============  ===================  ===========================  =============================
+category        stage 0              stages 1-2                   stage 3
+==============  ===================  ===========================  =============================
+params          all params · b       frozen · b + Σ pad(N)·b      Σ⌈n/W⌉·b over every param n
+master_params   bf16: N·4; fp32: 0   Σ pad(N)/W · 4               Σ Σ⌈n/W⌉·4
+optimizer       2·N·4 + 4 per param  2·pad(N)/W·4 + 4 per group   2·Σ⌈n/W⌉·4 + 4 per sub-group
+grads           N·b                  b · Σ n over params that     Σ Σ⌈n/W⌉·b
+                                     overlap the rank's slice
+                                     (+ padding on the last rank)
+method_buffers  persistent buffers, whole on every rank (DeepSpeed never partitions buffers)
+zero_buffers    0                    0 resident (a bucket lives  reduce_bucket_size · b
+                                     during backward only)
+==============  ===================  ===========================  =============================
+
+- ``pad(N)``: DeepSpeed flattens each group and pads it to a multiple of 2·W elements (4-byte
+  alignment of every rank's slice), so each rank's slice is ``pad(N)/W``. Stage 3 pads each
+  param to a multiple of W instead (``⌈n/W⌉`` per rank).
+- stages 1-2 gradients: the rank copies the whole gradient of every param whose flat range
+  overlaps its slice, so a param cut by a slice boundary counts on both sides, and the last rank
+  also holds the group's padding as zeros: a rank holds a little more than ``pad(N)/W``.
+- Adam keeps one 4-byte step counter per state entry: per param at stage 0, per flat group
+  slice at stages 1-2, per sub-group (≤ ``sub_group_size`` elements) at stage 3.
+
+What the method changes is N and the frozen and buffer bytes:
+- full: every param trainable; 2 fp32 moments per param.
+- lora / relora: each wrapped m×n linear trains ``r·(m+n)`` (A: r×n, B: m×r) and keeps its m×n
+  base frozen (in params, unpartitioned by the optimizer at stages 1-2); embeddings, norms and
+  the head train full-rank.
+- galore: each projected m×n matrix trains B of ``m×r`` (right side, m ≥ n under ``std``) or
+  ``r×n`` (left), so Adam holds ``2·r·max(m, n)`` moments; the frozen base stays in params and
+  the projector (r×n or m×r, fp32) is a method buffer. At refresh steps the full fp32
+  gradient of each projected matrix is summed onto one owner rank (adapter i on rank i mod W):
+  ``4·m·n`` for each owned matrix, reported as ``method_transient``.
+
+Activations are an estimate (see ``activation_bytes``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from lowrank_pt.tracking.memory import STATE_CATEGORIES
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+DEEPSPEED_REDUCE_BUCKET = 500_000_000
+"""DeepSpeed's default ``zero_optimization.reduce_bucket_size`` (elements)."""
+DEEPSPEED_SUB_GROUP = 1_000_000_000
+"""DeepSpeed's default ``zero_optimization.sub_group_size`` (elements, stage 3)."""
+ALIGN = 2
+"""DeepSpeed's ``nccl_start_alignment_factor`` (stages 1-2 pad a group to a multiple of ALIGN·W)."""
+
+
+@dataclass
+class Layout:
+    """What a run holds, by shape: optimizer groups of trainable params (numels, in order),
+    frozen params, persistent buffers (bytes, their own dtype) and capture buffers."""
+
+    groups: list[list[int]]
+    frozen: list[int]
+    buffer_bytes: int
+    captures: list[int] = field(default_factory=list)
+    total_params: int = 0
+
+    @property
+    def trainable(self) -> int:
+        return sum(sum(g) for g in self.groups)
+
+
+def layout(model_cfg, method: str = "full", options: dict | None = None, weight_decay: float = 0.0) -> Layout:
+    """The layout of ``model_cfg`` trained by ``method`` with ``options``, built on the meta device."""
+    from lowrank_pt import methods
+    from lowrank_pt.config import OptimizerConfig, StageConfig
+    from lowrank_pt.model import LlamaModel
+
+    stage = StageConfig(method=method, steps=1, options=dict(options or {}),
+                        optimizer=OptimizerConfig(weight_decay=weight_decay))
+    parsed = methods.parse_options(method, stage.options)  # a ConfigError names the allowed values
+    # Meta tensors allocate nothing; fork_rng keeps a method's init draws off the global RNG.
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = LlamaModel(model_cfg)
+        m = methods.METHODS[method](parsed, stage, None)
+        m.prepare_model(model)
+        groups = m.param_groups(model)
+    trainable_ids = {id(p) for g in groups for p in g["params"]}
+    seen, frozen = set(), []
+    for p in model.parameters():
+        if id(p) not in trainable_ids and id(p) not in seen:
+            frozen.append(p.numel())
+        seen.add(id(p))
+    buffer_bytes = 0
+    captures = []
+    for mod in model.modules():
+        for name, buf in mod._buffers.items():
+            if buf is not None and name not in mod._non_persistent_buffers_set:
+                buffer_bytes += buf.numel() * buf.element_size()
+        if hasattr(mod, "capture") and hasattr(mod, "shape"):  # GaLore adapter: m×n fp32 at refresh
+            captures.append(math.prod(mod.shape))
+    return Layout(groups=[[p.numel() for p in g["params"]] for g in groups], frozen=frozen,
+                  buffer_bytes=buffer_bytes, captures=captures,
+                  total_params=sum(p.numel() for p in model.parameters()))
+
+
+def _pad(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _slice_grad_elements(group: list[int], world: int, rank: int) -> int:
+    """Elements of the params whose flat range overlaps ``rank``'s slice (stages 1-2)."""
+    part = _pad(sum(group), ALIGN * world) // world
+    lo, hi = rank * part, (rank + 1) * part
+    total, offset = 0, 0
+    for n in group:
+        if offset < hi and offset + n > lo:
+            total += n
+        offset += n
+    if rank == world - 1:  # the last slice carries the group's alignment padding as a zero tensor
+        total += part * world - sum(group)
+    return total
+
+
+def _sub_groups(parts: list[int], size: int) -> int:
+    """Sub-groups DeepSpeed's stage 3 splits a group into (it closes one once it reaches ``size``)."""
+    count, running = 0, 0
+    for i, n in enumerate(parts):
+        running += n
+        if running >= size or i == len(parts) - 1:
+            count, running = count + 1, 0
+    return count
+
+
+def state_bytes(lay: Layout, zero_stage: int, world: int, precision: str, rank: int = 0,
+                reduce_bucket_size: int = DEEPSPEED_REDUCE_BUCKET,
+                sub_group_size: int = DEEPSPEED_SUB_GROUP) -> dict[str, int]:
+    """Predicted bytes on ``rank`` by category (the categories of ``memory.state_bytes``)."""
+    b = DTYPE_BYTES[precision]
+    W = world if zero_stage > 0 else 1
+    out = dict.fromkeys((*STATE_CATEGORIES, "zero_buffers"), 0)
+    out["method_buffers"] = lay.buffer_bytes
+    if zero_stage == 0:
+        n = lay.trainable
+        out["params"] = (n + sum(lay.frozen)) * b
+        out["master_params"] = 0 if precision == "fp32" else n * 4
+        out["optimizer_states"] = 2 * n * 4 + 4 * sum(len(g) for g in lay.groups)
+        out["grads"] = n * b
+    elif zero_stage in (1, 2):
+        padded = [_pad(sum(g), ALIGN * W) for g in lay.groups]
+        out["params"] = (sum(padded) + sum(lay.frozen)) * b
+        out["master_params"] = sum(padded) // W * 4
+        out["optimizer_states"] = 2 * sum(padded) // W * 4 + 4 * len(lay.groups)
+        out["grads"] = sum(_slice_grad_elements(g, W, rank) for g in lay.groups) * b
+    elif zero_stage == 3:
+        parts = [[-(-n // W) for n in g] for g in lay.groups]
+        slice_elems = sum(sum(p) for p in parts)
+        out["params"] = (slice_elems + sum(-(-n // W) for n in lay.frozen)) * b
+        out["master_params"] = slice_elems * 4
+        out["optimizer_states"] = 2 * slice_elems * 4 + 4 * sum(_sub_groups(p, sub_group_size) for p in parts)
+        out["grads"] = slice_elems * b
+        out["zero_buffers"] = reduce_bucket_size * b
+    else:
+        raise ValueError(f"zero_stage={zero_stage}: allowed 0, 1, 2, 3")
+    return out
+
+
+def capture_bytes(lay: Layout, world: int, rank: int = 0) -> int:
+    """fp32 full gradients a rank holds at a GaLore refresh: adapter i (module order) is summed
+    onto rank ``i % world``, which computes its SVD; the others keep nothing."""
+    return 4 * sum(n for i, n in enumerate(lay.captures) if i % world == rank)
+
+
+def activation_bytes(model_cfg, micro_batch: int, seq_len: int, precision: str,
+                     checkpointing: bool = False) -> dict[str, int]:
+    """Estimated activation memory of one micro-batch: ``saved`` (what autograd keeps for
+    backward) and ``working`` (what is alive on top of it at the worst moment).
+
+    Per token, for this LLaMA (SwiGLU, RMSNorm computed in fp32, fused attention that keeps no
+    T×T matrix): a block saves about ``(4f + 6d)·b + 16·d`` bytes (the MLP's four f-wide
+    tensors, attention's inputs/q/k/v/output, and the two fp32 vectors each RMSNorm keeps); the
+    head keeps the fp32 log-probabilities, ``4·V``. Checked against autograd's saved tensors on
+    CPU (within ~10%, tests/test_tracking_planner.py). With activation checkpointing a block
+    keeps only its input (``d·b``) and one block's activations are rebuilt at a time in
+    backward. ``working``: the fp32 logits gradient (``4·V`` per token) during the head's
+    backward.
+    """
+    b = DTYPE_BYTES[precision]
+    d, f, L, V = model_cfg.hidden_size, model_cfg.intermediate_size, model_cfg.num_layers, model_cfg.vocab_size
+    tokens = micro_batch * seq_len
+    block = (4 * f + 6 * d) * b + 16 * d
+    head = 4 * V + 3 * d * 4 + 16  # log-probs, final norm, ids and labels
+    if checkpointing:
+        saved = tokens * (L * d * b + head)
+        working = tokens * (block + 4 * V)
+    else:
+        saved = tokens * (L * block + head)
+        working = tokens * 4 * V
+    return {"saved": saved, "working": working}
+
+
+@dataclass
+class Plan:
+    """One rank's predicted memory (bytes) and what it was computed from."""
+
+    inputs: dict
+    bytes: dict[str, int]
+    layout: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.bytes["total"]
+
+
+def plan(model_cfg, method: str = "full", options: dict | None = None, zero_stage: int = 0, world: int = 1,
+         micro_batch: int = 1, seq_len: int | None = None, precision: str = "bf16",
+         activation_checkpointing: bool = False, rank: int = 0, weight_decay: float = 0.0,
+         reduce_bucket_size: int = DEEPSPEED_REDUCE_BUCKET) -> Plan:
+    """Per-rank memory of training ``model_cfg`` (resolved) with ``method`` on ``world`` ranks."""
+    seq_len = seq_len or model_cfg.seq_len
+    lay = layout(model_cfg, method, options, weight_decay)
+    out = state_bytes(lay, zero_stage, world, precision, rank, reduce_bucket_size)
+    act = activation_bytes(model_cfg, micro_batch, seq_len, precision, activation_checkpointing)
+    out["activations"] = act["saved"] + act["working"]
+    out["method_transient"] = capture_bytes(lay, world, rank)
+    out["zero_transient"] = reduce_bucket_size * DTYPE_BYTES[precision] if zero_stage in (1, 2) else 0
+    resident = sum(out[c] for c in (*STATE_CATEGORIES, "zero_buffers"))
+    out["resident"] = resident
+    out["total"] = resident + out["activations"] + max(out["method_transient"], out["zero_transient"])
+    inputs = {"size": model_cfg.size, "method": method, "options": dict(options or {}), "zero_stage": zero_stage,
+              "world": world, "micro_batch": micro_batch, "seq_len": seq_len, "precision": precision,
+              "activation_checkpointing": activation_checkpointing, "rank": rank}
+    info = {"total_params": lay.total_params, "trainable_params": lay.trainable, "frozen_params": sum(lay.frozen),
+            "groups": len(lay.groups)}
+    return Plan(inputs=inputs, bytes=out, layout=info)
+
+
+def paper_accounting(model_cfg, method: str = "full", options: dict | None = None) -> int:
+    """Bytes of weights + optimizer states as the GaLore paper's memory table counts them: every
+    value in bf16 (2 bytes), Adam's two moments on what is trained, GaLore's projectors, no fp32
+    masters, no gradients, one device."""
+    lay = layout(model_cfg, method, options)
+    # GaLore's published form has no B: the weights are the plain model's.
+    weights = layout(model_cfg, "full").total_params if method == "galore" else lay.total_params
+    return 2 * (weights + 2 * lay.trainable) + lay.buffer_bytes // 2

@@ -1,0 +1,273 @@
+"""``lowrank-pt report``: markdown (and HTML) tables and PNG plots of one or more runs.
+
+Reads each run's ``summary.json`` (per-stage numbers) and ``metrics.jsonl`` (curves), writes
+``report.md`` (``report.html`` with ``html=True``), ``loss.png``, ``throughput.png`` and
+``memory.png`` into the output directory. Runs are shown side by side, labelled by their
+directory names.
+"""
+
+from __future__ import annotations
+
+import html as html_lib
+import json
+import os
+from dataclasses import dataclass, field
+
+from lowrank_pt.tracking.memory import CATEGORIES
+from lowrank_pt.tracking.summary import read_summary
+
+PHASE_ORDER = ("data", "forward", "backward", "optimizer", "refresh", "merge", "method", "other")
+
+
+@dataclass
+class Run:
+    path: str
+    label: str
+    stages: list[dict]
+    records: list[dict] = field(default_factory=list)
+
+
+def load_run(path: str, label: str | None = None) -> Run:
+    records = []
+    metrics = os.path.join(path, "metrics.jsonl")
+    if os.path.exists(metrics):
+        with open(metrics) as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut by a kill
+                    continue
+    stages = read_summary(path)["stages"]
+    if not stages and not records:
+        raise FileNotFoundError(f"{path}: no summary.json or metrics.jsonl")
+    return Run(path=path, label=label or os.path.basename(os.path.normpath(path)), stages=stages, records=records)
+
+
+def _labels(paths: list[str]) -> list[str]:
+    """Directory names, with the parent prepended where two runs share a name."""
+    names = [os.path.basename(os.path.normpath(p)) for p in paths]
+    out = []
+    for path, name in zip(paths, names):
+        if names.count(name) > 1:
+            name = os.path.join(os.path.basename(os.path.dirname(os.path.normpath(path))), name)
+        out.append(name)
+    return out
+
+
+# --- formatting -------------------------------------------------------------------------------
+
+
+def human_bytes(n) -> str:
+    if n is None:
+        return "–"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def _num(value, fmt: str = "{:,.0f}") -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{100 * value:.2f}%"
+
+
+# --- tables -----------------------------------------------------------------------------------
+
+
+def stage_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    head = ["run", "stage", "method", "ZeRO", "precision", "ranks", "steps", "tokens", "train time",
+            "tokens/s", "tokens/s/rank", "MFU", "train loss", "eval loss", "eval ppl", "peak host RSS",
+            "peak device alloc"]
+    rows = []
+    for run in runs:
+        for s in run.stages:
+            mem = s.get("memory") or {}
+            rows.append([run.label, s["name"], s.get("method", "?"), str(s.get("zero_stage", "?")),
+                         s.get("precision", "?"), str(s.get("world_size", "?")), _num(s.get("steps")),
+                         _num(s.get("tokens")), _num(s.get("train_time_s"), "{:.1f} s"),
+                         _num(s.get("tokens_per_s")), _num(s.get("tokens_per_s_per_rank")), _pct(s.get("mfu")),
+                         _num(s.get("loss"), "{:.4f}"), _num(s.get("eval_loss"), "{:.4f}"),
+                         _num(s.get("eval_perplexity"), "{:.2f}"), human_bytes(mem.get("peak_rss_bytes")),
+                         human_bytes(mem.get("peak_allocated_bytes"))])
+    return head, rows
+
+
+def memory_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """Measured bytes per rank (rank 0) by category, with the formula's in parentheses."""
+    head = ["run", "stage", *CATEGORIES, "total"]
+    rows = []
+    for run in runs:
+        for s in run.stages:
+            mem = s.get("memory") or {}
+            got, want = mem.get("measured") or {}, mem.get("formula") or {}
+            cells = []
+            for c in CATEGORIES:
+                cell = human_bytes(got.get(c))
+                if c in want and want[c] != got.get(c):
+                    cell += f" ({human_bytes(want[c])})"
+                cells.append(cell)
+            rows.append([run.label, s["name"], *cells, human_bytes(got.get("total"))])
+    return head, rows
+
+
+def phase_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    names = [p for p in PHASE_ORDER if any(p in (s.get("phase_s") or {}) for r in runs for s in r.stages)]
+    head = ["run", "stage", *[f"{p} (s/step)" for p in names], "step (s)", "eval (s)", "checkpoint (s)"]
+    rows = []
+    for run in runs:
+        for s in run.stages:
+            phases = s.get("phase_s") or {}
+            steps = s.get("timed_steps") or 0
+            per = [_num(phases.get(p, 0.0) / steps if steps else None, "{:.4f}") for p in names]
+            rows.append([run.label, s["name"], *per, _num(s.get("step_time_s"), "{:.4f}"),
+                         _num(phases.get("eval"), "{:.2f}"), _num(phases.get("checkpoint"), "{:.2f}")])
+    return head, rows
+
+
+# --- plots ------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise RuntimeError("lowrank-pt report draws its plots with matplotlib: pip install matplotlib") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss(runs: list[Run], path: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, run in enumerate(runs):
+        color = f"C{i % 10}"
+        train = [(r["tokens"], r["loss"]) for r in run.records if "loss" in r and "tokens" in r]
+        evals = [(r["tokens"], r["eval/loss"]) for r in run.records if "eval/loss" in r and "tokens" in r]
+        if train:
+            ax.plot(*zip(*train), color=color, label=f"{run.label} train")
+        if evals:
+            ax.plot(*zip(*evals), color=color, marker="o", linestyle="--", label=f"{run.label} eval")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss")
+    ax.set_title("Loss")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_throughput(runs: list[Run], path: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, run in enumerate(runs):
+        points = []
+        for r in run.records:
+            rate = r.get("throughput/tokens_per_s", r.get("tokens_per_s"))
+            if rate is not None and "step" in r:
+                points.append((r["step"], rate))
+        if points:
+            ax.plot(*zip(*points), color=f"C{i % 10}", marker=".", label=run.label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("tokens/s (all ranks)")
+    ax.set_title("Throughput")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_memory(runs: list[Run], path: str) -> None:
+    """Stacked bars of measured bytes per rank by category, one bar per (run, stage)."""
+    plt = _pyplot()
+    bars = [(f"{r.label}\n{s['name']}", (s.get("memory") or {}).get("measured") or {}) for r in runs for s in r.stages]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(bars) + 2), 4.5))
+    bottoms = [0.0] * len(bars)
+    mib = 1024.0**2
+    for j, category in enumerate(CATEGORIES):
+        if category == "zero_buffers":  # DeepSpeed's bucket (GBs at stage 3) would flatten the rest
+            continue
+        heights = [m.get(category, 0) / mib for _, m in bars]
+        if not any(heights):
+            continue
+        ax.bar(range(len(bars)), heights, bottom=bottoms, label=category, color=f"C{j}")
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7)
+    ax.set_ylabel("MiB per rank")
+    ax.set_title("State memory by category (rank 0, measured; ZeRO buckets in the table)", fontsize=10)
+    if bars:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- documents --------------------------------------------------------------------------------
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _html_table(head: list[str], rows: list[list[str]]) -> str:
+    esc = html_lib.escape
+    out = ["<table>", "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"]
+    out += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
+    return "\n".join(out + ["</table>"])
+
+
+def build_report(run_dirs: list[str], out_dir: str, html: bool = False) -> dict[str, str]:
+    """Write the report files into ``out_dir``; return their paths by kind."""
+    runs = [load_run(p, label) for p, label in zip(run_dirs, _labels(run_dirs))]
+    os.makedirs(out_dir, exist_ok=True)
+    files = {"loss": os.path.join(out_dir, "loss.png"), "throughput": os.path.join(out_dir, "throughput.png"),
+             "memory": os.path.join(out_dir, "memory.png")}
+    plot_loss(runs, files["loss"])
+    plot_throughput(runs, files["throughput"])
+    plot_memory(runs, files["memory"])
+    sections = [
+        ("Stages", "Throughput is over the timed training steps (evaluation and checkpoints excluded); "
+                   "MFU uses 6·N + 12·L·d·T model FLOPs per token against the device's dense peak.",
+         stage_table(runs)),
+        ("Memory per rank", "Bytes held by rank 0, measured from the tensors; the planner's formula in "
+                            "parentheses where it differs.", memory_table(runs)),
+        ("Time per step by phase", "Exclusive seconds per optimizer step; eval and checkpoint are stage totals.",
+         phase_table(runs)),
+    ]
+    images = [("Loss", "loss.png"), ("Throughput", "throughput.png"), ("Memory by category", "memory.png")]
+    title = "Training report"
+    sources = ", ".join(f"`{r.label}` ({r.path})" for r in runs)
+    md = [f"# {title}", "", f"Runs: {sources}", ""]
+    for name, note, (head, rows) in sections:
+        md += [f"## {name}", "", note, "", _md_table(head, rows), ""]
+    for name, file in images:
+        md += [f"## {name}", "", f"![{name}]({file})", ""]
+    files["markdown"] = os.path.join(out_dir, "report.md")
+    with open(files["markdown"], "w") as f:
+        f.write("\n".join(md))
+    if html:
+        esc = html_lib.escape
+        doc = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>{esc(title)}</title>",
+               "<style>body{font-family:sans-serif;max-width:1400px;margin:auto}table{border-collapse:collapse;"
+               "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}</style></head><body>",
+               f"<h1>{esc(title)}</h1>", f"<p>Runs: {esc(', '.join(r.label for r in runs))}</p>"]
+        for name, note, (head, rows) in sections:
+            doc += [f"<h2>{esc(name)}</h2>", f"<p>{esc(note)}</p>", _html_table(head, rows)]
+        for name, file in images:
+            doc += [f"<h2>{esc(name)}</h2>", f"<img src='{file}' alt='{esc(name)}'>"]
+        files["html"] = os.path.join(out_dir, "report.html")
+        with open(files["html"], "w") as f:
+            f.write("\n".join(doc + ["</body></html>"]))
+    return files

@@ -1,0 +1,187 @@
+"""One recipe stage's tracking: phase times, throughput, MFU, memory, and its summary entry.
+
+The trainer builds a ``StageTracker`` once the engine exists, gives ``tracker.timer`` to the
+method, brackets each optimizer step with ``start_step``/``end_step``, merges ``metrics()``
+into the records it logs, and calls ``finish`` on every rank at the stage's end (see
+``lowrank_pt/tracking/__init__.py`` for the calls in order).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+
+import torch
+
+from lowrank_pt.tracking import flops, memory, planner
+from lowrank_pt.tracking.timer import PhaseTimer
+
+log = logging.getLogger(__name__)
+
+_PEAK_KEYS = ("peak_rss_bytes", "peak_allocated_bytes", "peak_reserved_bytes")
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+class StageTracker:
+    """Tracks one stage on one rank. Construction and ``finish()`` are collective on CPU ranks
+    (every rank calls them at the same point); ``metrics()`` is local. ``finish()`` returns the
+    stage's summary entry on every rank."""
+
+    def __init__(self, *, engine, stage, index: int, model_cfg, tokens_per_step: int, precision: str,
+                 zero_stage: int, start_step: int = 0, cache_dir: str = ".cache/lowrank_pt",
+                 sync: bool | None = None, timer: PhaseTimer | None = None):
+        dist = _dist()
+        self.rank = dist.get_rank() if dist else 0
+        self.world = dist.get_world_size() if dist else 1
+        self.engine, self.stage, self.index = engine, stage, index
+        self.precision, self.zero_stage = precision, zero_stage
+        self.tokens_per_step = tokens_per_step
+        self.first_step = start_step
+        self.timer = timer or PhaseTimer(sync)
+        self.memory = memory.MemoryTracker(engine, self.timer)
+        self.host_peak_resettable = memory.reset_peaks()
+        self.flops_per_token = flops.flops_per_token(model_cfg)
+        self.peak_flops, self.peak_source = self._device_peak(precision, cache_dir)
+        # Tracking must never stop a run: a method the planner cannot lay out gets no formula.
+        try:
+            lay = planner.layout(model_cfg, stage.method, dict(stage.options), stage.optimizer.weight_decay)
+            self.formula = planner.state_bytes(lay, zero_stage, self.world, precision, self.rank)
+            self.formula["method_transient"] = planner.capture_bytes(lay, self.world, self.rank)
+            self.params = {"total": lay.total_params, "trainable": lay.trainable, "frozen": sum(lay.frozen)}
+        except Exception as e:  # noqa: BLE001
+            log.warning("tracking: no memory formula for method %s: %s", stage.method, e)
+            self.formula, self.params = {}, {}
+        self.created = time.perf_counter()
+        self.steps = 0
+        self.tokens = 0
+        self._window = self._new_window()
+        self.last: dict = {}
+
+    def _device_peak(self, precision: str, cache_dir: str):
+        """The device's peak FLOP/s. On CPUs rank 0 measures it (ranks measuring at once would
+        slow each other down) and the others take its number."""
+        dist = _dist()
+        box = [None]
+        if self.rank == 0 or torch.cuda.is_available() or dist is None:
+            try:
+                box = [flops.device_peak(precision, cache_dir)]
+            except Exception as e:  # noqa: BLE001 - no MFU rather than no run
+                box = [(None, f"unavailable: {e}")]
+        if dist is not None and self.world > 1 and not torch.cuda.is_available():
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    @staticmethod
+    def _new_window() -> dict:
+        return {"steps": 0, "tokens": 0, "step_s": 0.0, "phases": defaultdict(float),
+                "totals": None}
+
+    # --- per step ---------------------------------------------------------------------------
+    def start_step(self) -> None:
+        self.timer.start_step()
+
+    def end_step(self, tokens: int | None = None) -> dict[str, float]:
+        """Close the step; ``tokens`` (all ranks) defaults to the stage's tokens per step."""
+        phases = self.timer.end_step()
+        tokens = self.tokens_per_step if tokens is None else tokens
+        self.steps += 1
+        self.tokens += tokens
+        w = self._window
+        w["steps"] += 1
+        w["tokens"] += tokens
+        w["step_s"] += phases["step"]
+        for name, seconds in phases.items():
+            if name != "step":
+                w["phases"][name] += seconds
+        return phases
+
+    def observe(self, record: dict) -> None:
+        """Remember the latest train/eval numbers of a logged record for the summary."""
+        for key in ("loss", "eval/loss", "eval/perplexity"):
+            if key in record:
+                self.last[key] = record[key]
+
+    def metrics(self) -> dict:
+        """Namespaced metrics of the steps since the last call (this rank's memory), then reset
+        the window. Phase times are seconds per step; eval and checkpoint are the seconds spent
+        in them since the last call."""
+        w = self._window
+        out: dict = {}
+        steps = max(w["steps"], 1)
+        for name, seconds in sorted(w["phases"].items()):
+            out[f"time/{name}_s"] = seconds / steps
+        out["time/step_s"] = w["step_s"] / steps
+        totals = dict(self.timer.totals)
+        previous = w["totals"] or {}
+        for name in ("eval", "checkpoint"):
+            spent = totals.get(name, 0.0) - previous.get(name, 0.0)
+            if spent:
+                out[f"time/{name}_s"] = spent
+        out.update(self._rates(w["tokens"], w["step_s"]))
+        out.update({f"memory/{k}_bytes": v for k, v in self.memory.measure().items()})
+        out.update({f"memory/{k}": v for k, v in memory.peaks().items()})
+        self._window = self._new_window()
+        self._window["totals"] = totals
+        return out
+
+    def _rates(self, tokens: int, seconds: float) -> dict:
+        rate = tokens / seconds if seconds > 0 else 0.0
+        per_rank = rate / self.world
+        achieved = per_rank * self.flops_per_token
+        out = {"throughput/tokens_per_s": rate, "throughput/tokens_per_s_per_rank": per_rank,
+               "throughput/tflops_per_device": achieved / 1e12}
+        mfu = flops.mfu(rate, self.flops_per_token, self.peak_flops, self.world)
+        if mfu is not None:
+            out["throughput/mfu"] = mfu
+        return out
+
+    # --- stage end --------------------------------------------------------------------------
+    def finish(self, end_step: int, total_steps: int) -> dict:
+        """The stage's summary entry (collective: gathers every rank's memory).
+
+        ``end_step``: the stage step reached (``total_steps`` when the stage completed)."""
+        measured = self.memory.measure()
+        local = {"measured": measured, **memory.peaks()}
+        dist = _dist()
+        if dist is not None and self.world > 1:
+            by_rank = [None] * self.world
+            dist.all_gather_object(by_rank, local)
+        else:
+            by_rank = [local]
+        train_time = self.timer.step_seconds
+        mem = {"measured": by_rank[0]["measured"], "formula": self.formula,
+               "measured_by_rank": [r["measured"] for r in by_rank],
+               "host_peak_is_per_stage": self.host_peak_resettable}
+        for key in _PEAK_KEYS:
+            values = [r[key] for r in by_rank if key in r]
+            if values:
+                mem[key] = max(values)
+        entry = {
+            "name": self.stage.name, "index": self.index, "method": self.stage.method,
+            "options": dict(self.stage.options), "zero_stage": self.zero_stage, "precision": self.precision,
+            "world_size": self.world, "device": _device_name(),
+            "start_step": self.first_step, "end_step": end_step, "total_steps": total_steps,
+            "complete": end_step >= total_steps,
+            "steps": end_step, "tokens": end_step * self.tokens_per_step,
+            "timed_steps": self.steps, "timed_tokens": self.tokens,
+            "train_time_s": train_time, "time_s": time.perf_counter() - self.created,
+            "phase_s": dict(self.timer.totals),
+            "flops_per_token": self.flops_per_token, "peak_flops_per_device": self.peak_flops,
+            "peak_source": self.peak_source, "params": self.params, "memory": mem,
+            **{k.replace("/", "_"): v for k, v in self.last.items()},
+        }
+        from lowrank_pt.tracking.summary import derive_rates
+
+        return derive_rates(entry)
+
+
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({torch.get_num_threads()} threads)"
