@@ -143,17 +143,44 @@ def _pyplot():
     return plt
 
 
+def _by_stage(records: list[dict], x_key: str, y_key: str) -> list[tuple[str, list[tuple]]]:
+    """(stage, points) runs of consecutive records: stages are drawn apart, not joined, since
+    their losses can mean different things (an SFT stage counts answer tokens only)."""
+    segments: list[tuple[str, list[tuple]]] = []
+    for r in records:
+        if y_key not in r or x_key not in r:
+            continue
+        if not segments or segments[-1][0] != r.get("stage"):
+            segments.append((r.get("stage"), []))
+        segments[-1][1].append((r[x_key], r[y_key]))
+    return segments
+
+
+def _mark_stages(ax, segments: list[tuple[str, list[tuple]]]) -> None:
+    """A dotted line and the stage's name where each stage of the first run starts."""
+    for name, points in segments:
+        x = points[0][0]
+        ax.axvline(x, color="grey", linestyle=":", linewidth=0.8)
+        ax.annotate(str(name), (x, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                    textcoords="offset points", fontsize=8, color="grey")
+
+
+def _plot_segments(ax, segments, color: str, label: str, **style) -> None:
+    for k, (_, points) in enumerate(segments):
+        ax.plot(*zip(*points), color=color, label=label if k == 0 else None, **style)
+
+
 def plot_loss(runs: list[Run], path: str) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, run in enumerate(runs):
         color = f"C{i % 10}"
-        train = [(r["tokens"], r["loss"]) for r in run.records if "loss" in r and "tokens" in r]
-        evals = [(r["tokens"], r["eval/loss"]) for r in run.records if "eval/loss" in r and "tokens" in r]
-        if train:
-            ax.plot(*zip(*train), color=color, label=f"{run.label} train")
-        if evals:
-            ax.plot(*zip(*evals), color=color, marker="o", linestyle="--", label=f"{run.label} eval")
+        train = _by_stage(run.records, "tokens", "loss")
+        _plot_segments(ax, train, color, f"{run.label} train")
+        _plot_segments(ax, _by_stage(run.records, "tokens", "eval/loss"), color, f"{run.label} eval",
+                       marker="o", linestyle="--")
+        if i == 0:
+            _mark_stages(ax, train)
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss")
     ax.set_title("Loss")
@@ -169,13 +196,11 @@ def plot_throughput(runs: list[Run], path: str) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, run in enumerate(runs):
-        points = []
-        for r in run.records:
-            rate = r.get("throughput/tokens_per_s", r.get("tokens_per_s"))
-            if rate is not None and "step" in r:
-                points.append((r["step"], rate))
-        if points:
-            ax.plot(*zip(*points), color=f"C{i % 10}", marker=".", label=run.label)
+        records = [{**r, "rate": r.get("throughput/tokens_per_s", r.get("tokens_per_s"))} for r in run.records]
+        segments = _by_stage([r for r in records if r["rate"] is not None], "step", "rate")
+        _plot_segments(ax, segments, f"C{i % 10}", run.label, marker=".")
+        if i == 0:
+            _mark_stages(ax, segments)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("tokens/s (all ranks)")
     ax.set_title("Throughput")
@@ -204,7 +229,7 @@ def plot_memory(runs: list[Run], path: str) -> None:
         bottoms = [b + h for b, h in zip(bottoms, heights)]
     ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7)
     ax.set_ylabel("MiB per rank")
-    ax.set_title("State memory by category (rank 0, measured; ZeRO buckets in the table)", fontsize=10)
+    ax.set_title("State memory by category\n(rank 0, measured; ZeRO buckets in the table)", fontsize=10)
     if bars:
         ax.legend(fontsize=8)
     fig.tight_layout()
