@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from lowrank_pt.model import LlamaModel, apply_rope
+from lowrank_pt.model import LlamaModel
 
 
 @dataclass
@@ -49,11 +49,7 @@ class KVCache:
 
 def _attention(attn, x, cos, sin, keys, values, start: int):
     b, t, d = x.shape
-    shape = (b, t, attn.num_heads, attn.head_dim)
-    q = attn.q_proj(x).view(shape).transpose(1, 2)
-    k = attn.k_proj(x).view(shape).transpose(1, 2)
-    v = attn.v_proj(x).view(shape).transpose(1, 2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = attn.project(x, cos, sin)
     end = start + t
     keys[:, :, start:end] = k
     values[:, :, start:end] = v

@@ -112,13 +112,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x, cos, sin):
-        b, t, d = x.shape
+    def project(self, x, cos, sin):
+        """Queries, keys and values [batch, heads, t, head_dim], RoPE applied (shared with the
+        KV-cache path of lowrank_pt.generate)."""
+        b, t, _ = x.shape
         shape = (b, t, self.num_heads, self.head_dim)
         q = self.q_proj(x).view(shape).transpose(1, 2)
         k = self.k_proj(x).view(shape).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin):
+        b, t, d = x.shape
+        q, k, v = self.project(x, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, d))
 

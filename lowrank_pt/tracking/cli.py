@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
@@ -157,15 +156,3 @@ def register(subparsers) -> None:
     pl.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     pl.add_argument("--paper", action="store_true", help="print the comparison with the GaLore paper's estimates")
     pl.set_defaults(func=_plan)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m lowrank_pt.tracking.cli plan ...``) until the main CLI registers us."""
-    parser = argparse.ArgumentParser(prog="lowrank-pt")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -170,6 +170,18 @@ def _plot_segments(ax, segments, color: str, label: str, **style) -> None:
         ax.plot(*zip(*points), color=color, label=label if k == 0 else None, **style)
 
 
+def _save_line_plot(plt, fig, ax, path: str, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_loss(runs: list[Run], path: str) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -181,15 +193,7 @@ def plot_loss(runs: list[Run], path: str) -> None:
                        marker="o", linestyle="--")
         if i == 0:
             _mark_stages(ax, train)
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("loss")
-    ax.set_title("Loss")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_line_plot(plt, fig, ax, path, "tokens", "loss", "Loss")
 
 
 def plot_throughput(runs: list[Run], path: str) -> None:
@@ -201,15 +205,7 @@ def plot_throughput(runs: list[Run], path: str) -> None:
         _plot_segments(ax, segments, f"C{i % 10}", run.label, marker=".")
         if i == 0:
             _mark_stages(ax, segments)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("tokens/s (all ranks)")
-    ax.set_title("Throughput")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_line_plot(plt, fig, ax, path, "optimizer step", "tokens/s (all ranks)", "Throughput")
 
 
 def plot_memory(runs: list[Run], path: str) -> None:
