@@ -9,7 +9,6 @@ import deepspeed
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from lowrank_pt import dist
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -89,6 +88,3 @@ def check_precision(precision: str) -> None:
         if not get_accelerator().is_fp16_supported():
             raise ValueError("engine.precision=fp16 is not supported on this device; use bf16 or fp32")
 
-
-def world_size() -> int:
-    return dist.world_size()

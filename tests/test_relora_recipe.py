@@ -4,7 +4,6 @@ across restarts on the embedded corpus."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
