@@ -12,6 +12,7 @@ it runs. Order of calls in one stage:
     method.load_state_dict(saved) if resuming
     for step in range(start, total_steps):
         loss = method.train_step(engine, micro_batches, step)   # fwd/bwd/step of one optimizer step
+                                                                 # (calls before_optimizer_step)
         events = method.after_step(engine, step)                 # e.g. merge-and-restart
     weights = method.export_weights(engine)             # plain-model state dict, adapters merged
 
@@ -82,10 +83,16 @@ class Method:
                 loss = engine(batch["input_ids"].to(engine.device), batch["labels"].to(engine.device))
             with self.timer.phase("backward"):
                 engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary():
+                self.before_optimizer_step(engine, step)
             with self.timer.phase("optimizer"):
                 engine.step()
             total += loss.detach().float().item()
         return total / len(micro_batches)
+
+    def before_optimizer_step(self, engine, step: int) -> None:
+        """Between the last micro-batch's backward (gradients reduced) and ``engine.step()``:
+        where a method may rewrite weights or gradients (GaLore's subspace refresh)."""
 
     def after_step(self, engine, step: int) -> dict:
         """Work after optimizer step ``step`` (0-based). Returns metrics/events to log."""

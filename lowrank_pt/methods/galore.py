@@ -20,7 +20,6 @@ leaves the step as computed (``after_step`` reports it). Non-targeted params tra
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -102,6 +101,7 @@ class GaLore(Method):
         self.kept_bases = 0
         self.last_refresh_step = -1
         self._events: dict = {}
+        self._refreshing = False
 
     # --- before the engine exists -------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> None:
@@ -141,27 +141,16 @@ class GaLore(Method):
         return step % self.options.update_proj_gap == 0
 
     def train_step(self, engine, micro_batches: list[dict], step: int) -> float:
-        refresh = self.is_refresh_step(step)
         lr = engine.get_lr()[0]  # this step's LR (the scheduler moves on inside engine.step)
         self._events = {}
-        if refresh:
+        self._refreshing = self.is_refresh_step(step)
+        if self._refreshing:
             world = dist.get_world_size() if dist.is_initialized() else 1
             rank = dist.get_rank() if dist.is_initialized() else 0
             for index, adapter in enumerate(self.adapters.values()):
                 adapter.capture = GradientCapture(owner=index % world, world=world, rank=rank)
-        total = 0.0
         try:
-            for batch in micro_batches:
-                with self._phase("forward"):
-                    loss = engine(batch["input_ids"].to(engine.device), batch["labels"].to(engine.device))
-                with self._phase("backward"):
-                    engine.backward(loss)
-                if refresh and engine.is_gradient_accumulation_boundary():
-                    with self._phase("refresh"):
-                        self._refresh(engine, step)
-                with self._phase("optimizer"):
-                    engine.step()
-                total += loss.detach().float().item()
+            loss = super().train_step(engine, micro_batches, step)
         finally:
             for adapter in self.adapters.values():
                 adapter.capture = None
@@ -169,12 +158,13 @@ class GaLore(Method):
         if wd > 0:  # W0's share of decoupled decay, folded into W0 at the next merge
             for adapter in self.adapters.values():
                 adapter.galore_decay.mul_(1 - lr * wd)
-        return total / len(micro_batches)
+        return loss
 
-    def _phase(self, name: str):
-        """A span of the trainer's phase timer when it gave us one (``self.timer``)."""
-        timer = getattr(self, "timer", None)
-        return timer.phase(name) if timer is not None else contextlib.nullcontext()
+    def before_optimizer_step(self, engine, step: int) -> None:
+        """At refresh steps the backward also captured each matrix's full gradient: refresh now."""
+        if self._refreshing:
+            with self.timer.phase("refresh"):
+                self._refresh(engine, step)
 
     def after_step(self, engine, step: int) -> dict:
         events, self._events = self._events, {}
