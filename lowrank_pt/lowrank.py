@@ -1,4 +1,4 @@
-"""The low-rank linear shared by the adapter-style methods (LoRA, ReLoRA, GaLore's frozen projector).
+"""The low-rank linear of LoRA and ReLoRA (GaLore's frozen projector is ``galore/adapter.py``).
 
 A targeted ``nn.Linear`` becomes ``y = x·W0ᵀ + s·(dropout(x)·Aᵀ)·Bᵀ`` with ``W0`` frozen, ``A`` (r×n)
 and ``B`` (m×r) trainable, ``s = alpha / r``. Every piece is an ordinary parameter or buffer, so
@@ -11,17 +11,14 @@ into the plain model's state dict for the next recipe stage or an export.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import math
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-"""Attention and MLP projections; embeddings, norms and the head stay full-rank."""
+from lowrank_pt.targets import replace_linears, select_linears
 
 _ADAPTER_KEYS = ("lora_A", "lora_B", "lora_scale")
 
@@ -85,38 +82,16 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, alpha={self.alpha}"
 
 
-def _matches(pattern: str, name: str) -> bool:
-    """The name itself or a dotted suffix (``q_proj``), a glob (``layers.*.mlp.*``) or a regex
-    (``layers\\.[01]\\..*_proj``) matching the whole name."""
-    if name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern):
-        return True
-    try:
-        return re.fullmatch(pattern, name) is not None
-    except re.error:
-        return False
-
-
 def wrap_linears(model: nn.Module, target_patterns: list[str] | None, rank: int, alpha: float,
                  dropout: float = 0.0, seed: int = 0) -> list[str]:
-    """Replace every ``nn.Linear`` whose name matches a pattern by a ``LowRankLinear``; return the
-    wrapped names in module order. ``A`` of the i-th wrapped module is drawn from
+    """Replace every targeted ``nn.Linear`` (``lowrank_pt.targets``) by a ``LowRankLinear``; return
+    the wrapped names in module order. ``A`` of the i-th wrapped module is drawn from
     ``seeded_generator(seed, 0, i)``: the same on every rank, the global RNG untouched.
-
-    Raises ValueError naming any pattern that matches no ``nn.Linear``.
     """
-    patterns = list(DEFAULT_TARGETS if target_patterns is None else target_patterns)
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    unmatched = [p for p in patterns if not any(_matches(p, n) for n, _ in linears)]
-    if unmatched:
-        raise ValueError(f"target_modules: {unmatched} match no nn.Linear of the model "
-                         f"(linears are named like {linears[0][0] if linears else 'none'!r})")
-    targets = [(n, m) for n, m in linears if any(_matches(p, n) for p in patterns)]
-    for index, (name, module) in enumerate(targets):
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        wrapped = LowRankLinear(module, rank, alpha, dropout, generator=seeded_generator(seed, 0, index))
-        setattr(parent, leaf, wrapped)
-    return [n for n, _ in targets]
+    targets = select_linears(model, target_patterns)
+    make = lambda index, _, linear: LowRankLinear(linear, rank, alpha, dropout,  # noqa: E731
+                                                  generator=seeded_generator(seed, 0, index))
+    return list(replace_linears(model, targets, make))
 
 
 def lowrank_modules(model: nn.Module) -> list[tuple[str, LowRankLinear]]:

@@ -9,7 +9,6 @@ from torch import nn
 
 from lowrank_pt.config import ConfigError, StageConfig
 from lowrank_pt.lowrank import (
-    DEFAULT_TARGETS,
     LowRankLinear,
     lowrank_modules,
     merged_state_dict,
@@ -19,6 +18,7 @@ from lowrank_pt.lowrank import (
 from lowrank_pt.methods import parse_options
 from lowrank_pt.methods.lora import LoRA
 from lowrank_pt.model import LlamaModel, ModelConfig, resolve
+from lowrank_pt.targets import DEFAULT_TARGETS
 
 
 def tiny_model(seed: int = 0) -> LlamaModel:

@@ -21,14 +21,12 @@ ZeRO-3 nothing full-size outlives the layer's gather.
 
 from __future__ import annotations
 
-import fnmatch
-import re
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lowrank_pt.galore import projector
+from lowrank_pt.targets import replace_linears, select_linears
 
 
 def effective_weight(w0, b, basis, decay, scale: float, side: str, dtype, use_decay: bool):
@@ -158,36 +156,10 @@ def merged_state_dict(state: dict[str, torch.Tensor], scale: float, proj_type: s
     return out
 
 
-def matches(name: str, patterns) -> bool:
-    """``name`` (a dotted module name) matches a pattern equal to it or to its last components
-    (``q_proj``, ``mlp.down_proj``), a glob over the full name (``layers.*.mlp.*``) or a regular
-    expression matching the full name (``layers\\.0\\..*_proj``) — the same rules as the LoRA wrapper."""
-    for pattern in patterns:
-        if name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern):
-            return True
-        try:
-            if re.fullmatch(pattern, name):
-                return True
-        except re.error:
-            pass
-    return False
-
-
 def wrap_linears(model: nn.Module, patterns, rank: int, scale: float, proj_type: str,
                  base_in_fp32: bool = False) -> dict[str, GaLoreLinear]:
-    """Replace every ``nn.Linear`` whose name matches ``patterns`` by a ``GaLoreLinear``, in place.
-
-    Returns the adapters by module name, in ``model.named_modules()`` order. A linear whose
-    weight is shared with another module (tied embeddings) is left alone.
-    """
-    tied = {id(m.weight) for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
-    targets = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and matches(n, patterns) and id(m.weight) not in tied]
-    adapters = {}
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        adapter = GaLoreLinear(linear, rank, scale, proj_type, base_in_fp32)
-        setattr(parent, child, adapter)
-        adapters[name] = adapter
-    return adapters
+    """Replace every targeted ``nn.Linear`` (``lowrank_pt.targets``: each pattern must match, tied
+    weights are skipped) by a ``GaLoreLinear``, in place. Returns the adapters by module name, in
+    ``model.named_modules()`` order."""
+    make = lambda _i, _n, linear: GaLoreLinear(linear, rank, scale, proj_type, base_in_fp32)  # noqa: E731
+    return replace_linears(model, select_linears(model, patterns), make)

@@ -33,10 +33,9 @@ from lowrank_pt import zero_io
 from lowrank_pt.galore import projector
 from lowrank_pt.galore.adapter import GaLoreLinear, GradientCapture, merged_state_dict, wrap_linears
 from lowrank_pt.methods.base import Method
+from lowrank_pt.targets import DEFAULT_TARGETS
 
 log = logging.getLogger(__name__)
-
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
@@ -53,7 +52,8 @@ class GaLoreOptions:
     target_modules: List[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     """Linears trained by GaLore: a name or its last components (q_proj, mlp.down_proj), a glob
     over the full module name (layers.*.mlp.*) or a regex matching it. Other params train
-    full-rank with AdamW."""
+    full-rank with AdamW. Every pattern must match at least one nn.Linear; a linear tied to an
+    embedding is never wrapped (the same rules as lora)."""
     svd: str = "exact"
     """Subspace solver: exact (float32 torch.linalg.svd) or randomized (subspace iteration,
     warm-started from the previous subspace)."""
@@ -109,8 +109,6 @@ class GaLore(Method):
         for p in model.parameters():
             p.requires_grad_(True)
         self.adapters = wrap_linears(model, o.target_modules, o.rank, o.scale, o.proj_type, o.base_in_fp32)
-        if not self.adapters:
-            raise ValueError(f"target_modules={o.target_modules}: no nn.Linear of the model matches")
         decay = self.stage.optimizer.weight_decay > 0
         for adapter in self.adapters.values():
             adapter.use_decay = decay

@@ -14,8 +14,9 @@ from typing import List
 import torch
 from torch import nn
 
-from lowrank_pt.lowrank import DEFAULT_TARGETS, merged_state_dict, wrap_linears
+from lowrank_pt.lowrank import merged_state_dict, wrap_linears
 from lowrank_pt.methods.base import Method
+from lowrank_pt.targets import DEFAULT_TARGETS
 
 
 @dataclass
@@ -28,7 +29,8 @@ class LoRAOptions:
     """Dropout on the input of the low-rank path (training only)."""
     target_modules: List[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     """Linears to wrap: names or dotted suffixes (q_proj), globs (layers.*.mlp.*) or regexes matching
-    the whole module name. Every pattern must match at least one nn.Linear."""
+    the whole module name. Every pattern must match at least one nn.Linear; a linear tied to an
+    embedding is never wrapped."""
     seed: int = 0
     """Seed of the initial A (Kaiming-uniform); every rank draws the same values from it."""
 
