@@ -85,9 +85,9 @@ class GradientCapture:
 
     def add(self, grad: torch.Tensor) -> None:
         if self.world > 1:
-            import torch.distributed as dist
+            from lowrank_pt import dist
 
-            dist.reduce(grad, dst=self.owner)
+            dist.reduce_sum_(grad, dst=self.owner)
             if self.rank != self.owner:
                 return
         self.grad = grad if self.grad is None else self.grad.add_(grad)

@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 from typing import List
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from lowrank_pt import zero_io
+from lowrank_pt import dist, zero_io
 from lowrank_pt.galore import projector
 from lowrank_pt.galore.adapter import GaLoreLinear, GradientCapture, merged_state_dict, wrap_linears
 from lowrank_pt.methods.base import Method
@@ -143,8 +142,7 @@ class GaLore(Method):
         self._events = {}
         self._refreshing = self.is_refresh_step(step)
         if self._refreshing:
-            world = dist.get_world_size() if dist.is_initialized() else 1
-            rank = dist.get_rank() if dist.is_initialized() else 0
+            world, rank = dist.world_size(), dist.rank()
             for index, adapter in enumerate(self.adapters.values()):
                 adapter.capture = GradientCapture(owner=index % world, world=world, rank=rank)
         try:
@@ -172,8 +170,7 @@ class GaLore(Method):
     def _refresh(self, engine, step: int) -> None:
         start = time.perf_counter()
         o = self.options
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        world, rank = dist.world_size(), dist.rank()
         reproject = o.moments_on_refresh == "reproject" and zero_io.moments_ready(engine)
         kept: dict[str, str] = {}
         for index, (name, adapter) in enumerate(self.adapters.items()):
@@ -197,7 +194,7 @@ class GaLore(Method):
             del grad
             if world > 1:
                 for t in (ok, basis, low):
-                    dist.broadcast(t, src=owner)
+                    dist.broadcast_(t, src=owner)
             if ok.item() == 0:
                 kept[name] = why or f"see rank {owner}"
                 continue

@@ -14,18 +14,13 @@ from collections import defaultdict
 
 import torch
 
+from lowrank_pt import dist
 from lowrank_pt.tracking import flops, memory, planner
 from lowrank_pt.tracking.timer import PhaseTimer
 
 log = logging.getLogger(__name__)
 
 _PEAK_KEYS = ("peak_rss_bytes", "peak_allocated_bytes", "peak_reserved_bytes")
-
-
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
 
 
 class StageTracker:
@@ -36,9 +31,8 @@ class StageTracker:
     def __init__(self, *, engine, stage, index: int, model_cfg, tokens_per_step: int, precision: str,
                  zero_stage: int, start_step: int = 0, cache_dir: str = ".cache/lowrank_pt",
                  sync: bool | None = None, timer: PhaseTimer | None = None):
-        dist = _dist()
-        self.rank = dist.get_rank() if dist else 0
-        self.world = dist.get_world_size() if dist else 1
+        self.rank = dist.rank()
+        self.world = dist.world_size()
         self.engine, self.stage, self.index = engine, stage, index
         self.precision, self.zero_stage = precision, zero_stage
         self.tokens_per_step = tokens_per_step
@@ -66,16 +60,14 @@ class StageTracker:
     def _device_peak(self, precision: str, cache_dir: str):
         """The device's peak FLOP/s. On CPUs rank 0 measures it (ranks measuring at once would
         slow each other down) and the others take its number."""
-        dist = _dist()
-        box = [None]
-        if self.rank == 0 or torch.cuda.is_available() or dist is None:
+        shared = self.world > 1 and not torch.cuda.is_available()
+        peak = None
+        if self.rank == 0 or not shared:
             try:
-                box = [flops.device_peak(precision, cache_dir)]
+                peak = flops.device_peak(precision, cache_dir)
             except Exception as e:  # noqa: BLE001 - no MFU rather than no run
-                box = [(None, f"unavailable: {e}")]
-        if dist is not None and self.world > 1 and not torch.cuda.is_available():
-            dist.broadcast_object_list(box, src=0)
-        return box[0]
+                peak = (None, f"unavailable: {e}")
+        return dist.broadcast_object(peak, src=0) if shared else peak
 
     @staticmethod
     def _new_window() -> dict:
@@ -148,12 +140,7 @@ class StageTracker:
         ``end_step``: the stage step reached (``total_steps`` when the stage completed)."""
         measured = self.memory.measure()
         local = {"measured": measured, **memory.peaks()}
-        dist = _dist()
-        if dist is not None and self.world > 1:
-            by_rank = [None] * self.world
-            dist.all_gather_object(by_rank, local)
-        else:
-            by_rank = [local]
+        by_rank = dist.all_gather_object(local) if self.world > 1 else [local]
         train_time = self.timer.step_seconds
         mem = {"measured": by_rank[0]["measured"], "formula": self.formula,
                "measured_by_rank": [r["measured"] for r in by_rank],
