@@ -3,7 +3,10 @@
 Layout of ``RUN_DIR/checkpoints/step_00000120/``:
     DeepSpeed's files (model states, ZeRO partitions, LR scheduler), with ``client_state`` =
         {"trainer": plain counters, "method": the method's tensors/counters, "data": cursors}
-    rng/rank_N.pt   torch RNG state of rank N (a uint8 tensor)
+    rng/rank_N.pt   torch CPU RNG state of rank N (a uint8 tensor)
+    rng/cuda_rank_N.pt  where CUDA is present: the CUDA RNG state of every device rank N sees
+                    (a list of uint8 tensors, by device index); absent in CPU runs and in
+                    checkpoints older than it (a resume then keeps the freshly seeded CUDA RNG)
     meta.json       stage, steps, tokens, model shape: read before anything is built
 
 A checkpoint is written under ``step_XXXXXXXX.partial`` and renamed when every rank has finished:
@@ -83,8 +86,7 @@ def save(engine, run_dir: str, global_step: int, meta: dict, client_state: dict,
         shutil.rmtree(partial, ignore_errors=True)
     dist.barrier()
     engine.save_checkpoint(base, tag=tag + PARTIAL, client_state=client_state, save_latest=False)
-    os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
-    torch.save(torch.get_rng_state(), os.path.join(partial, "rng", f"rank_{dist.rank()}.pt"))
+    save_rng(os.path.join(partial, "rng"), dist.rank())
     dist.barrier()
     if dist.rank() == 0:
         _write_json(os.path.join(partial, "meta.json"), {**meta, "saved_at": time.time()})
@@ -106,10 +108,38 @@ def load(engine, path: str) -> dict:
                                                   load_lr_scheduler_states=True)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
-    rng = os.path.join(path, "rng", f"rank_{dist.rank()}.pt")
-    if os.path.exists(rng):
-        torch.set_rng_state(torch.load(rng, weights_only=True))
+    load_rng(os.path.join(path, "rng"), dist.rank())
     return client_state or {}
+
+
+def save_rng(rng_dir: str, rank: int) -> None:
+    """This rank's RNG states: the CPU generator (the format every checkpoint has) and, where
+    CUDA is present, the generator of every CUDA device (dropout and sampling on a GPU)."""
+    os.makedirs(rng_dir, exist_ok=True)
+    torch.save(torch.get_rng_state(), os.path.join(rng_dir, f"rank_{rank}.pt"))
+    if torch.cuda.is_available():
+        torch.save(list(torch.cuda.get_rng_state_all()), os.path.join(rng_dir, f"cuda_rank_{rank}.pt"))
+
+
+def load_rng(rng_dir: str, rank: int) -> None:
+    """Restore what ``save_rng`` wrote for ``rank``; a missing file leaves that generator as it is
+    (older checkpoints hold no CUDA state). CUDA states are restored when CUDA is present, device
+    by device for the devices both runs see (a resume on fewer visible devices warns)."""
+    cpu = os.path.join(rng_dir, f"rank_{rank}.pt")
+    if os.path.exists(cpu):
+        torch.set_rng_state(torch.load(cpu, weights_only=True))
+    cuda = os.path.join(rng_dir, f"cuda_rank_{rank}.pt")
+    if not (os.path.exists(cuda) and torch.cuda.is_available()):
+        return
+    states = torch.load(cuda, weights_only=True)
+    count = torch.cuda.device_count()
+    if len(states) != count:
+        import warnings
+
+        warnings.warn(f"checkpoint holds CUDA RNG states of {len(states)} device(s), this process sees {count}: "
+                      f"restoring the first {min(len(states), count)}", RuntimeWarning, stacklevel=2)
+    for index, state in enumerate(states[:count]):  # torch.cuda.set_rng_state_all, for fewer devices too
+        torch.cuda.set_rng_state(state, index)
 
 
 def load_weights(path: str) -> dict[str, torch.Tensor]:

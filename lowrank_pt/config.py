@@ -96,6 +96,11 @@ class EngineConfig:
     """Raw DeepSpeed config keys, deep-merged over the generated config."""
     backend: Optional[str] = None
     """torch.distributed backend; null picks nccl on GPUs, gloo on CPU."""
+    stage3_param_persistence_threshold: Optional[int] = None
+    """ZeRO-3: params of fewer elements stay whole on every rank (no gather per use). null keeps
+    DeepSpeed's default (1e5) for any model with a param that large, and uses 0 (partition every
+    param) for a model with none (the tiny test sizes, which the default would leave entirely
+    unpartitioned)."""
 
 
 @dataclass

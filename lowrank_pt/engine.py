@@ -9,6 +9,7 @@ import deepspeed
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from lowrank_pt import dist
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -27,10 +28,9 @@ def deepspeed_config(engine_cfg, micro_batch_size: int, grad_accum: int, grad_cl
     zero = {"stage": engine_cfg.zero_stage}
     if engine_cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if engine_cfg.zero_stage == 3:
-        # Small models: gather every layer eagerly, never keep params persistent by size alone
-        # (keeps stage 3 really partitioned in tests on tiny models).
-        zero["stage3_param_persistence_threshold"] = 0
+    threshold = getattr(engine_cfg, "stage3_param_persistence_threshold", None)
+    if engine_cfg.zero_stage == 3 and threshold is not None:
+        zero["stage3_param_persistence_threshold"] = int(threshold)
     cfg = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
@@ -50,31 +50,74 @@ def deepspeed_config(engine_cfg, micro_batch_size: int, grad_accum: int, grad_cl
     return deep_merge(cfg, engine_cfg.deepspeed or {})
 
 
-def build_optimizer(param_groups: list[dict], opt_cfg, offload: bool = False) -> torch.optim.Optimizer:
+def _deepspeed_persistence_default() -> int:
+    """DeepSpeed's own ``stage3_param_persistence_threshold`` default (1e5 in 0.19.8)."""
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+        return int(DeepSpeedZeroConfig.model_fields["param_persistence_threshold"].default)
+    except Exception:  # noqa: BLE001 - a moved field: the documented value
+        return 100_000
+
+
+def with_persistence_threshold(model, ds_config: dict) -> dict:
+    """``ds_config`` with ZeRO-3's persistence threshold for ``model``: an explicit value (from
+    ``engine.stage3_param_persistence_threshold`` or ``engine.deepspeed``) is kept; otherwise
+    DeepSpeed's default, unless no param of ``model`` reaches it. Such a model (the tiny test
+    sizes) would stay entirely unpartitioned under ZeRO-3, and the tests that check partitioned
+    params, shards and stage-3 gathers would check nothing: there 0 partitions every param.
+    A real model has matrices far above the default and keeps it, so its norm weights stay
+    whole on every rank instead of being gathered at every use."""
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("stage") != 3 or "stage3_param_persistence_threshold" in zero:
+        return ds_config
+    largest = max((p.numel() for p in model.parameters()), default=0)
+    if largest >= _deepspeed_persistence_default():
+        return ds_config
+    return deep_merge(ds_config, {"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+
+
+def build_optimizer(param_groups: list[dict], opt_cfg, offload: bool = False,
+                    zero_stage: int | None = None) -> torch.optim.Optimizer:
+    """The stage's AdamW.
+
+    - offload on a GPU machine: DeepSpeed's CPU Adam (the fast offload path);
+    - CUDA at ZeRO stage 0 (``zero_stage=0``, no offload): torch AdamW with ``fused=True``, one
+      kernel per param group instead of a loop of ~10 kernels per tensor. Same update formula
+      in fp32; the kernel orders the arithmetic differently, so results differ from the
+      single-tensor path by float rounding (a few ulp per step), and they are deterministic
+      (no atomics): a resumed GPU run still equals an uninterrupted one bit for bit.
+      tools/gpu_check.py measures the difference on the GPU.
+    - everywhere else (CPU, and ZeRO 1-3, whose optimizer sees one flat tensor per group, so
+      there is no per-tensor loop to fuse): single-tensor loops (``foreach=False``), the exact
+      path every CPU test checks, with the same numerics on every stage's flat and 2-D views.
+    """
     if offload and torch.cuda.is_available():
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # compiled once per machine
 
         return DeepSpeedCPUAdam(param_groups, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps,
                                 weight_decay=opt_cfg.weight_decay, adamw_mode=True)
+    fused = torch.cuda.is_available() and zero_stage == 0 and not offload
     return torch.optim.AdamW(
         param_groups,
         lr=opt_cfg.lr,
         betas=tuple(opt_cfg.betas),
         eps=opt_cfg.eps,
         weight_decay=opt_cfg.weight_decay,
-        # Single-tensor loops: same numerics on every ZeRO stage's flat and 2-D views.
         foreach=False,
+        fused=fused or None,
     )
 
 
 def initialize(model, optimizer, lr_lambda, ds_config: dict):
     """``deepspeed.initialize`` with our optimizer and a LambdaLR over DeepSpeed's wrapper."""
+    dist.check_deepspeed()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda),
-        config=ds_config,
+        config=with_persistence_threshold(model, ds_config),
         dist_init_required=False,
     )
     return engine
