@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from lowrank_pt import dist
+from lowrank_pt import dist, methods
 
 CHECKPOINTS = "checkpoints"
 PARTIAL = ".partial"
@@ -153,3 +153,12 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
         files = sorted(glob.glob(os.path.join(path, "*model_states.pt")))
         state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def load_plain_weights(path: str) -> dict[str, torch.Tensor]:
+    """Plain-model fp32 weights of a checkpoint dir, with the saving stage's adapters merged
+    (its method's ``to_plain``), from any ZeRO stage and rank count."""
+    meta = read_meta(path)
+    method = meta.get("method", "full")
+    return methods.METHODS[method].to_plain(load_weights(path),
+                                            methods.parse_options(method, meta.get("method_options", {})))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import inspect
 import math
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
@@ -19,13 +20,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lowrank_pt.data.config import DataConfig
 from lowrank_pt.data.config import validate as validate_data
+from lowrank_pt.errors import ConfigError
 from lowrank_pt.model import MODEL_SIZES, ModelConfig
-from lowrank_pt.sft import SFTDataConfig
-from lowrank_pt.sft import validate_config as validate_sft
-
-
-class ConfigError(ValueError):
-    """A config problem, reported before any work starts."""
+from lowrank_pt.data.sft import SFTDataConfig
+from lowrank_pt.data.sft import validate_config as validate_sft
 
 
 @dataclass
@@ -38,8 +36,10 @@ class OptimizerConfig:
     """AdamW epsilon."""
     weight_decay: float = 0.0
     """Decoupled weight decay on matrices (not on norms)."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this; 0 disables clipping."""
+    grad_clip: Optional[float] = None
+    """Clip the global norm of the trained params' gradients to this; 0 disables clipping; null
+    takes the method's default: 1.0 for full, lora and relora, 0 (off) for galore, whose clipping
+    would see the norm of the projected gradient alpha·G·Qᵀ, not of G."""
 
 
 @dataclass
@@ -299,32 +299,39 @@ def field_docs(cls) -> dict[str, str]:
 
 
 def reference(cls=RunConfig, prefix: str = "", seen: dict | None = None) -> list[str]:
-    """Markdown table rows documenting every key of the schema, nested sections included."""
+    """Markdown table rows documenting every key of the schema, nested sections included. A
+    section whose schema was documented before (a stage's ``data``) points to it."""
     seen = {} if seen is None else seen
     seen.setdefault(cls, prefix.rstrip("."))
     lines, nested = [], []
     docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
     for f in fields(cls):
         default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
-        target = _dataclass_of(f.type)
+        target = _dataclass_of(hints[f.name])
         shown = "(section)" if target else f"`{default!r}`"
         text = docs.get(f.name, "").replace("|", "\\|")
         if target in seen:
             text += f" Same keys as `{seen[target]}`."
         lines.append(f"| `{prefix}{f.name}` | {shown} | {text} |")
         if target is not None and target not in seen:
-            nested.append((f.name, target))
-    for name, target in nested:
-        sub = f"{prefix}{name}." if name != "stages" else f"{prefix}stages.N."
+            seen[target] = f"{prefix}{f.name}" + (".N" if _is_list(hints[f.name]) else "")
+            nested.append((seen[target] + ".", target))
+    for sub, target in nested:
         lines += reference(target, sub, seen)
     return lines
 
 
+def _is_list(annotation) -> bool:
+    return typing.get_origin(annotation) in (list, List)
+
+
 def _dataclass_of(annotation) -> Optional[type]:
-    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
-    table = {c.__name__: c for c in (OptimizerConfig, ScheduleConfig, StageConfig, EngineConfig,
-                                     TrainConfig, ModelConfig, DataConfig, SFTDataConfig)}
-    for name, cls in table.items():
-        if name in str(text):
-            return cls
+    """The dataclass a field holds: itself, or inside Optional[...] / List[...]; else None."""
+    if is_dataclass(annotation):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _dataclass_of(arg)
+        if found is not None:
+            return found
     return None

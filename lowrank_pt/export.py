@@ -12,7 +12,7 @@
     tokenizer.model     our sentencepiece model, as trained
     tokenizer_config.json  LlamaTokenizer with add_prefix_space=false (our models add no dummy
                         prefix: without it transformers would insert a leading space), no BOS/EOS
-                        added on encode, and a chat_template equal to lowrank_pt.sft's template
+                        added on encode, and a chat_template equal to lowrank_pt.data.sft's template
     tokenizer.json      the same tokenizer converted by transformers (written when transformers is
                         importable), so loading needs neither sentencepiece nor a conversion
 
@@ -20,7 +20,7 @@ Our module names are Hugging Face's (see model.py), so the mapping is the ``mode
 RoPE (rotate-half, ``cat(freqs, freqs)``), RMSNorm (fp32 normalisation, weight applied after the
 cast back) and SwiGLU match ``LlamaForCausalLM`` exactly, and logits agree to float rounding.
 
-The weights are ``trainer.load_plain_weights``: any ZeRO stage and rank count, the saving stage's
+The weights are ``checkpoint.load_plain_weights``: any ZeRO stage and rank count, the saving stage's
 low-rank adapters merged. ``import_hf`` reads such a directory (or any Llama checkpoint of the
 same architecture) back into our ModelConfig and state dict, e.g. for ``stages.N.init_from``.
 """
@@ -135,7 +135,7 @@ def hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: str =
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"state dict does not fit the plain model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-                         " (adapters must be merged first: trainer.load_plain_weights)")
+                         " (adapters must be merged first: checkpoint.load_plain_weights)")
     out = {}
     for name, tensor in state.items():
         if tuple(tensor.shape) != expected[name]:
@@ -220,18 +220,17 @@ def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | os.
 
 def plain_checkpoint(path: str) -> tuple[str, ModelConfig, dict[str, torch.Tensor]]:
     """``(checkpoint dir, its ModelConfig, its plain weights)`` for a run dir or checkpoint dir:
-    ``trainer.load_plain_weights`` (any ZeRO stage and rank count, adapters merged), checked."""
+    ``checkpoint.load_plain_weights`` (any ZeRO stage and rank count, adapters merged), checked."""
     from lowrank_pt import checkpoint
-    from lowrank_pt.trainer import load_plain_weights
 
     ckpt = checkpoint.resolve(path)
     cfg = checkpoint_config(ckpt)
-    state = load_plain_weights(ckpt)
+    state = checkpoint.load_plain_weights(ckpt)
     leftover = sorted(set(state) - set(_expected_shapes(cfg)))
     if leftover:
         method = checkpoint.read_meta(ckpt).get("method")
         raise ValueError(f"{ckpt}: the weights of method {method!r} still hold adapter tensors after "
-                         f"trainer.load_plain_weights ({leftover[:3]} ...): its Method.to_plain must merge them")
+                         f"checkpoint.load_plain_weights ({leftover[:3]} ...): its Method.to_plain must merge them")
     return ckpt, cfg, state
 
 

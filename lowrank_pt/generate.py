@@ -151,10 +151,10 @@ def generate(model: LlamaModel, tokenizer, prompt: str | Sequence[int], max_new_
 
 def chat(model: LlamaModel, tokenizer, message: str, system: Optional[str] = None,
          history: Sequence[dict] = (), **sampling) -> Generation:
-    """The assistant's reply to ``message`` under the SFT chat template (lowrank_pt.sft), after
+    """The assistant's reply to ``message`` under the SFT chat template (lowrank_pt.data.sft), after
     optional ``system`` text and earlier ``history`` turns ([{role, content}]). ``sampling``:
     generate's keyword arguments."""
-    from lowrank_pt.sft import encode_prompt
+    from lowrank_pt.data.sft import encode_prompt
 
     messages = ([{"role": "system", "content": system}] if system else []) + list(history)
     messages.append({"role": "user", "content": message})

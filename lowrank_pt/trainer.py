@@ -1,8 +1,10 @@
 """The training loop: a recipe of stages, each with its method, engine, data and schedule.
 
-Reads top to bottom: ``Trainer.run`` prepares data and the run dir, then runs each stage;
-``run_stage`` builds the model, lets the method shape it, builds the DeepSpeed engine, restores a
-checkpoint if one belongs to this stage, loops over optimizer steps, and hands the weights on.
+Reads top to bottom: ``Trainer.run_all`` prepares data and the run dir, then runs each stage in
+three pieces: ``build_stage`` (model, method, DeepSpeed engine, a checkpoint that belongs to the
+stage, data, tracker), ``train_loop`` (the optimizer steps; it asks ``Cadence`` when to log,
+evaluate, save and stop, and the ``StageTracker`` for the loss and throughput window), and
+``hand_over`` (summary, the weights for the next stage, samples).
 """
 
 from __future__ import annotations
@@ -11,17 +13,20 @@ import gc
 import json
 import math
 import os
-import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
 from lowrank_pt import checkpoint, dist, methods
 from lowrank_pt import engine as E
-from lowrank_pt.config import ConfigError, RunConfig, StageConfig, stage_steps, to_yaml
+from lowrank_pt.cadence import Cadence
+from lowrank_pt.config import RunConfig, StageConfig, stage_steps, to_yaml
 from lowrank_pt.data import PackedLoader, TokenShard, Tokenizer, check_tokenizer, prepare_data
 from lowrank_pt.data import validation_batches
-from lowrank_pt.sft import SFTLoader, prepare_sft, sft_validation_batches
+from lowrank_pt.data.sft import SFTLoader, prepare_sft, sft_validation_batches
+from lowrank_pt.errors import ConfigError
+from lowrank_pt.methods.base import Method, StageContext
 from lowrank_pt.metrics import MetricsLogger, truncate_after
 from lowrank_pt.model import LlamaModel, resolve
 from lowrank_pt.tracking import StageTracker, write_stage_summary
@@ -78,7 +83,7 @@ class DataStreams:
         batches = make(val, self.seq_len, micro_batch_size, self.run.train.eval_sequences,
                        dist.rank(), dist.world_size())
         # Every rank must run the same number of forwards (ZeRO-3 gathers are collective).
-        return batches[:_min_over_ranks(len(batches))]
+        return batches[:dist.min_over_ranks(len(batches))]
 
     def state_dict(self) -> dict:
         return {**self.saved, **{k: v.state_dict() for k, v in self.loaders.items()}}
@@ -90,14 +95,6 @@ class DataStreams:
                 loader.load_state_dict(state[key])
 
 
-def _min_over_ranks(value: int) -> int:
-    if dist.world_size() == 1:
-        return value
-    t = torch.tensor([value])
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-    return int(t.item())
-
-
 def on_local_rank0_first(build):
     """Run ``build`` on each node's local rank 0, then on the other ranks, which find its cache."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -107,6 +104,27 @@ def on_local_rank0_first(build):
     if local_rank != 0:
         result = build()
     return result
+
+
+@dataclass
+class StageRun:
+    """One stage while it runs: what ``build_stage`` made and the loop and hand-over use."""
+
+    index: int
+    stage: StageConfig
+    engine: Any
+    method: Method
+    tracker: StageTracker
+    cadence: Cadence
+    loader: Any
+    val_batches: list
+    accum: int
+    tokens_per_step: int
+    total: int
+    start: int
+    """Stage step this run starts at (a resumed stage's saved step; else 0)."""
+    reached: int
+    """Stage step reached so far."""
 
 
 class Trainer:
@@ -144,15 +162,20 @@ class Trainer:
         self.stopped = False
         try:
             for index in range(first_stage, len(run.stages)):
-                if run.train.stop_at_step is not None and self.global_step >= run.train.stop_at_step:
-                    self.stopped = True
-                    self.say(f"stopped at step {self.global_step} (train.stop_at_step); resume=auto continues")
+                if self.stop_requested():
                     break
                 resume_here = resume_path if meta and index == first_stage else None
                 weights = self.run_stage(index, weights, resume_here)
         finally:
             self.metrics.close()
         return {"global_step": self.global_step, "tokens": self.tokens, "finished": not self.stopped}
+
+    def stop_requested(self) -> bool:
+        """Whether ``train.stop_at_step`` is reached (said once)."""
+        if not self.stopped and Cadence.of(self.run.train, 0).should_stop(self.global_step):
+            self.stopped = True
+            self.say(f"stopped at step {self.global_step} (train.stop_at_step); resume=auto continues")
+        return self.stopped
 
     def find_resume(self) -> str | None:
         run = self.run
@@ -185,6 +208,15 @@ class Trainer:
 
     # --- one stage --------------------------------------------------------------------------
     def run_stage(self, index: int, weights: dict | None, resume_path: str | None) -> dict | None:
+        """Build, train and hand over stage ``index``; returns the weights for the next stage."""
+        sr = self.build_stage(index, weights, resume_path)
+        self.train_loop(sr)
+        weights = self.hand_over(sr)
+        del sr
+        gc.collect()
+        return weights
+
+    def build_stage(self, index: int, weights: dict | None, resume_path: str | None) -> StageRun:
         run, stage = self.run, self.run.stages[index]
         micro = stage.micro_batch_size or run.train.micro_batch_size
         accum = stage.grad_accum or run.train.grad_accum
@@ -194,7 +226,7 @@ class Trainer:
         # Same seed on every rank: the ranks must build identical models before ZeRO partitions.
         torch.manual_seed(run.seed + 1000 * index)
         model = LlamaModel(self.model_cfg)
-        if weights is None and stage.init_from and resume_path is None:
+        if stage.init_from and resume_path is None:  # a stage's own source wins over the carried weights
             from lowrank_pt.export import load_init_weights
 
             weights = load_init_weights(stage.init_from)
@@ -205,9 +237,8 @@ class Trainer:
         method.prepare_model(model)
         optimizer = E.build_optimizer(method.param_groups(model), stage.optimizer,
                                       offload=run.engine.offload_optimizer)
-        ds_config = E.deepspeed_config(run.engine, micro, accum, stage.optimizer.grad_clip, self.world_size)
+        ds_config = E.deepspeed_config(run.engine, micro, accum, method.grad_clip(), self.world_size)
         engine = E.initialize(model, optimizer, method.lr_lambda(total), ds_config)
-        method.on_engine_ready(engine)
         if weights is not None and run.engine.precision != "fp32":
             self.restore_masters(engine, weights)
         # Dropout and other training randomness differ by rank, reproducibly.
@@ -224,83 +255,83 @@ class Trainer:
         self.say(f"stage {index + 1}/{len(run.stages)} {stage.name!r}: method {stage.method}, {total} steps, "
                  f"{tokens_per_step} tokens/step, ZeRO {run.engine.zero_stage}, {run.engine.precision}, "
                  f"{self.world_size} rank(s)")
-
         tracker = StageTracker(engine=engine, stage=stage, index=index, model_cfg=self.model_cfg,
                                tokens_per_step=tokens_per_step, precision=run.engine.precision,
                                zero_stage=run.engine.zero_stage, start_step=start, cache_dir=run.data.cache_dir)
-        timer = method.timer = tracker.timer
-        reached = start
-        window_start, window_tokens, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
-        stop_at = run.train.stop_at_step
-        for step in range(start, total):
-            if stop_at is not None and self.global_step >= stop_at:
-                self.stopped = True
-                self.say(f"stopped at step {self.global_step} (train.stop_at_step); resume=auto continues")
+        method.on_engine_ready(StageContext(engine=engine, total_steps=total, timer=tracker.timer))
+        return StageRun(index=index, stage=stage, engine=engine, method=method, tracker=tracker,
+                        cadence=Cadence.of(run.train, total), loader=loader, val_batches=val_batches,
+                        accum=accum, tokens_per_step=tokens_per_step, total=total, start=start, reached=start)
+
+    def train_loop(self, sr: StageRun) -> None:
+        engine, method, tracker, cadence, timer = sr.engine, sr.method, sr.tracker, sr.cadence, sr.tracker.timer
+        for step in range(sr.start, sr.total):
+            if self.stop_requested():
                 break
             tracker.start_step()
             with timer.phase("data"):
-                micro_batches = [loader.next_batch() for _ in range(accum)]
+                micro_batches = [sr.loader.next_batch() for _ in range(sr.accum)]
             lr = engine.get_lr()[0]
             loss = method.train_step(engine, micro_batches, step)
             with timer.phase("method"):
                 events = method.after_step(engine, step)
-            tracker.end_step()
-            reached = step + 1
+            tracker.end_step(loss=loss)
+            sr.reached = step + 1
             self.global_step += 1
-            self.tokens += tokens_per_step
-            window_tokens += tokens_per_step
-            window_loss += loss
-            window_steps += 1
-            last = step + 1 == total
-            if (step + 1) % run.train.log_every == 0 or last or events:
-                elapsed = time.perf_counter() - window_start
-                record = {"step": self.global_step, "stage": stage.name, "stage_step": step + 1,
-                          "loss": dist.all_reduce_mean(window_loss / window_steps),
-                          "lr": lr, "tokens": self.tokens,
-                          "tokens_per_s": window_tokens / max(elapsed, 1e-9), **events, **tracker.metrics()}
-                tracker.observe(record)
-                self.metrics.log(record)
-                self.say(f"[{stage.name}] step {step + 1}/{total} loss {record['loss']:.4f} "
-                         f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s", progress=True)
-                window_start, window_tokens, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
-            if (run.train.eval_every and (step + 1) % run.train.eval_every == 0) or last:
+            self.tokens += sr.tokens_per_step
+            if cadence.should_log(step, events):
+                self.log_step(sr, step, lr, events)
+            if cadence.should_eval(step):
                 with timer.phase("eval"):
-                    tracker.observe(self.evaluate(engine, val_batches, stage))
-            stopping = stop_at is not None and self.global_step >= stop_at
-            if (run.train.save_every and (step + 1) % run.train.save_every == 0) or last or stopping:
+                    tracker.observe(self.evaluate(engine, sr.val_batches, sr.stage))
+            if cadence.should_save(step, self.global_step):
                 with timer.phase("checkpoint"):
-                    self.save(engine, method, index, step + 1)
-        entry = tracker.finish(end_step=reached, total_steps=total)  # collective
+                    self.save(engine, method, sr.index, step + 1)
+
+    def hand_over(self, sr: StageRun) -> dict | None:
+        """Write the stage's summary; return the plain weights the next stage (or the samples)
+        needs, None when nothing does."""
+        entry = sr.tracker.finish(end_step=sr.reached, total_steps=sr.total)  # collective
         if self.rank == 0:
-            write_stage_summary(run.run_dir, entry)
-        last_stage = index + 1 == len(run.stages)
-        needs_weights = not self.stopped and (not last_stage or run.train.sample_prompts)
-        weights = method.export_weights(engine) if needs_weights else None
-        if weights is not None and run.train.sample_prompts and step_ran(start, total):
-            self.sample(weights, stage)
-        del engine, optimizer, model, method
-        gc.collect()
+            write_stage_summary(self.run.run_dir, entry)
+        last_stage = sr.index + 1 == len(self.run.stages)
+        needs_weights = not self.stopped and (not last_stage or self.run.train.sample_prompts)
+        weights = sr.method.export_weights(sr.engine) if needs_weights else None
+        if weights is not None and self.run.train.sample_prompts and sr.start < sr.total:
+            self.sample(weights, sr.stage)  # a stage resumed at its end printed its samples before
         return weights
 
     # --- pieces ------------------------------------------------------------------------------
+    def log_step(self, sr: StageRun, step: int, lr: float, events: dict) -> None:
+        """One metrics record: the tracker's window (loss, time/, throughput/, memory/) and the
+        method's events. Collective (the window's loss is averaged over ranks)."""
+        record = {"step": self.global_step, "stage": sr.stage.name, "stage_step": step + 1, "lr": lr,
+                  "tokens": self.tokens, **events, **sr.tracker.metrics()}
+        sr.tracker.observe(record)
+        self.metrics.log(record)
+        self.say(f"[{sr.stage.name}] step {step + 1}/{sr.total} loss {record['loss']:.4f} "
+                 f"lr {lr:.2e} {record['throughput/tokens_per_s']:.0f} tok/s", progress=True)
+
     def sample(self, weights: dict, stage: StageConfig) -> None:
-        """Generations from the stage's final weights, on rank 0 (the weights are full there)."""
-        if self.rank != 0:
-            return
+        """Generations from the stage's final weights. Every rank samples (the weights are full
+        everywhere and the draws seeded alike), so no rank waits inside a collective while rank 0
+        works; rank 0 prints and writes them."""
         from lowrank_pt.generate import chat, generate
 
         model = LlamaModel(self.model_cfg)
         model.load_state_dict(weights)
         model.eval()
         train = self.run.train
-        with open(os.path.join(self.run.run_dir, "samples.jsonl"), "a") as f:
-            for prompt in train.sample_prompts:
-                sampler = chat if stage.sft is not None else generate
-                out = sampler(model, self.tokenizer, prompt, max_new_tokens=train.sample_tokens,
-                              temperature=train.sample_temperature, seed=self.run.seed)
-                f.write(json.dumps({"step": self.global_step, "stage": stage.name, "prompt": prompt,
-                                    "text": out.text}) + "\n")
-                self.say(f"[{stage.name}] sample: {prompt!r} -> {out.text!r}")
+        lines = []
+        for prompt in train.sample_prompts:
+            sampler = chat if stage.sft is not None else generate
+            out = sampler(model, self.tokenizer, prompt, max_new_tokens=train.sample_tokens,
+                          temperature=train.sample_temperature, seed=self.run.seed)
+            lines.append({"step": self.global_step, "stage": stage.name, "prompt": prompt, "text": out.text})
+            self.say(f"[{stage.name}] sample: {prompt!r} -> {out.text!r}")
+        if self.rank == 0:
+            with open(os.path.join(self.run.run_dir, "samples.jsonl"), "a") as f:
+                f.writelines(json.dumps(line) + "\n" for line in lines)
 
     def restore_masters(self, engine, weights: dict) -> None:
         """The new engine built its fp32 masters from bf16 params; put back the carried fp32 values."""
@@ -312,12 +343,19 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, engine, batches: list[dict], stage: StageConfig) -> dict:
+        """Validation loss: the mean over batches (pre-training: equal target tokens per batch), or
+        over answer tokens in SFT stages (a batch's mean weighted by its answer tokens)."""
         engine.eval()
-        total = 0.0
+        total, count = 0.0, 0.0
         for batch in batches:
-            total += engine(batch["input_ids"].to(engine.device), batch["labels"].to(engine.device)).float().item()
+            loss = engine(batch["input_ids"].to(engine.device), batch["labels"].to(engine.device)).float().item()
+            weight = float((batch["labels"] != -100).sum()) if stage.sft is not None else 1.0
+            total, count = total + loss * weight, count + weight
         engine.train()
-        loss = dist.all_reduce_mean(total / max(1, len(batches)))
+        if stage.sft is not None:
+            loss = dist.all_reduce_mean(total) / max(dist.all_reduce_mean(count), 1e-12)
+        else:
+            loss = dist.all_reduce_mean(total / max(1, len(batches)))
         record = {"step": self.global_step, "stage": stage.name, "eval/loss": loss,
                   "eval/perplexity": math.exp(min(loss, 50.0)), "tokens": self.tokens}
         self.metrics.log(record)
@@ -338,17 +376,3 @@ class Trainer:
     def say(self, text: str, progress: bool = False) -> None:
         if self.rank == 0 and (not progress or self.run.train.progress):
             print(text, flush=True)
-
-
-
-def step_ran(start: int, total: int) -> bool:
-    """A stage resumed at its end ran no step: its samples were printed before."""
-    return start < total
-
-
-def load_plain_weights(path: str) -> dict:
-    """Plain-model weights of a checkpoint, with the saving stage's adapters merged."""
-    meta = checkpoint.read_meta(path)
-    state = checkpoint.load_weights(path)
-    method_cls = methods.METHODS[meta.get("method", "full")]
-    return method_cls.to_plain(state, methods.parse_options(meta.get("method", "full"), meta.get("method_options", {})))

@@ -58,13 +58,15 @@ def spawn(fn, world_size: int, *args, timeout: float = 300):
 
 
 def tiny_engine(zero_stage: int, precision: str, method=None, model=None, micro_batch_size: int = 2,
-                grad_accum: int = 1, lr: float = 1e-2, vocab_size: int = 64, seed: int = 0):
+                grad_accum: int = 1, lr: float = 1e-2, vocab_size: int = 64, seed: int = 0,
+                grad_clip: float = 1.0):
     """A DeepSpeed engine over the tiny LLaMA (or ``model``) with ``method`` (default full-rank).
 
     Call inside a process where ``dist.init()`` ran (e.g. under ``spawn``)."""
     from lowrank_pt import engine as E
     from lowrank_pt.config import EngineConfig, OptimizerConfig, ScheduleConfig, StageConfig
     from lowrank_pt.methods import Method
+    from lowrank_pt.methods.base import StageContext
     from lowrank_pt.model import LlamaModel, ModelConfig, resolve
 
     torch.manual_seed(seed)
@@ -75,9 +77,9 @@ def tiny_engine(zero_stage: int, precision: str, method=None, model=None, micro_
     method.prepare_model(model)
     optimizer = E.build_optimizer(method.param_groups(model), stage.optimizer)
     ds = E.deepspeed_config(EngineConfig(zero_stage=zero_stage, precision=precision),
-                            micro_batch_size, grad_accum, 1.0, dist.world_size())
+                            micro_batch_size, grad_accum, grad_clip, dist.world_size())
     engine = E.initialize(model, optimizer, method.lr_lambda(100), ds)
-    method.on_engine_ready(engine)
+    method.on_engine_ready(StageContext(engine=engine, total_steps=100))
     return engine, method
 
 

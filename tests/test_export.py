@@ -19,8 +19,8 @@ from lowrank_pt.export import register as register_export
 from lowrank_pt.generate import generate, load_model
 from lowrank_pt.generate import register as register_generate
 from lowrank_pt.model import LlamaModel
-from lowrank_pt.sft import encode_conversations
-from lowrank_pt.trainer import load_plain_weights
+from lowrank_pt.data.sft import encode_conversations
+from lowrank_pt.checkpoint import load_plain_weights
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from helpers import random_batches, spawn
+from lowrank_pt.methods.base import StageContext
 
 STEPS, GAP, RANK, LR = 13, 4, 8, 3e-3
 KW = dict(lr=LR, betas=(0.9, 0.95), eps=1e-12)
@@ -72,7 +73,7 @@ def build(zero_stage, precision="fp32", weight_decay=0.0, optimizer=None, world=
     ds = E.deepspeed_config(engine_cfg, micro, 2, 0.0, world)
     engine = E.initialize(model, optimizer, lambda step: 1.0, ds)
     if method is not None:
-        method.on_engine_ready(engine)
+        method.on_engine_ready(StageContext(engine=engine, total_steps=100))
     return engine, method
 
 
@@ -153,7 +154,7 @@ def moment_bytes(engine) -> int:
 def galore_formula(method) -> tuple[int, int]:
     """(GaLore moment bytes, full-rank AdamW moment bytes): two fp32 moments per trainable
     element, of the low-rank shape for projected matrices."""
-    model = method.engine.module
+    model = method.context.engine.module
     low = sum(a.galore_b.ds_numel if hasattr(a.galore_b, "ds_numel") else a.galore_b.numel()
               for a in method.adapters.values())
     skip = {id(a.galore_b) for a in method.adapters.values()}

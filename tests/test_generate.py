@@ -10,7 +10,7 @@ from torch import nn
 from lowrank_pt.data import DataConfig, Tokenizer, prepare_data
 from lowrank_pt.generate import KVCache, chat, forward_cached, generate, sample_next
 from lowrank_pt.model import LlamaModel, ModelConfig, resolve
-from lowrank_pt.sft import encode_prompt
+from lowrank_pt.data.sft import encode_prompt
 
 
 @pytest.fixture(scope="module", autouse=True)

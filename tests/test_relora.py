@@ -20,6 +20,7 @@ from lowrank_pt import zero_io
 from lowrank_pt.config import ConfigError, ScheduleConfig, StageConfig
 from lowrank_pt.lowrank import init_lora_A, lowrank_modules, merged_weight, seeded_generator
 from lowrank_pt.methods import parse_options
+from lowrank_pt.methods.base import StageContext
 from lowrank_pt.methods.relora import MOMENTS, ReLoRA, random_keep_mask
 from lowrank_pt.model import LlamaModel, ModelConfig, resolve
 from lowrank_pt.schedule import LRSchedule
@@ -311,6 +312,7 @@ def test_jagged_schedule_restarts_from_the_options():
     stage = StageConfig(steps=40, schedule=ScheduleConfig(kind="cosine", warmup_steps=3, min_lr_ratio=0.1))
     method = ReLoRA(parse_options("relora", {"restart_every": 10, "restart_warmup_steps": 4}), stage, None)
     lr = method.lr_lambda(40)
+    method.on_engine_ready(StageContext(engine=None, total_steps=40))  # the stage's length, handed once
     envelope = LRSchedule("cosine", 40, warmup_steps=3, min_lr_ratio=0.1)
     assert [s for s in range(40) if method.is_restart_step(s)] == [9, 19, 29]  # not the last step
     for step in range(40):

@@ -10,7 +10,7 @@ import torch
 
 from helpers import spawn
 from lowrank_pt import checkpoint, metrics
-from lowrank_pt.trainer import load_plain_weights
+from lowrank_pt.checkpoint import load_plain_weights
 from test_trainer import final_weights, losses, run_invocations
 
 RELORA = "{rank: 4, alpha: 8, restart_every: 3, restart_warmup_steps: 1, reset_mode: magnitude, reset_fraction: 0.9}"

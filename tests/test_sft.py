@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lowrank_pt.data import DataConfig, DataError, Tokenizer, iter_speeches, prepare_data
-from lowrank_pt.sft import (SFTData, SFTDataConfig, SFTLoader, build_shakespeare_sft, encode_conversations,
+from lowrank_pt.data.sft import (SFTData, SFTDataConfig, SFTLoader, build_shakespeare_sft, encode_conversations,
                             encode_prompt, prepare_sft, sft_validation_batches)
 
 CONVERSATIONS = [
@@ -97,7 +97,7 @@ def test_long_conversations_are_cut_and_counted(tmp_path, tokenizer, caplog):
         {"prompt": "Hi", "response": "Yes"},
     ])
     data = SFTData.from_jsonl(path, tokenizer)
-    with caplog.at_level(logging.WARNING, logger="lowrank_pt.sft"):
+    with caplog.at_level(logging.WARNING, logger="lowrank_pt.data.sft"):
         loader = SFTLoader(data, seq_len=24, micro_batch_size=2)
     assert loader.truncated == 2 and loader.num_examples == 2
     assert "2 of 3 conversations" in caplog.text and "1 of them kept no response token" in caplog.text

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from helpers import random_batches, spawn, tiny_engine
+from lowrank_pt.methods.base import StageContext
 
 METHOD_OPTIONS = {
     "full": {},
@@ -115,7 +116,7 @@ def run_stage(rank, world, run_dir, method_name, integrated):
                            sync=False)
     timer = tracker.timer
     if integrated:
-        method.timer = timer
+        method.on_engine_ready(StageContext(engine=engine, total_steps=4, timer=timer))
     records = []
     batches = random_batches(4, vocab_size=VOCAB, rank=rank)
     for step in range(4):

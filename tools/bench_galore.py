@@ -73,6 +73,7 @@ class Runner:
     def __init__(self, name, args, init_state):
         from lowrank_pt import engine as E
         from lowrank_pt.config import EngineConfig
+        from lowrank_pt.methods.base import StageContext
 
         self.name, self.args, self.step_index = name, args, 0
         model = make_model(args)
@@ -99,7 +100,7 @@ class Runner:
         ds = E.deepspeed_config(EngineConfig(zero_stage=0, precision="fp32"), args.batch, 1, 0.0, 1)
         self.engine = E.initialize(model, optimizer, lambda step: 1.0, ds)
         if self.method is not None:
-            self.method.on_engine_ready(self.engine)
+            self.method.on_engine_ready(StageContext(engine=self.engine, total_steps=10**6))
 
     def step(self, batch) -> float:
         """One optimizer step; seconds."""

@@ -122,7 +122,8 @@ class Contender:
         from lowrank_pt.config import EngineConfig
         from lowrank_pt.data import PackedLoader
         from lowrank_pt.model import LlamaModel
-        from lowrank_pt.tracking import StageTracker
+        from lowrank_pt.methods.base import StageContext
+        from lowrank_pt.tracking import NULL_TIMER, StageTracker
 
         self.name = name
         self.stage = stage_for("full" if name == "full (untracked)" else name, args)
@@ -141,9 +142,8 @@ class Contender:
         else:
             optimizer = E.build_optimizer(self.method.param_groups(model), self.stage.optimizer)
         ds = E.deepspeed_config(EngineConfig(zero_stage=0, precision=precision), args.micro_batch, 1,
-                                self.stage.optimizer.grad_clip, 1)
+                                self.method.grad_clip(), 1)
         self.engine = E.initialize(model, optimizer, self.method.lr_lambda(args.steps), ds)
-        self.method.on_engine_ready(self.engine)
         self.loader = PackedLoader(shard, model_cfg.seq_len, args.micro_batch, 0, 1, seed=0)
         self.tokens_per_step = args.micro_batch * model_cfg.seq_len
         self.tracker = None
@@ -151,10 +151,8 @@ class Contender:
             self.tracker = StageTracker(engine=self.engine, stage=self.stage, index=0, model_cfg=model_cfg,
                                         tokens_per_step=self.tokens_per_step, precision=precision, zero_stage=0,
                                         cache_dir=args.cache_dir)
-            self.method.timer = self.tracker.timer
-        # Methods on the base train_step get its spans here until Method.train_step opens them.
-        self.plain_step = (type(self.method).train_step is methods.Method.train_step
-                           and getattr(methods.Method, "timer", None) is None)
+        timer = self.tracker.timer if tracked else NULL_TIMER
+        self.method.on_engine_ready(StageContext(engine=self.engine, total_steps=args.steps, timer=timer))
         self.step_times: list[float] = []
         self.losses: list[float] = []
 
@@ -170,26 +168,11 @@ class Contender:
             t.start_step()
             with t.timer.phase("data"):
                 batch = self.loader.next_batch()
-            if self.plain_step:
-                loss = self.spanned_step(batch)
-            else:
-                loss = self.method.train_step(self.engine, [batch], step)
+            loss = self.method.train_step(self.engine, [batch], step)
             with t.timer.phase("method"):
                 self.method.after_step(self.engine, step)
             self.step_times.append(t.end_step()["step"])
         self.losses.append(loss)
-
-    def spanned_step(self, batch) -> float:
-        """``Method.train_step`` with the spans the integrated trainer opens (forward, backward,
-        optimizer), for methods that do not open them themselves yet."""
-        timer = self.tracker.timer
-        with timer.phase("forward"):
-            loss = self.engine(batch["input_ids"], batch["labels"])
-        with timer.phase("backward"):
-            self.engine.backward(loss)
-        with timer.phase("optimizer"):
-            self.engine.step()
-        return loss.detach().float().item()
 
     @torch.no_grad()
     def evaluate(self, batches) -> float:
@@ -298,6 +281,7 @@ def sweep(rank, world, args, model_kwargs) -> list[dict]:
     from lowrank_pt import methods
     from lowrank_pt.config import EngineConfig
     from lowrank_pt.model import LlamaModel, ModelConfig, resolve
+    from lowrank_pt.methods.base import StageContext
     from lowrank_pt.tracking import MemoryTracker, PhaseTimer, planner
 
     cfg = resolve(ModelConfig(**model_kwargs["cfg"]), vocab_size=model_kwargs["vocab"])
@@ -311,9 +295,10 @@ def sweep(rank, world, args, model_kwargs) -> list[dict]:
             method = methods.build(stage, None)
             method.prepare_model(model)
             opt = E.build_optimizer(method.param_groups(model), stage.optimizer)
-            ds = E.deepspeed_config(EngineConfig(zero_stage=zero_stage, precision=args.precision), 2, 1, 1.0, world)
+            ds = E.deepspeed_config(EngineConfig(zero_stage=zero_stage, precision=args.precision), 2, 1,
+                                    method.grad_clip(), world)
             engine = E.initialize(model, opt, method.lr_lambda(args.steps), ds)
-            method.on_engine_ready(engine)
+            method.on_engine_ready(StageContext(engine=engine, total_steps=args.steps))
             timer = PhaseTimer(sync=False)
             tracker = MemoryTracker(engine, timer)
             # One step on the engine directly: the layout does not depend on refreshes or merges,

@@ -24,6 +24,7 @@ from lowrank_pt import engine as E
 from lowrank_pt.config import EngineConfig, OptimizerConfig, ScheduleConfig, StageConfig
 from lowrank_pt.lowrank import lowrank_modules
 from lowrank_pt.methods import Method, parse_options
+from lowrank_pt.methods.base import StageContext
 from lowrank_pt.methods.relora import ReLoRA
 from lowrank_pt.model import LlamaModel, ModelConfig, count_parameters, resolve
 
@@ -50,9 +51,9 @@ def build(method: Method, model: LlamaModel, args):
     method.prepare_model(model)
     optimizer = E.build_optimizer(method.param_groups(model), stage.optimizer)
     ds = E.deepspeed_config(EngineConfig(zero_stage=args.zero_stage, precision=args.precision),
-                            args.micro_batch, 1, stage.optimizer.grad_clip, dist.world_size())
+                            args.micro_batch, 1, method.grad_clip(), dist.world_size())
     engine = E.initialize(model, optimizer, method.lr_lambda(10**6), ds)
-    method.on_engine_ready(engine)
+    method.on_engine_ready(StageContext(engine=engine, total_steps=10**6))
     return engine
 
 

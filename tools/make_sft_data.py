@@ -3,7 +3,7 @@
 Two tasks, generated from ``lowrank_pt.data.iter_speeches()`` (nothing hand-written):
 "continue" (one line of a speech -> the line that follows it) and "who" (a line of five words or
 more -> its speaker). Whole scenes are held out for validation. See
-``lowrank_pt.sft.build_shakespeare_sft``; re-running with the same parameters does nothing.
+``lowrank_pt.data.sft.build_shakespeare_sft``; re-running with the same parameters does nothing.
 
     python tools/make_sft_data.py --out data/sft_shakespeare [--max-examples 5000] [--seed 0]
 """
@@ -15,7 +15,7 @@ import collections
 import json
 import sys
 
-from lowrank_pt.sft import build_shakespeare_sft
+from lowrank_pt.data.sft import build_shakespeare_sft
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lowrank_pt.errors import ConfigError
 from lowrank_pt.methods.base import Method
 from lowrank_pt.methods.galore import GaLore
 from lowrank_pt.methods.lora import LoRA
@@ -22,8 +23,6 @@ METHODS: dict[str, type[Method]] = {
 
 def parse_options(method: str, options: dict) -> Any:
     """The method's options dataclass filled from ``options``; unknown keys or bad types fail."""
-    from lowrank_pt.config import ConfigError
-
     if method not in METHODS:
         raise ConfigError(f"method={method!r}: allowed {sorted(METHODS)}")
     schema = OmegaConf.structured(METHODS[method].Options)

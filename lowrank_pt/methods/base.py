@@ -7,8 +7,8 @@ it runs. Order of calls in one stage:
     method.prepare_model(model)                         # wrap / freeze, before DeepSpeed sees it
     groups = method.param_groups(model)                 # what the optimizer trains
     lr_fn  = method.lr_lambda(total_steps)              # LR multiplier by optimizer step
-    engine = deepspeed.initialize(...)
-    method.on_engine_ready(engine)
+    engine = deepspeed.initialize(..., gradient_clipping=method.grad_clip())
+    method.on_engine_ready(StageContext(engine, total_steps, timer))   # everything it needs, once
     method.load_state_dict(saved) if resuming
     for step in range(start, total_steps):
         loss = method.train_step(engine, micro_batches, step)   # fwd/bwd/step of one optimizer step
@@ -22,13 +22,13 @@ Adding a method means a module with a subclass and one line in ``methods/__init_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from torch import nn
 
-from lowrank_pt import schedule, zero_io
-from lowrank_pt.tracking.timer import NULL_TIMER
+from lowrank_pt import dist, schedule, zero_io
+from lowrank_pt.tracking.timer import NULL_TIMER, NullTimer, PhaseTimer
 
 
 @dataclass
@@ -36,18 +36,42 @@ class NoOptions:
     """This method takes no options."""
 
 
+@dataclass
+class StageContext:
+    """What a method needs from its stage once the engine exists, handed over once."""
+
+    engine: Any
+    """The DeepSpeed engine that trains the prepared model."""
+    total_steps: int
+    """Optimizer steps of the whole stage (a resumed stage counts from its start)."""
+    timer: "PhaseTimer | NullTimer" = NULL_TIMER
+    """The stage's phase timer: the method opens its spans (forward, backward, optimizer, and its
+    own merge / refresh work) on it."""
+
+
 class Method:
     """Full-rank training of every parameter; the base every other method refines."""
 
     name: ClassVar[str] = "full"
-    timer = NULL_TIMER
-    """Phase timer; the trainer sets its stage's ``PhaseTimer`` (spans: forward, backward, optimizer)."""
     Options: ClassVar[type] = NoOptions
+    default_grad_clip: ClassVar[float] = 1.0
+    """Gradient-norm clipping when the stage's ``optimizer.grad_clip`` is null. DeepSpeed clips the
+    global norm of the gradients of the trainable params, whatever they are for this method."""
 
     def __init__(self, options: Any, stage: Any, run: Any):
         self.options = options
         self.stage = stage
         self.run = run
+        self.context: Optional[StageContext] = None
+
+    @property
+    def timer(self) -> "PhaseTimer | NullTimer":
+        return self.context.timer if self.context is not None else NULL_TIMER
+
+    def grad_clip(self) -> float:
+        """The clipping threshold of this stage: its ``optimizer.grad_clip``, else the method's default."""
+        clip = self.stage.optimizer.grad_clip
+        return self.default_grad_clip if clip is None else float(clip)
 
     # --- before the engine exists -------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> None:
@@ -71,16 +95,26 @@ class Method:
         return schedule.build(self.stage.schedule, total_steps)
 
     # --- with the engine ----------------------------------------------------------------------
-    def on_engine_ready(self, engine) -> None:
-        """Called once after ``deepspeed.initialize``."""
-        self.engine = engine
+    def on_engine_ready(self, context: StageContext) -> None:
+        """Called once after ``deepspeed.initialize`` with what the method needs from its stage."""
+        self.context = context
 
     def train_step(self, engine, micro_batches: list[dict], step: int) -> float:
-        """One optimizer step over ``micro_batches`` (gradient accumulation); mean loss."""
+        """One optimizer step over ``micro_batches`` (gradient accumulation); its mean loss on
+        this rank.
+
+        In SFT stages each micro-batch's loss (a mean over its answer tokens) is weighted by its
+        share of the answer tokens of the whole step on all ranks, so every answer token counts
+        the same however the answers are spread over micro-batches and ranks; in pre-training
+        every micro-batch holds the same number of target tokens and weights are 1.
+        """
+        weights = self.token_weights(micro_batches)
         total = 0.0
-        for batch in micro_batches:
+        for batch, weight in zip(micro_batches, weights):
             with self.timer.phase("forward"):
                 loss = engine(batch["input_ids"].to(engine.device), batch["labels"].to(engine.device))
+                if weight != 1.0:
+                    loss = loss * weight
             with self.timer.phase("backward"):
                 engine.backward(loss)
             if engine.is_gradient_accumulation_boundary():
@@ -89,6 +123,18 @@ class Method:
                 engine.step()
             total += loss.detach().float().item()
         return total / len(micro_batches)
+
+    def token_weights(self, micro_batches: list[dict]) -> list[float]:
+        """Per-micro-batch loss weights ``n_i·k·world / N`` (n_i answer tokens of micro-batch i, k
+        micro-batches, N answer tokens of the step on all ranks; collective) for SFT stages;
+        ones otherwise. DeepSpeed divides by k and averages over ranks, so the gradient is that
+        of the mean over all N tokens."""
+        if getattr(self.stage, "sft", None) is None:
+            return [1.0] * len(micro_batches)
+        counts = [int((batch["labels"] != -100).sum()) for batch in micro_batches]
+        step_total = dist.all_reduce_mean(float(sum(counts))) * dist.world_size()
+        scale = len(micro_batches) * dist.world_size() / max(step_total, 1.0)
+        return [n * scale for n in counts]
 
     def before_optimizer_step(self, engine, step: int) -> None:
         """Between the last micro-batch's backward (gradients reduced) and ``engine.step()``:

@@ -92,6 +92,10 @@ class GaLore(Method):
 
     name = "galore"
     Options = GaLoreOptions
+    default_grad_clip = 0.0
+    """Off, as GaLore's own scripts. With clipping on, DeepSpeed clips the global norm of what it
+    trains: B's gradient ``α·G·Qᵀ`` (the projected gradient, whose norm is at most α times the
+    full gradient's) together with the full-rank params' gradients, not the norm of ``G``."""
 
     def __init__(self, options, stage, run):
         super().__init__(options, stage, run)
@@ -99,8 +103,8 @@ class GaLore(Method):
         self.refreshes = 0
         self.kept_bases = 0
         self.last_refresh_step = -1
-        self._events: dict = {}
-        self._refreshing = False
+        self.last_refresh: dict = {}
+        """The latest refresh's report (seconds, kept subspaces), logged after its step."""
 
     # --- before the engine exists -------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> None:
@@ -127,11 +131,11 @@ class GaLore(Method):
         return [g for g in groups if g["params"]]
 
     # --- with the engine ----------------------------------------------------------------------
-    def on_engine_ready(self, engine) -> None:
-        super().on_engine_ready(engine)
+    def on_engine_ready(self, context) -> None:
+        super().on_engine_ready(context)
         # Engine's module may be a different object than the one prepared (it is not, today);
         # find the adapters by name in what DeepSpeed trains.
-        modules = dict(engine.module.named_modules())
+        modules = dict(context.engine.module.named_modules())
         self.adapters = {name: modules[name] for name in self.adapters}
 
     def is_refresh_step(self, step: int) -> bool:
@@ -139,9 +143,7 @@ class GaLore(Method):
 
     def train_step(self, engine, micro_batches: list[dict], step: int) -> float:
         lr = engine.get_lr()[0]  # this step's LR (the scheduler moves on inside engine.step)
-        self._events = {}
-        self._refreshing = self.is_refresh_step(step)
-        if self._refreshing:
+        if self.is_refresh_step(step):
             world, rank = dist.world_size(), dist.rank()
             for index, adapter in enumerate(self.adapters.values()):
                 adapter.capture = GradientCapture(owner=index % world, world=world, rank=rank)
@@ -158,13 +160,12 @@ class GaLore(Method):
 
     def before_optimizer_step(self, engine, step: int) -> None:
         """At refresh steps the backward also captured each matrix's full gradient: refresh now."""
-        if self._refreshing:
+        if self.is_refresh_step(step):
             with self.timer.phase("refresh"):
                 self._refresh(engine, step)
 
     def after_step(self, engine, step: int) -> dict:
-        events, self._events = self._events, {}
-        return events
+        return dict(self.last_refresh) if step == self.last_refresh_step else {}
 
     # --- the refresh --------------------------------------------------------------------------
     def _refresh(self, engine, step: int) -> None:
@@ -202,10 +203,10 @@ class GaLore(Method):
         self.refreshes += 1
         self.kept_bases += len(kept)
         self.last_refresh_step = step
-        self._events = {"galore/refresh": 1, "galore/refresh_s": time.perf_counter() - start,
+        self.last_refresh = {"galore/refresh": 1, "galore/refresh_s": time.perf_counter() - start,
                         "galore/kept_subspace": len(kept)}
         if kept:
-            self._events["galore/kept_subspace_modules"] = sorted(kept)
+            self.last_refresh["galore/kept_subspace_modules"] = sorted(kept)
             log.warning("galore: step %d: %d of %d matrices keep their old subspace: %s", step, len(kept),
                         len(self.adapters), "; ".join(f"{n} ({why})" for n, why in kept.items()))
 

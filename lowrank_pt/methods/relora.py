@@ -92,11 +92,9 @@ class ReLoRA(LoRA):
     def __init__(self, options, stage, run):
         super().__init__(options, stage, run)
         self.restarts = 0
-        self.total_steps: Optional[int] = None
 
     def lr_lambda(self, total_steps: int) -> Callable[[int], float]:
         """Jagged cosine: the stage's warmup_steps and min_lr_ratio, restarts from the options."""
-        self.total_steps = total_steps
         cfg, o = self.stage.schedule, self.options
         if cfg.kind not in ("cosine", "jagged_cosine"):
             raise ValueError(f"schedule.kind={cfg.kind!r}: relora needs cosine or jagged_cosine")
@@ -109,7 +107,8 @@ class ReLoRA(LoRA):
                                    restart_every=o.restart_every, restart_warmup_steps=o.rewarm_steps())
 
     def is_restart_step(self, step: int) -> bool:
-        last = self.total_steps is not None and step + 1 >= self.total_steps
+        """After optimizer step ``step``; never after the stage's last step (the hand-over merges)."""
+        last = self.context is not None and step + 1 >= self.context.total_steps
         return (step + 1) % self.options.restart_every == 0 and not last
 
     def after_step(self, engine, step: int) -> dict:

@@ -187,9 +187,9 @@ def activation_bytes(model_cfg, micro_batch: int, seq_len: int, precision: str,
     T×T matrix): a block saves about ``(4f + 6d)·b + 16·d`` bytes (the MLP's four f-wide
     tensors, attention's inputs/q/k/v/output, and the two fp32 vectors each RMSNorm keeps); the
     head keeps the fp32 log-probabilities, ``4·V``. Checked against autograd's saved tensors on
-    CPU (within ~10%, tests/test_tracking_planner.py). With activation checkpointing a block
-    keeps only its input (``d·b``) and one block's activations are rebuilt at a time in
-    backward. ``working``: the fp32 logits gradient (``4·V`` per token) during the head's
+    CPU (within 12%, tests/test_tracking.py::test_activation_estimate_matches_autograd). With
+    activation checkpointing a block keeps only its input (``d·b``) and one block's activations
+    are rebuilt at a time in backward. ``working``: the fp32 logits gradient (``4·V`` per token) during the head's
     backward.
     """
     b = DTYPE_BYTES[precision]

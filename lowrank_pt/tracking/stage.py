@@ -71,15 +71,16 @@ class StageTracker:
 
     @staticmethod
     def _new_window() -> dict:
-        return {"steps": 0, "tokens": 0, "step_s": 0.0, "phases": defaultdict(float),
-                "totals": None}
+        return {"steps": 0, "tokens": 0, "step_s": 0.0, "loss": 0.0, "losses": 0,
+                "phases": defaultdict(float), "totals": None}
 
     # --- per step ---------------------------------------------------------------------------
     def start_step(self) -> None:
         self.timer.start_step()
 
-    def end_step(self, tokens: int | None = None) -> dict[str, float]:
-        """Close the step; ``tokens`` (all ranks) defaults to the stage's tokens per step."""
+    def end_step(self, tokens: int | None = None, loss: float | None = None) -> dict[str, float]:
+        """Close the step; ``tokens`` (all ranks) defaults to the stage's tokens per step;
+        ``loss`` (this rank's) joins the window's mean loss."""
         phases = self.timer.end_step()
         tokens = self.tokens_per_step if tokens is None else tokens
         self.steps += 1
@@ -88,6 +89,9 @@ class StageTracker:
         w["steps"] += 1
         w["tokens"] += tokens
         w["step_s"] += phases["step"]
+        if loss is not None:
+            w["loss"] += loss
+            w["losses"] += 1
         for name, seconds in phases.items():
             if name != "step":
                 w["phases"][name] += seconds
@@ -100,11 +104,17 @@ class StageTracker:
                 self.last[key] = record[key]
 
     def metrics(self) -> dict:
-        """Namespaced metrics of the steps since the last call (this rank's memory), then reset
-        the window. Phase times are seconds per step; eval and checkpoint are the seconds spent
-        in them since the last call."""
+        """Metrics of the steps since the last call, then reset the window: ``loss`` (the mean
+        over the window's steps and all ranks, when steps gave one: then collective), phase
+        times in seconds per step (eval and checkpoint: seconds spent since the last call),
+        throughput from the summed step times (``throughput/tokens_per_s``: time inside steps,
+        not evaluation or checkpoints), and this rank's memory."""
         w = self._window
         out: dict = {}
+        if w["losses"]:
+            from lowrank_pt import dist
+
+            out["loss"] = dist.all_reduce_mean(w["loss"] / w["losses"])
         steps = max(w["steps"], 1)
         for name, seconds in sorted(w["phases"].items()):
             out[f"time/{name}_s"] = seconds / steps

@@ -46,8 +46,9 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import torch
 
-from lowrank_pt.data import DataError, Tokenizer
-from lowrank_pt.data.loader import ShuffledLoader, check_rank
+from .errors import DataError
+from .loader import ShuffledLoader, check_rank
+from .tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -318,7 +319,7 @@ def shakespeare_key(max_examples: Optional[int], seed: int) -> str:
 
 
 def _corpus_version() -> str:
-    from lowrank_pt.data.embedded import CLEANING_VERSION, package_version
+    from .embedded import CLEANING_VERSION, package_version
 
     return f"{package_version()}/{CLEANING_VERSION}"
 
@@ -360,7 +361,7 @@ def build_shakespeare_sft(out_dir: str | Path, max_examples: Optional[int] = Non
     Cached: if ``out_dir`` already holds the files of the same parameters, nothing is done. Files
     appear atomically (params.json last), so concurrent callers are safe.
     """
-    from lowrank_pt.data import iter_speeches
+    from .embedded import iter_speeches
 
     out = Path(out_dir)
     train_path, val_path, params_path = out / "train.jsonl", out / "val.jsonl", out / "params.json"
