@@ -5,11 +5,25 @@ flat partitions); under ZeRO use the ``galore`` method (the frozen-projector ada
 
 Param groups that carry a ``rank`` key are projected, with galore-torch's group keys
 (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``) plus ``svd``, ``svd_niter``,
-``svd_oversample`` and ``moments_on_refresh``. Numerics follow ``torch.optim.AdamW``
-(decoupled decay of the full weight before the update, eps added to the bias-corrected
-``sqrt(v)``), so this optimizer and the adapter method compute the same steps. galore-torch adds
-eps to the uncorrected ``sqrt(v)`` and decays after the update: the two agree to within
-``eps/sqrt(v)`` relative per step when weight decay is 0.
+``svd_oversample``, ``moments_on_refresh`` and ``sign_rule``. By default the numerics follow
+``torch.optim.AdamW`` (decoupled decay of the full weight before the update, eps added to the
+bias-corrected ``sqrt(v)``), so this optimizer and the adapter method compute the same steps.
+
+What differs from galore-torch 1.0's ``GaLoreAdamW``, and the options that reproduce it:
+
+- Signs of the basis vectors: ours are canonical (``projector.canonical_signs``), galore-torch
+  keeps LAPACK's, which flip under rounding-size changes of the gradient and, since moments are
+  kept across a refresh, reverse the momentum along a flipped vector. ``sign_rule="lapack"``
+  (group key) keeps LAPACK's signs; a run then follows galore-torch's only until rounding makes
+  LAPACK flip a vector in one run and not the other (tests/test_galore_reference.py).
+- eps: galore-torch (like transformers' AdamW) adds eps to the uncorrected ``sqrt(v)`` and
+  folds the bias correction into the step size, i.e. it divides by ``sqrt(v̂) + eps/sqrt(1-β2^t)``
+  instead of ``sqrt(v̂) + eps``: a larger eps early on (31.6x at step 1 with β2 0.999), on every
+  param it trains, projected or not. Both add eps in the low-rank space, before the update is
+  projected back and scaled. ``eps_placement="uncorrected"`` (constructor default or group
+  key) does what galore-torch does; ``"corrected"`` (default) what torch does.
+- Weight decay: galore-torch decays the weight after the update (``p -= lr·wd·p_new``), torch
+  before it (``p *= 1 - lr·wd``); a difference of order ``lr²·wd`` per step, not an option here.
 """
 
 from __future__ import annotations
@@ -21,7 +35,8 @@ import torch
 from lowrank_pt.galore import projector
 
 GROUP_DEFAULTS = dict(update_proj_gap=200, scale=0.25, proj_type="std", svd="exact", svd_niter=2,
-                      svd_oversample=8, moments_on_refresh="keep")
+                      svd_oversample=8, moments_on_refresh="keep", sign_rule="canonical")
+EPS_PLACEMENTS = ("corrected", "uncorrected")
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
@@ -33,16 +48,32 @@ class GaLoreAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, eps_placement: str = "corrected"):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"GaLoreAdamW: bad lr={lr}, betas={betas}, eps={eps} or weight_decay={weight_decay}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      eps_placement=eps_placement))
         for group in self.param_groups:
+            if group["eps_placement"] not in EPS_PLACEMENTS:
+                raise ValueError(f"GaLoreAdamW: eps_placement={group['eps_placement']!r}: allowed "
+                                 f"{list(EPS_PLACEMENTS)}")
             if "rank" in group:
                 for key, value in GROUP_DEFAULTS.items():
                     group.setdefault(key, value)
                 projector.projection_side((2, 1), group["proj_type"])  # validates the name
+                if group["sign_rule"] not in projector.SIGN_RULES:
+                    raise ValueError(f"GaLoreAdamW: sign_rule={group['sign_rule']!r}: allowed "
+                                     f"{list(projector.SIGN_RULES)}")
         self.refresh_failures: list[str] = []
+
+    def __setstate__(self, state):
+        """Groups saved before a key existed (``load_state_dict`` goes through here) get its default."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("eps_placement", "corrected")
+            if "rank" in group:
+                for key, value in GROUP_DEFAULTS.items():
+                    group.setdefault(key, value)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -83,7 +114,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 exp_avg.lerp_(grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 step_size = group["lr"] / (1 - beta1 ** step)
-                denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(group["eps"])
+                if group["eps_placement"] == "corrected":  # sqrt(v̂) + eps
+                    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(group["eps"])
+                else:  # (sqrt(v) + eps) / sqrt(1 - β2^t), the correction moved into the step size
+                    denom = exp_avg_sq.sqrt().add_(group["eps"])
+                    step_size *= math.sqrt(1 - beta2 ** step)
                 if side is None:
                     p.addcdiv_(exp_avg, denom, value=-step_size)
                 else:
@@ -100,7 +135,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if state["step"] % group["update_proj_gap"] == 0:
             basis, why = projector.new_basis(grad, rank, side, group["svd"], previous=state["basis"],
                                              niter=group["svd_niter"], oversample=group["svd_oversample"],
-                                             seed=seed * 7919 + state["step"])
+                                             seed=seed * 7919 + state["step"], sign_rule=group["sign_rule"])
             if basis is None:
                 self.refresh_failures.append(f"param {tuple(grad.shape)} step {state['step']}: {why}")
             else:

@@ -17,6 +17,7 @@ import torch
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 SVD_METHODS = ("exact", "randomized")
+SIGN_RULES = ("canonical", "lapack")
 
 
 def projection_side(shape: tuple[int, int], proj_type: str) -> str:
@@ -66,18 +67,21 @@ def is_set(basis: torch.Tensor) -> bool:
 
 def new_basis(grad: torch.Tensor, rank: int, side: str, method: str = "exact",
               previous: torch.Tensor | None = None, niter: int = 2, oversample: int = 8,
-              seed: int = 0) -> tuple[torch.Tensor | None, str]:
+              seed: int = 0, *, sign_rule: str = "canonical") -> tuple[torch.Tensor | None, str]:
     """Top-``rank`` singular vectors of ``grad`` on ``side``, in float32; ``(None, why)`` when the
     gradient cannot give a subspace (non-finite, zero, failed or non-finite SVD) so the caller
     keeps its old one.
 
-    ``exact`` is ``torch.linalg.svd`` (galore-torch's choice), with the signs of the vectors made
-    canonical (``canonical_signs``). ``randomized``
+    ``exact`` is ``torch.linalg.svd`` (galore-torch's choice). ``sign_rule`` sets the signs of
+    the vectors: ``canonical`` (default) flips them by ``canonical_signs``; ``lapack`` keeps the
+    signs the solver returns, as galore-torch does (to reproduce its runs). ``randomized``
     is a range finder with ``niter`` power iterations; when ``previous`` holds a basis it is the
     start block (warm start: the subspace drifts slowly between refreshes), topped up with
     ``oversample`` random directions drawn from a generator seeded by ``seed``, so every rank and
     every resumed run draws the same numbers without touching the global RNG.
     """
+    if sign_rule not in SIGN_RULES:
+        raise ValueError(f"sign_rule={sign_rule!r}: allowed {list(SIGN_RULES)}")
     g = grad.detach().float()
     if not bool(torch.isfinite(g).all()):
         return None, "non-finite gradient"
@@ -101,7 +105,9 @@ def new_basis(grad: torch.Tensor, rank: int, side: str, method: str = "exact",
         return None, f"svd failed: {str(e).splitlines()[0]}"
     if not bool(torch.isfinite(basis).all()):
         return None, "non-finite singular vectors"
-    return canonical_signs(basis, side).contiguous(), ""
+    if sign_rule == "canonical":
+        basis = canonical_signs(basis, side)
+    return basis.contiguous(), ""
 
 
 def canonical_signs(basis: torch.Tensor, side: str) -> torch.Tensor:

@@ -63,6 +63,12 @@ class GaLoreOptions:
     moments_on_refresh: str = "keep"
     """keep: Adam's moments carry over unchanged, as published; reproject: carried into the new
     subspace (first moment exactly, second under an uncorrelated-coordinates approximation)."""
+    sign_rule: str = "canonical"
+    """Signs of the basis vectors at a refresh: canonical (each vector's largest entry positive,
+    continuous in the gradient, so moments kept across a refresh keep their direction) or lapack
+    (the signs the SVD returns, as galore-torch keeps them; they can flip under rounding-size
+    changes of the gradient and reverse the kept momentum along a vector). galore-torch also
+    adds eps before Adam's bias correction; this method adds it after, as torch's AdamW."""
     base_in_fp32: bool = False
     """Hold the frozen base W0 as an fp32 buffer, so bf16 runs merge without rounding W0 to
     bf16 at every refresh. Costs 4 bytes per weight on every rank (buffers are not sharded by
@@ -83,6 +89,8 @@ class GaLoreOptions:
             raise ValueError(f"svd_niter={self.svd_niter} and svd_oversample={self.svd_oversample} must be >= 0")
         if self.moments_on_refresh not in ("keep", "reproject"):
             raise ValueError(f"moments_on_refresh={self.moments_on_refresh!r}: allowed ['keep', 'reproject']")
+        if self.sign_rule not in projector.SIGN_RULES:
+            raise ValueError(f"sign_rule={self.sign_rule!r}: allowed {list(projector.SIGN_RULES)}")
         if not self.target_modules:
             raise ValueError("target_modules must name at least one module")
 
@@ -187,7 +195,8 @@ class GaLore(Method):
                 why = "no gradient reached this matrix"
             elif rank == owner:
                 new, why = projector.new_basis(grad, adapter.rank, adapter.side, o.svd, adapter.galore_basis,
-                                               o.svd_niter, o.svd_oversample, seed=step * 100_003 + index)
+                                               o.svd_niter, o.svd_oversample, seed=step * 100_003 + index,
+                                               sign_rule=o.sign_rule)
                 if new is not None:
                     basis.copy_(new)
                     low.copy_(projector.project(grad, new, adapter.side) * adapter.scale)
