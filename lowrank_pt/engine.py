@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 
@@ -71,10 +72,23 @@ def with_persistence_threshold(model, ds_config: dict) -> dict:
     zero = ds_config.get("zero_optimization", {})
     if zero.get("stage") != 3 or "stage3_param_persistence_threshold" in zero:
         return ds_config
-    largest = max((p.numel() for p in model.parameters()), default=0)
+    # A param built under deepspeed.zero.Init holds an empty placeholder: its size is ds_numel.
+    largest = max((getattr(p, "ds_numel", p.numel()) for p in model.parameters()), default=0)
     if largest >= _deepspeed_persistence_default():
         return ds_config
     return deep_merge(ds_config, {"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+
+
+def partitioned_build(ds_config: dict):
+    """The context to build (and wrap) the model in. At ZeRO-3 it is ``deepspeed.zero.Init``:
+    each param is partitioned over the ranks as soon as its module is built, so no rank ever
+    holds the whole model (a 7B model is ~27 GB in fp32 on every rank otherwise, before ZeRO
+    partitions anything). Params come out in the run's precision (zero.Init casts them; DeepSpeed
+    does not cast a zero.Init model again). Elsewhere nothing: stages 0-2 hold the whole model
+    on every rank by design."""
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        return contextlib.nullcontext()
+    return deepspeed.zero.Init(config_dict_or_path=ds_config)
 
 
 def build_optimizer(param_groups: list[dict], opt_cfg, offload: bool = False,

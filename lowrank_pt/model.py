@@ -7,6 +7,7 @@ low-rank methods target modules by the names users know from the papers' code.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -15,6 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+
+def whole(p: torch.Tensor):
+    """A context in which ``p`` holds its full value: a param that ``deepspeed.zero.Init``
+    partitioned as it was built (ZeRO-3) is gathered, one at a time, and rank 0's write is kept;
+    any other tensor is its own."""
+    if hasattr(p, "ds_id"):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -182,12 +194,12 @@ class LlamaModel(nn.Module):
         # stream's variance flat at init.
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.fill_(1.0)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                p.normal_(0.0, out_std)
-            else:
-                p.normal_(0.0, std)
+            with whole(p):
+                if name.endswith("norm.weight") or "layernorm" in name:
+                    p.fill_(1.0)
+                else:  # drawn in fp32 whatever p's dtype: the same values as an fp32 build cast later
+                    scale = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                    p.copy_(torch.empty(p.shape, dtype=torch.float32, device=p.device).normal_(0.0, scale))
 
     def rope(self, length: int, dtype):
         if length > self.rope_cos.shape[0]:

@@ -4,7 +4,9 @@ Reads top to bottom: ``Trainer.run_all`` prepares data and the run dir, then run
 three pieces: ``build_stage`` (model, method, DeepSpeed engine, a checkpoint that belongs to the
 stage, data, tracker), ``train_loop`` (the optimizer steps; it asks ``Cadence`` when to log,
 evaluate, save and stop, and the ``StageTracker`` for the loss and throughput window), and
-``hand_over`` (summary, the weights for the next stage, samples).
+``finish_stage`` (summary, samples); the next ``build_stage`` takes the finished stage's weights
+straight from its engine, one module at a time (``Method.plain_weights``), into a model that at
+ZeRO-3 is partitioned as it is built, so no rank ever holds the whole model.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 import torch
 
-from lowrank_pt import checkpoint, dist, methods
+from lowrank_pt import checkpoint, dist, methods, zero_io
 from lowrank_pt import engine as E
 from lowrank_pt.cadence import Cadence
 from lowrank_pt.config import RunConfig, StageConfig, stage_steps, to_yaml
@@ -158,14 +160,17 @@ class Trainer:
         self.metrics = MetricsLogger(run.run_dir, run.train.tensorboard, self.global_step)
         if meta:
             self.say(f"resuming from {resume_path} (stage {meta['stage_name']}, step {meta['stage_step']})")
-        weights = None
+        self.finished: StageRun | None = None  # the stage whose weights the next one takes
         self.stopped = False
         try:
             for index in range(first_stage, len(run.stages)):
                 if self.stop_requested():
                     break
                 resume_here = resume_path if meta and index == first_stage else None
-                weights = self.run_stage(index, weights, resume_here)
+                sr = self.build_stage(index, resume_here)
+                self.train_loop(sr)
+                self.finish_stage(sr)
+                self.finished, sr = sr, None
         finally:
             self.metrics.close()
         return {"global_step": self.global_step, "tokens": self.tokens, "finished": not self.stopped}
@@ -207,40 +212,44 @@ class Trainer:
         dist.barrier()
 
     # --- one stage --------------------------------------------------------------------------
-    def run_stage(self, index: int, weights: dict | None, resume_path: str | None) -> dict | None:
-        """Build, train and hand over stage ``index``; returns the weights for the next stage."""
-        sr = self.build_stage(index, weights, resume_path)
-        self.train_loop(sr)
-        weights = self.hand_over(sr)
-        del sr
-        gc.collect()
-        return weights
-
-    def build_stage(self, index: int, weights: dict | None, resume_path: str | None) -> StageRun:
+    def build_stage(self, index: int, resume_path: str | None) -> StageRun:
+        """Model, method, engine, data and tracker of stage ``index``. Its weights: a resumed
+        checkpoint, else the stage's ``init_from``, else the finished previous stage's final
+        weights (whose engine is released before this one is built), else a fresh init."""
         run, stage = self.run, self.run.stages[index]
         micro = stage.micro_batch_size or run.train.micro_batch_size
         accum = stage.grad_accum or run.train.grad_accum
         tokens_per_step = micro * accum * self.world_size * self.model_cfg.seq_len
         total = stage_steps(stage, tokens_per_step)
+        method = methods.build(stage, run)
+        ds_config = E.deepspeed_config(run.engine, micro, accum, method.grad_clip(), self.world_size)
 
         # Same seed on every rank: the ranks must build identical models before ZeRO partitions.
         torch.manual_seed(run.seed + 1000 * index)
-        model = LlamaModel(self.model_cfg)
-        if stage.init_from and resume_path is None:  # a stage's own source wins over the carried weights
+        with E.partitioned_build(ds_config):
+            model = LlamaModel(self.model_cfg)
+            plain = [name for name, _ in model.named_parameters()]
+            method.prepare_model(model)
+        previous, self.finished = self.finished, None
+        source = None
+        if resume_path is None and stage.init_from:  # a stage's own source wins over the carried weights
             from lowrank_pt.export import load_init_weights
 
-            weights = load_init_weights(stage.init_from)
+            source = iter(load_init_weights(stage.init_from).items())
             self.say(f"stage {stage.name}: weights from {stage.init_from}")
-        if weights is not None:
-            model.load_state_dict(weights)
-        method = methods.build(stage, run)
-        method.prepare_model(model)
+        elif resume_path is None and previous is not None:
+            source = previous.method.plain_weights(previous.engine)
+        held = load_streamed(model, source, plain) if source is not None else {}
+        del previous, source  # the last references to the previous stage's engine
+        gc.collect()
         optimizer = E.build_optimizer(method.param_groups(model), stage.optimizer,
-                                      offload=run.engine.offload_optimizer)
-        ds_config = E.deepspeed_config(run.engine, micro, accum, method.grad_clip(), self.world_size)
+                                      offload=run.engine.offload_optimizer, zero_stage=run.engine.zero_stage)
         engine = E.initialize(model, optimizer, method.lr_lambda(total), ds_config)
-        if weights is not None and run.engine.precision != "fp32":
-            self.restore_masters(engine, weights)
+        if run.engine.precision != "fp32":  # masters were made from the rounded params
+            for p in engine.module.parameters():
+                if id(p) in held:
+                    zero_io.restore_master(engine, p, held[id(p)])
+        del held
         # Dropout and other training randomness differ by rank, reproducibly.
         torch.manual_seed(run.seed + 1000 * index + 1 + self.rank)
 
@@ -288,18 +297,13 @@ class Trainer:
                 with timer.phase("checkpoint"):
                     self.save(engine, method, sr.index, step + 1)
 
-    def hand_over(self, sr: StageRun) -> dict | None:
-        """Write the stage's summary; return the plain weights the next stage (or the samples)
-        needs, None when nothing does."""
+    def finish_stage(self, sr: StageRun) -> None:
+        """Write the stage's summary and print its samples."""
         entry = sr.tracker.finish(end_step=sr.reached, total_steps=sr.total)  # collective
         if self.rank == 0:
             write_stage_summary(self.run.run_dir, entry)
-        last_stage = sr.index + 1 == len(self.run.stages)
-        needs_weights = not self.stopped and (not last_stage or self.run.train.sample_prompts)
-        weights = sr.method.export_weights(sr.engine) if needs_weights else None
-        if weights is not None and self.run.train.sample_prompts and sr.start < sr.total:
-            self.sample(weights, sr.stage)  # a stage resumed at its end printed its samples before
-        return weights
+        if self.run.train.sample_prompts and not self.stopped and sr.start < sr.total:
+            self.sample(sr)  # a stage resumed at its end printed its samples before
 
     # --- pieces ------------------------------------------------------------------------------
     def log_step(self, sr: StageRun, step: int, lr: float, events: dict) -> None:
@@ -312,14 +316,15 @@ class Trainer:
         self.say(f"[{sr.stage.name}] step {step + 1}/{sr.total} loss {record['loss']:.4f} "
                  f"lr {lr:.2e} {record['throughput/tokens_per_s']:.0f} tok/s", progress=True)
 
-    def sample(self, weights: dict, stage: StageConfig) -> None:
-        """Generations from the stage's final weights. Every rank samples (the weights are full
-        everywhere and the draws seeded alike), so no rank waits inside a collective while rank 0
-        works; rank 0 prints and writes them."""
+    def sample(self, sr: StageRun) -> None:
+        """Generations from the stage's trained model as the engine holds it (adapters unmerged:
+        the same function), in the run's precision. Every rank samples in step, with the same
+        seeded draws: at ZeRO-3 each layer's forward gathers its params, a collective every rank
+        joins, so no rank waits alone while rank 0 works and no rank holds the whole model.
+        Rank 0 prints and writes them."""
         from lowrank_pt.generate import chat, generate
 
-        model = LlamaModel(self.model_cfg)
-        model.load_state_dict(weights)
+        stage, model = sr.stage, sr.engine.module
         model.eval()
         train = self.run.train
         lines = []
@@ -329,17 +334,10 @@ class Trainer:
                           temperature=train.sample_temperature, seed=self.run.seed)
             lines.append({"step": self.global_step, "stage": stage.name, "prompt": prompt, "text": out.text})
             self.say(f"[{stage.name}] sample: {prompt!r} -> {out.text!r}")
+        model.train()
         if self.rank == 0:
             with open(os.path.join(self.run.run_dir, "samples.jsonl"), "a") as f:
                 f.writelines(json.dumps(line) + "\n" for line in lines)
-
-    def restore_masters(self, engine, weights: dict) -> None:
-        """The new engine built its fp32 masters from bf16 params; put back the carried fp32 values."""
-        from lowrank_pt import zero_io
-
-        for name, p in engine.module.named_parameters():
-            if p.requires_grad and name in weights:
-                zero_io.set_param(engine, p, weights[name])
 
     @torch.no_grad()
     def evaluate(self, engine, batches: list[dict], stage: StageConfig) -> dict:
@@ -376,3 +374,31 @@ class Trainer:
     def say(self, text: str, progress: bool = False) -> None:
         if self.rank == 0 and (not progress or self.run.train.progress):
             print(text, flush=True)
+
+
+def load_streamed(model, source, plain: list[str]) -> dict[int, torch.Tensor]:
+    """Load ``(name, full value)`` pairs of the plain model into ``model`` (built, and prepared by
+    its method, not yet in an engine) as they come: a ZeRO-3 partitioned param takes its shard.
+    Every name of ``plain`` (the params of the model before its method prepared it; the
+    method's own additions keep their fresh values) must arrive and fit its shape. Returns, by
+    param id, the fp32 value each trainable param now holds on this rank, for the masters."""
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    held, seen = {}, set()
+    for name, value in source:
+        target = params.get(name, buffers.get(name))
+        if target is None:
+            if name.endswith("lm_head.weight") and model.cfg.tie_embeddings:
+                continue  # tied to embed_tokens.weight, which carries it
+            raise ValueError(f"weights to load hold {name!r}, which the model has not")
+        shape = tuple(getattr(target, "ds_shape", target.shape))
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{name}: weights to load have shape {tuple(value.shape)}, the model {shape}")
+        local = zero_io.write_before_engine(target, value)
+        if name in params and target.requires_grad:
+            held[id(target)] = local
+        seen.add(name)
+    missing = [n for n in plain if n not in seen]
+    if missing:
+        raise ValueError(f"weights to load lack {missing[:5]}")
+    return held

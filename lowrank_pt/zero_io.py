@@ -99,13 +99,46 @@ def set_param(engine, p: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def _local_shard(p, value: torch.Tensor) -> torch.Tensor:
-    """This rank's piece of ``value`` in ZeRO-3's padded partitioning of ``p``."""
+    """This rank's piece of ``value`` in ZeRO-3's padded partitioning of ``p`` (fp32, zeros where
+    the last rank's piece runs past the end)."""
     part = p.ds_tensor.ds_numel
     group = p.ds_process_group
-    padded = torch.zeros(part * dist.get_world_size(group=group))
-    padded[: value.numel()] = value.detach().float().flatten()
-    rank = dist.get_rank(group=group)
-    return padded[rank * part : (rank + 1) * part].to(p.ds_tensor.device)
+    start = dist.get_rank(group=group) * part
+    flat = value.detach().reshape(-1)
+    piece = torch.zeros(part, dtype=torch.float32)
+    held = flat[start : start + part]
+    piece[: held.numel()] = held.float()
+    return piece.to(p.ds_tensor.device)
+
+
+def is_partitioned(p) -> bool:
+    """Whether ``p`` is a ZeRO-3 param (built under ``deepspeed.zero.Init`` or converted by the engine)."""
+    return hasattr(p, "ds_tensor")
+
+
+def write_before_engine(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Put the full ``value`` into ``p`` before any engine exists (weights handed over from the
+    previous stage, or loaded): a partitioned param takes this rank's shard only, anything else
+    the whole value. Returns what this rank now holds of it in fp32 (its shard, or the whole
+    value), which ``restore_master`` puts back into the fp32 master once the engine exists.
+    Every rank calls it with the same value; no communication."""
+    if is_partitioned(p):
+        local = _local_shard(p, value)
+        p.ds_tensor.data.copy_(local.to(p.ds_tensor.dtype))
+        return local
+    p.data.copy_(value.detach().to(p.device, p.dtype).view_as(p))
+    return value.detach().float().view(p.shape)
+
+
+def restore_master(engine, p: torch.Tensor, held: torch.Tensor) -> None:
+    """Write the fp32 value ``write_before_engine`` returned into ``p``'s fp32 master: the
+    engine built its masters from the (bf16) params, which rounded them."""
+    if not p.requires_grad:
+        return
+    if zero_stage(engine) == 3:
+        safe_set_local_fp32_param(p, held.to(p.ds_tensor.device))
+    else:
+        set_param(engine, p, held)
 
 
 def _relink_optimizer_states(engine) -> None:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank_pt.galore import projector
+from lowrank_pt.model import whole
 from lowrank_pt.targets import replace_linears, select_linears
 
 
@@ -105,18 +106,20 @@ class GaLoreLinear(nn.Module):
     def __init__(self, linear: nn.Linear, rank: int, scale: float, proj_type: str,
                  base_in_fp32: bool = False):
         super().__init__()
-        shape = tuple(linear.weight.shape)
+        shape = (linear.out_features, linear.in_features)  # a ZeRO-3 param's own shape is its empty placeholder's
         self.out_features, self.in_features = shape
         self.side = projector.projection_side(shape, proj_type)
         self.rank = projector.effective_rank(shape, rank)
         self.scale = float(scale)
         self.use_decay = False
         self.capture: GradientCapture | None = None  # set by the method during a refresh step
-        w0 = linear.weight.detach().clone()
+        w0 = linear.weight
         if base_in_fp32:
-            self.register_buffer("weight", w0.float())
-        else:
-            self.weight = nn.Parameter(w0, requires_grad=False)
+            with whole(w0):  # a buffer is never partitioned: it takes the full value
+                self.register_buffer("weight", w0.detach().float().clone())
+        else:  # the linear's own param, frozen: ZeRO keeps it partitioned and checkpoints its name
+            w0.requires_grad_(False)
+            self.weight = w0
         self.bias = linear.bias
         low = projector.low_rank_shape(shape, self.rank, self.side)
         self.galore_b = nn.Parameter(torch.zeros(low, dtype=w0.dtype, device=w0.device))

@@ -22,7 +22,7 @@ Adding a method means a module with a subclass and one line in ``methods/__init_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import torch
 from torch import nn
@@ -152,12 +152,29 @@ class Method:
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    def export_weights(self, engine) -> dict[str, torch.Tensor]:
-        """Full fp32 state dict of the plain model (adapters merged), identical on every rank.
+    def plain_weights(self, engine) -> Iterator[tuple[str, torch.Tensor]]:
+        """The plain model's weights (adapters merged), one module at a time: ``(name, full fp32
+        value)``, identical on every rank. Only one module's tensors are whole at once, so a
+        hand-over never holds the whole model on any rank. Collective at ZeRO stages 1-3: every
+        rank iterates to the end, in step."""
+        module = engine.module
+        persistent = set(module.state_dict().keys())
+        by_module: dict[str, list[tuple[str, torch.Tensor, bool]]] = {}
+        for name, p in module.named_parameters():
+            by_module.setdefault(name.rpartition(".")[0], []).append((name, p, True))
+        for name, buf in module.named_buffers():
+            if name in persistent:
+                by_module.setdefault(name.rpartition(".")[0], []).append((name, buf, False))
+        for members in by_module.values():
+            part = {name: zero_io.full_param(engine, t) if is_param else t.detach().float().cpu().clone()
+                    for name, t, is_param in members}
+            yield from self.to_plain(part, self.options).items()
 
-        Collective at ZeRO stages 1-3: call on every rank.
-        """
-        return self.to_plain(zero_io.full_state_dict(engine), self.options)
+    def export_weights(self, engine) -> dict[str, torch.Tensor]:
+        """Full fp32 state dict of the plain model (adapters merged), identical on every rank
+        (``plain_weights`` gathered into one dict: the whole model on every rank; for export and
+        tests, not for hand-over). Collective at ZeRO stages 1-3."""
+        return dict(self.plain_weights(engine))
 
     @classmethod
     def to_plain(cls, state: dict[str, torch.Tensor], options: Any) -> dict[str, torch.Tensor]:
