@@ -173,6 +173,10 @@ class Trainer:
                 self.finished, sr = sr, None
         finally:
             self.metrics.close()
+            # Engines hold reference cycles (ZeRO hooks): free the last one while the process
+            # group lives, not in the garbage collector's pass at interpreter exit.
+            self.finished = sr = None
+            gc.collect()
         return {"global_step": self.global_step, "tokens": self.tokens, "finished": not self.stopped}
 
     def stop_requested(self) -> bool:
@@ -240,6 +244,8 @@ class Trainer:
         elif resume_path is None and previous is not None:
             source = previous.method.plain_weights(previous.engine)
         held = load_streamed(model, source, plain) if source is not None else {}
+        if resume_path is None:  # weight-dependent inits (LoRA's pissa, ...) see the stage's weights
+            held.update(method.after_weights_loaded(model))
         del previous, source  # the last references to the previous stage's engine
         gc.collect()
         optimizer = E.build_optimizer(method.param_groups(model), stage.optimizer,
