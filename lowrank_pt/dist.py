@@ -249,40 +249,39 @@ def broadcast_(t: torch.Tensor, src: int) -> torch.Tensor:
 # --- scalars -----------------------------------------------------------------------------------
 
 
+def _reduced_scalar(value, dtype: torch.dtype, op):
+    """``value`` reduced over all ranks with ``op``, through a one-element tensor on the group's device."""
+    t = torch.tensor([value], dtype=dtype, device=device())
+    _td.all_reduce(t, op=op)
+    return t.item()
+
+
 def all_reduce_mean(value: float) -> float:
     """The mean of ``value`` over all ranks (float64 on the group's device)."""
     if not is_initialized():
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=device())
-    _td.all_reduce(t, op=_td.ReduceOp.SUM)
-    return float(t.item()) / world_size()
+    return float(_reduced_scalar(value, torch.float64, _td.ReduceOp.SUM)) / world_size()
 
 
 def all_reduce_sum(value: float) -> float:
     """The sum of ``value`` over all ranks."""
     if not is_initialized():
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=device())
-    _td.all_reduce(t, op=_td.ReduceOp.SUM)
-    return float(t.item())
+    return float(_reduced_scalar(value, torch.float64, _td.ReduceOp.SUM))
 
 
 def min_over_ranks(value: int) -> int:
     """The smallest ``value`` over all ranks (e.g. a batch count every rank must agree on)."""
     if not is_initialized():
         return int(value)
-    t = torch.tensor([int(value)], dtype=torch.int64, device=device())
-    _td.all_reduce(t, op=_td.ReduceOp.MIN)
-    return int(t.item())
+    return int(_reduced_scalar(int(value), torch.int64, _td.ReduceOp.MIN))
 
 
 def max_over_ranks(value: int) -> int:
     """The largest ``value`` over all ranks."""
     if not is_initialized():
         return int(value)
-    t = torch.tensor([int(value)], dtype=torch.int64, device=device())
-    _td.all_reduce(t, op=_td.ReduceOp.MAX)
-    return int(t.item())
+    return int(_reduced_scalar(int(value), torch.int64, _td.ReduceOp.MAX))
 
 
 # --- synchronisation and Python objects --------------------------------------------------------

@@ -28,3 +28,13 @@ def data_cache(tmp_path_factory):
     cfg = DataConfig(source="embedded", vocab_size=512, max_documents=200, cache_dir=cache)
     prepare_data(cfg, progress=False)
     return cache
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: on busy shared cores OpenMP with 2 threads spins and runs
+    tiny ops 10-100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -42,13 +42,7 @@ ROUNDING = 2e-6  # ~10x the measured float-rounding difference (1.5e-7)
 REMOVED = 1e-3  # a difference an option removes stays above this (measured 4e-3 to 1.3e-2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Busy shared cores: OpenMP with 2 threads spins and runs these tiny ops 10-100x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class MLP(nn.Module):

@@ -18,13 +18,7 @@ from lowrank_pt.methods.galore import GaLore, GaLoreOptions
 from lowrank_pt.model import LlamaModel, ModelConfig, resolve
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Busy shared cores: OpenMP with 2 threads spins and runs these tiny ops 10-100x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0) -> LlamaModel:

@@ -97,9 +97,16 @@ def _shard(value, rank, part):
     return flat[rank * part:(rank + 1) * part]
 
 
+CASES = (("lora", "fp32"), ("galore", "fp32"), ("full", "bf16"))
+
+
+def handover_cases(rank, world):
+    return [handover_worker(rank, world, *case) for case in CASES]
+
+
 def test_handover_streams_shard_by_shard():
-    for method_name, precision in (("lora", "fp32"), ("galore", "fp32"), ("full", "bf16")):
-        for r in spawn(handover_worker, 2, method_name, precision):
+    for per_rank in spawn(handover_cases, 2):
+        for (method_name, precision), r in zip(CASES, per_rank):
             assert r["worst"] <= r["tol"], (method_name, precision, r["worst"])
             assert r["shards_exact"], (method_name, precision)
             assert max(r["shard_sizes"]) == r["largest_half"], "each rank holds its shard, not the whole param"

@@ -132,7 +132,7 @@ class Method:
         if getattr(self.stage, "sft", None) is None:
             return [1.0] * len(micro_batches)
         counts = [int((batch["labels"] != -100).sum()) for batch in micro_batches]
-        step_total = dist.all_reduce_mean(float(sum(counts))) * dist.world_size()
+        step_total = dist.all_reduce_sum(float(sum(counts)))
         scale = len(micro_batches) * dist.world_size() / max(step_total, 1.0)
         return [n * scale for n in counts]
 
