@@ -1,15 +1,24 @@
-"""``lowrank-pt`` command line: train, data tools, config reference."""
+"""``lowrank-pt`` command line: train, data tools, config reference.
+
+Every command runs under one error handler (``lowrank_pt.failures.run_guarded``): an expected
+failure prints one line ``error: <what, naming the file or key, and what to do>`` and exits 2
+(config or data, found before any work starts) or 3 (checkpoint, I/O, a full disk, out of memory,
+while the run works); ``--debug`` (before the command) adds the traceback. Anything else is a bug
+and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from lowrank_pt.failures import debug_from_env, run_guarded
+
 
 def _train(args) -> int:
-    from lowrank_pt.train import main as train_main
+    from lowrank_pt.train import run as train_run
 
-    return train_main([args.config, *args.overrides])
+    return train_run(args.config, args.overrides)
 
 
 def _reference(args) -> int:
@@ -28,7 +37,10 @@ def _reference(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowrank-pt", description=__doc__)
+    parser = argparse.ArgumentParser(prog="lowrank-pt", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an expected failure too (config, data, I/O errors)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="run a recipe (one process; see launch/ for several)")
@@ -53,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_guarded(args.func, args, debug=args.debug or debug_from_env())
 
 
 if __name__ == "__main__":

@@ -99,6 +99,9 @@ def _plan(args) -> int:
     from lowrank_pt.model import ModelConfig, resolve
     from lowrank_pt.tracking import planner
 
+    if args.rank_index >= args.gpus:
+        print(f"error: plan --rank-index {args.rank_index} must be below --gpus {args.gpus}", file=sys.stderr)
+        return 2
     # DeepSpeed prints to stdout when the methods import it: keep stdout for the plan (--json).
     with contextlib.redirect_stdout(sys.stderr):
         if args.paper:
@@ -125,6 +128,23 @@ def _plan(args) -> int:
     return 0
 
 
+def at_least(low: int):
+    """An argparse type: an int >= ``low`` (argparse then names the flag in its one-line error)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
 def register(subparsers) -> None:
     """Add the ``report`` and ``plan`` subcommands to the main CLI's subparsers."""
     # Nothing here imports DeepSpeed (the methods do): it prints to stdout, which --json keeps clean.
@@ -140,19 +160,19 @@ def register(subparsers) -> None:
     pl = subparsers.add_parser("plan", help="per-GPU memory by category of a configuration, before running it")
     pl.add_argument("--size", default="7b", choices=sorted(MODEL_SIZES), help="named model size")
     pl.add_argument("--method", default="full", help="training method (full, lora, relora, galore, ...)")
-    pl.add_argument("--rank", type=int, default=None, help="rank r of lora/relora/galore (their default if omitted)")
+    pl.add_argument("--rank", type=at_least(1), default=None, help="rank r of lora/relora/galore (their default if omitted)")
     pl.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="another method option, e.g. proj_type=left or target_modules=[q_proj,v_proj]")
     pl.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage")
-    pl.add_argument("--gpus", type=int, default=1, help="data-parallel ranks (ZeRO partitions over them)")
-    pl.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-batch")
-    pl.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
+    pl.add_argument("--gpus", type=at_least(1), default=1, help="data-parallel ranks (ZeRO partitions over them)")
+    pl.add_argument("--micro-batch", type=at_least(1), default=1, help="sequences per GPU per micro-batch")
+    pl.add_argument("--seq-len", type=at_least(1), default=2048, help="tokens per sequence")
     pl.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"), help="training dtype")
     pl.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
-    pl.add_argument("--vocab-size", type=int, default=32000, help="vocabulary size")
-    pl.add_argument("--reduce-bucket-size", type=int, default=DEEPSPEED_REDUCE_BUCKET,
+    pl.add_argument("--vocab-size", type=at_least(1), default=32000, help="vocabulary size")
+    pl.add_argument("--reduce-bucket-size", type=at_least(1), default=DEEPSPEED_REDUCE_BUCKET,
                     help="DeepSpeed zero_optimization.reduce_bucket_size (elements)")
-    pl.add_argument("--rank-index", type=int, default=0, help="which rank to report (partitions differ by padding)")
+    pl.add_argument("--rank-index", type=at_least(0), default=0, help="which rank to report (partitions differ by padding)")
     pl.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     pl.add_argument("--paper", action="store_true", help="print the comparison with the GaLore paper's estimates")
     pl.set_defaults(func=_plan)
