@@ -15,6 +15,7 @@ import gc
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -148,8 +149,10 @@ class Trainer:
                               f"{self.tokenizer.vocab_size}; leave it null to take the tokenizer's")
         if resume_path:
             self.check_shape(checkpoint.read_meta(resume_path))
+            self.check_tokenizer(checkpoint.read_meta(resume_path), resume_path)
+        self.check_sft_tokenizer()
         self.streams = DataStreams(run, self.model_cfg.seq_len, self.tokenizer)
-        self.write_run_dir()
+        self.write_run_dir()  # every check has passed: the first write into the run dir
 
         meta = checkpoint.read_meta(resume_path) if resume_path else None
         self.global_step = meta["global_step"] if meta else 0
@@ -187,17 +190,83 @@ class Trainer:
         return self.stopped
 
     def find_resume(self) -> str | None:
+        """The checkpoint this run continues from, verified (``checkpoint.verify``) and compatible
+        with this run (``check_resume``), or None. resume=auto (and resume=RUN_DIR) takes the
+        newest checkpoint that verifies, warning about each newer damaged one; resume=CHECKPOINT
+        must verify. Collective (checksums are shared over the ranks); reads only."""
         run = self.run
-        if run.resume == "auto":
-            return checkpoint.newest(run.run_dir)
         if run.resume == "never":
-            if checkpoint.newest(run.run_dir):
+            if checkpoint.candidates(run.run_dir):
                 raise ConfigError(f"resume=never but {run.run_dir} holds checkpoints; use another run_dir")
             return None
-        try:
-            return checkpoint.resolve(run.resume)
-        except FileNotFoundError as e:
-            raise ConfigError(f"resume={run.resume!r}: {e}") from None
+        if run.resume != "auto" and not os.path.isdir(checkpoint.root(run.resume)):
+            path = os.path.normpath(run.resume)  # one checkpoint dir
+            if not checkpoint.is_checkpoint_dir(path):
+                raise ConfigError(f"resume={run.resume}: neither a checkpoint dir (checkpoints/step_N) nor a run dir "
+                                  "with checkpoints/")
+            problem = checkpoint.verify_all_ranks(path)
+            if problem:
+                raise ConfigError(f"resume={run.resume}: this checkpoint is damaged: {problem}; point resume at "
+                                  "another checkpoint dir (or at its run dir: the newest that verifies)")
+            self.check_resume(checkpoint.read_meta(path), path)
+            return path
+        source = run.run_dir if run.resume == "auto" else run.resume
+        path, damaged = checkpoint.newest_verified(source)
+        if path is None and damaged:
+            listed = "; ".join(f"{os.path.basename(p)}: {why}" for p, why in damaged)
+            raise ConfigError(f"no checkpoint under {checkpoint.root(source)} verifies ({listed}); move the damaged "
+                              "ones away, or start a new run_dir (resume=never)")
+        for bad, why in damaged:
+            self.warn(f"checkpoint {bad} is damaged ({why}): skipped; resuming from {os.path.basename(path)}")
+        if path is None and run.resume != "auto":
+            raise ConfigError(f"resume={run.resume}: no complete checkpoint under {checkpoint.root(source)}")
+        if path is not None:
+            self.check_resume(checkpoint.read_meta(path), path)
+        return path
+
+    def check_resume(self, meta: dict, path: str) -> None:
+        """A resume must keep what its checkpoint's state depends on: the stage's method, the
+        precision, the ZeRO stage and the world size (older checkpoints lack some: not checked)."""
+        run, changes = self.run, []
+        index = meta["stage_index"]
+        if index < len(run.stages) and meta.get("method") not in (None, run.stages[index].method):
+            changes.append(f"stages.{index}.method ({meta.get('stage_name')}) is {run.stages[index].method} here "
+                           f"but {meta['method']} in the checkpoint")
+        if meta.get("precision") not in (None, run.engine.precision):
+            changes.append(f"engine.precision is {run.engine.precision} here but {meta['precision']} in the checkpoint")
+        if changes:
+            raise ConfigError(f"resuming {path} would change what its state was saved with: {'; '.join(changes)}; "
+                              "resume with the checkpoint's settings, or start a new run_dir (init_from takes its weights)")
+        unsupported = []
+        if meta.get("world_size") not in (None, self.world_size):
+            unsupported.append(f"world size {meta['world_size']} -> {self.world_size} rank(s)")
+        if meta.get("zero_stage") not in (None, run.engine.zero_stage):
+            unsupported.append(f"engine.zero_stage {meta['zero_stage']} -> {run.engine.zero_stage}")
+        if unsupported:
+            raise ConfigError(f"resuming {path} on another world size or ZeRO stage is not supported yet "
+                              f"({'; '.join(unsupported)}): resume with the checkpoint's world size and "
+                              "engine.zero_stage")
+
+    def check_tokenizer(self, meta: dict, path: str) -> None:
+        """The checkpoint's token ids mean this run's pieces: same tokenizer file (sha256)."""
+        saved = meta.get("tokenizer_sha256")
+        if saved is not None and saved != self.tokenizer.sha256:
+            raise ConfigError(f"resuming {path} would change the tokenizer: the checkpoint was trained with "
+                              f"{meta.get('tokenizer')} (sha256 {saved[:12]}…), this run's data section gives "
+                              f"{self.tokenizer.path} (sha256 {self.tokenizer.sha256[:12]}…); resume with the "
+                              "checkpoint's data settings (data.tokenizer, data.vocab_size, data.source, ...)")
+
+    def check_sft_tokenizer(self) -> None:
+        """SFT stages need the chat pieces in the tokenizer (a DataError names the missing one)."""
+        if any(stage.sft is not None for stage in self.run.stages):
+            from lowrank_pt.data.sft import END_PIECE, ROLE_PIECES
+
+            for piece in (*ROLE_PIECES.values(), END_PIECE):
+                self.tokenizer.piece_id(piece)
+
+    def warn(self, text: str) -> None:
+        if self.rank == 0:
+            print(f"warning: {text}", file=sys.stderr, flush=True)
 
     def check_shape(self, meta: dict) -> None:
         saved = meta.get("model", {})
@@ -369,8 +438,9 @@ class Trainer:
         trainer_state = {"stage_index": index, "stage_name": stage.name, "stage_step": stage_step,
                          "global_step": self.global_step, "tokens": self.tokens}
         meta = {**trainer_state, "model": asdict(self.model_cfg), "world_size": self.world_size,
-                "zero_stage": self.run.engine.zero_stage, "method": stage.method,
-                "method_options": dict(stage.options), "tokenizer": os.path.abspath(self.tokenizer.path)}
+                "zero_stage": self.run.engine.zero_stage, "precision": self.run.engine.precision,
+                "method": stage.method, "method_options": dict(stage.options),
+                "tokenizer": os.path.abspath(self.tokenizer.path), "tokenizer_sha256": self.tokenizer.sha256}
         client = {"trainer": trainer_state, "method": method.state_dict(), "data": self.streams.state_dict()}
         path = checkpoint.save(engine, self.run.run_dir, self.global_step, meta, client, self.run.train.keep_last)
         self.say(f"[{stage.name}] checkpoint {path}")
