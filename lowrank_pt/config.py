@@ -10,8 +10,9 @@ from __future__ import annotations
 import ast
 import inspect
 import math
+import os
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
 import yaml
@@ -21,9 +22,12 @@ from omegaconf.errors import OmegaConfBaseException
 from lowrank_pt.data.config import DataConfig
 from lowrank_pt.data.config import validate as validate_data
 from lowrank_pt.errors import ConfigError
-from lowrank_pt.model import MODEL_SIZES, ModelConfig
-from lowrank_pt.data.sft import SFTDataConfig
+from lowrank_pt.model import MODEL_SIZES, ModelConfig, resolve
+from lowrank_pt.data.sft import SFTDataConfig, check_records as check_sft_records
 from lowrank_pt.data.sft import validate_config as validate_sft
+
+BACKENDS = ("gloo", "nccl", "mpi", "ucc")
+"""torch.distributed backends engine.backend may name (each only where this machine has it)."""
 
 
 @dataclass
@@ -176,29 +180,74 @@ def _om_error(e: OmegaConfBaseException, where: str) -> ConfigError:
     return ConfigError(f"{where}: {msg}" + (f" (key: {key})" if key else ""))
 
 
-def load(path: Optional[str], overrides: list[str] = ()) -> RunConfig:
-    """Build a checked RunConfig from a YAML file and ``key=value`` overrides."""
+def _read_yaml(path: str) -> dict:
+    """The top-level mapping of a YAML recipe; ConfigError for every way the file can be wrong."""
+    if os.path.isdir(path):
+        raise ConfigError(f"config path {path} is a directory; give a YAML file (e.g. configs/tiny.yaml)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                          "save the file as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: YAML syntax error{at}: {problem}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
+def _check_shapes(raw: dict, where: str) -> None:
+    """Containers of the wrong kind, named before OmegaConf's merge fails on them."""
+    stages = raw.get("stages")
+    if stages is not None and not isinstance(stages, list):
+        raise ConfigError(f"{where}: stages must be a list of stages (\"- name: ...\" items, or [{{...}}, ...]), "
+                          f"got a {type(stages).__name__}")
+    for key in ("model", "data", "engine", "train"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise ConfigError(f"{where}: {key} must be a mapping of keys, got {type(raw[key]).__name__}")
+
+
+def load(path: Optional[str], overrides: list[str] = (), environment: bool = True) -> RunConfig:
+    """Build a checked RunConfig from a YAML file and ``key=value`` overrides.
+
+    ``environment=False`` skips the checks that look outside the config (device, files named by
+    it, the run dir), for reading the config of a finished run."""
     cfg = OmegaConf.structured(RunConfig)
     if path is not None:
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(raw).__name__}")
+        raw = _read_yaml(path)
+        _check_shapes(raw, path)
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.create(raw))
         except OmegaConfBaseException as e:
             raise _om_error(e, path) from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
     for item in overrides:
         key, value = _parse_override(item)
+        if key == "stages" and value is not None and not isinstance(value, list):
+            raise ConfigError(f"override {item!r}: stages must be a list of stages ([{{name: a, steps: 10}}, ...]), "
+                              f"got a {type(value).__name__}")
         try:
             OmegaConf.update(cfg, key, value, merge=True)
         except OmegaConfBaseException as e:
             raise _om_error(e, f"override {item!r}") from None
-    run: RunConfig = OmegaConf.to_object(cfg)
-    validate(run)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"override {item!r}: {str(e).splitlines()[0]}") from None
+    try:
+        run: RunConfig = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise _om_error(e, path or "config") from None
+    validate(run, environment=environment)
     return run
 
 
@@ -207,68 +256,268 @@ def _choice(key: str, value, allowed) -> None:
         raise ConfigError(f"{key}={value!r}: allowed {list(allowed)}")
 
 
-def validate(run: RunConfig) -> None:
-    """Every check that can be made before work starts; raises ConfigError naming the key."""
-    from lowrank_pt.methods import METHODS, parse_options
+def _number(key: str, value, low: float | None = None, above: bool = False, optional: bool = False) -> None:
+    """``value`` is a finite number, at least ``low`` (greater than it with ``above``)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r} must be a finite number")
+    if low is not None and (value <= low if above else value < low):
+        raise ConfigError(f"{key}={value!r} must be {'>' if above else '>='} {low:g}")
 
-    if run.model.size not in MODEL_SIZES:
-        _choice("model.size", run.model.size, sorted(MODEL_SIZES))
-    _choice("engine.zero_stage", run.engine.zero_stage, [0, 1, 2, 3])
-    _choice("engine.precision", run.engine.precision, ["fp32", "bf16", "fp16"])
-    if run.engine.offload_optimizer and run.engine.zero_stage == 0:
-        raise ConfigError("engine.offload_optimizer=true needs engine.zero_stage >= 1")
+
+def world_size() -> int:
+    """Data-parallel ranks of this run: the process group's, else the launcher's WORLD_SIZE."""
+    from lowrank_pt import dist
+
+    return dist.world_size() if dist.is_initialized() else max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def micro_and_accum(stage: StageConfig, run: RunConfig) -> tuple[int, int]:
+    """A stage's micro-batch size and gradient accumulation (its own, else train's)."""
+    return stage.micro_batch_size or run.train.micro_batch_size, stage.grad_accum or run.train.grad_accum
+
+
+def stage_length(stage: StageConfig, run: RunConfig, world: int | None = None) -> int:
+    """Optimizer steps of a stage on ``world`` ranks (default: this run's)."""
+    micro, accum = micro_and_accum(stage, run)
+    return stage_steps(stage, micro * accum * (world or world_size()) * run.model.seq_len)
+
+
+def expected_vocab_size(run: RunConfig, environment: bool = True) -> int:
+    """The vocabulary the model will have: model.vocab_size, else data.tokenizer's, else the
+    tokenizer the run trains (data.vocab_size pieces exactly)."""
+    if run.model.vocab_size is not None:
+        return run.model.vocab_size
+    if run.data.tokenizer is not None and environment:
+        from lowrank_pt.data.tokenizer import Tokenizer
+
+        try:
+            return Tokenizer(run.data.tokenizer).vocab_size
+        except Exception as e:  # noqa: BLE001 - sentencepiece raises its own types
+            raise ConfigError(f"data.tokenizer={run.data.tokenizer}: not a sentencepiece model ({e})") from None
+    return run.data.vocab_size
+
+
+def validate(run: RunConfig, environment: bool = True) -> None:
+    """Every check that can be made before work starts; raises ConfigError naming the key.
+
+    Values, the recipe, every stage's method against the model (built on the meta device),
+    raw DeepSpeed keys against ours; with ``environment`` also what lies outside the config:
+    the device (fp16, the backend), the run dir, the files the config names (SFT records are
+    parsed, ``init_from`` checkpoints read and compared with the model)."""
+    model_cfg = _validate_model(run, environment)
+    _validate_engine(run, environment)
+    _validate_train(run)
     if not run.stages:
         raise ConfigError("stages: the recipe needs at least one stage")
-    for key in ("micro_batch_size", "grad_accum"):
-        if getattr(run.train, key) < 1:
-            raise ConfigError(f"train.{key}={getattr(run.train, key)} must be >= 1")
-    if run.train.keep_last < 1:
-        raise ConfigError(f"train.keep_last={run.train.keep_last} must be >= 1")
-    if run.model.seq_len < 2:
-        raise ConfigError(f"model.seq_len={run.model.seq_len} must be >= 2")
     names = set()
     for i, stage in enumerate(run.stages):
         where = f"stages[{i}] ({stage.name})"
         if stage.name in names:
             raise ConfigError(f"{where}.name: stage names must be unique")
         names.add(stage.name)
-        if (stage.steps is None) == (stage.tokens is None):
-            raise ConfigError(f"{where}: give exactly one of steps and tokens (its length)")
-        length = stage.steps if stage.steps is not None else stage.tokens
-        if length < 1:
-            raise ConfigError(f"{where}: length must be >= 1, got {length}")
-        _choice(f"{where}.method", stage.method, sorted(METHODS))
-        _choice(f"{where}.schedule.kind", stage.schedule.kind, ["cosine", "linear", "constant", "jagged_cosine"])
-        if stage.optimizer.lr <= 0:
-            raise ConfigError(f"{where}.optimizer.lr={stage.optimizer.lr} must be > 0")
-        if len(stage.optimizer.betas) != 2 or not all(0 <= b < 1 for b in stage.optimizer.betas):
-            raise ConfigError(f"{where}.optimizer.betas={stage.optimizer.betas}: two values in [0, 1)")
-        if not 0 <= stage.schedule.min_lr_ratio <= 1:
-            raise ConfigError(f"{where}.schedule.min_lr_ratio must be in [0, 1]")
-        for key in ("micro_batch_size", "grad_accum"):
-            value = getattr(stage, key)
-            if value is not None and value < 1:
-                raise ConfigError(f"{where}.{key}={value} must be >= 1")
-        try:
-            parse_options(stage.method, stage.options)
-        except ConfigError as e:
-            raise ConfigError(f"{where}.options: {e}") from None
-        if stage.data is not None and stage.sft is not None:
-            raise ConfigError(f"{where}: give data (pre-training) or sft (instruction data), not both")
-        if stage.data is not None:
-            try:
-                validate_data(stage.data)
-            except ValueError as e:
-                raise ConfigError(f"{where}.data: {e}") from None
-        if stage.sft is not None:
-            try:
-                validate_sft(stage.sft)
-            except ValueError as e:
-                raise ConfigError(f"{where}.sft: {e}") from None
+        _validate_stage(run, stage, where, model_cfg, environment)
     try:
         validate_data(run.data)
     except ValueError as e:
         raise ConfigError(f"data: {e}") from None
+    if environment:
+        _validate_paths(run)
+
+
+def _validate_model(run: RunConfig, environment: bool) -> ModelConfig:
+    m = run.model
+    if m.size not in MODEL_SIZES:
+        _choice("model.size", m.size, sorted(MODEL_SIZES))
+    for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size"):
+        value = getattr(m, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"model.{key}={value} must be >= 1 (or null: the size's value)")
+    if m.seq_len < 2:
+        raise ConfigError(f"model.seq_len={m.seq_len} must be >= 2")
+    _number("model.rope_theta", m.rope_theta, 0, above=True)
+    _number("model.norm_eps", m.norm_eps, 0)
+    _number("model.init_std", m.init_std, 0)
+    try:
+        return resolve(m, vocab_size=expected_vocab_size(run, environment))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _generated_keys(run: RunConfig, index: int, world: int) -> list[tuple[str, Any, str]]:
+    """The raw DeepSpeed keys our config generates for stage ``index``: (path in
+    engine.deepspeed, the value we generate, the key of ours it comes from)."""
+    stage = run.stages[index]
+    micro, accum = micro_and_accum(stage, run)
+    mkey = f"stages.{index}.micro_batch_size" if stage.micro_batch_size else "train.micro_batch_size"
+    akey = f"stages.{index}.grad_accum" if stage.grad_accum else "train.grad_accum"
+    precision = f"engine.precision={run.engine.precision}"
+    return [
+        ("zero_optimization.stage", run.engine.zero_stage, f"engine.zero_stage={run.engine.zero_stage}"),
+        ("train_micro_batch_size_per_gpu", micro, f"{mkey}={micro}"),
+        ("gradient_accumulation_steps", accum, f"{akey}={accum}"),
+        ("train_batch_size", micro * accum * world,
+         f"{mkey} x {akey} x ranks = {micro} x {accum} x {world} = {micro * accum * world}"),
+        ("bf16.enabled", run.engine.precision == "bf16", precision),
+        ("bfloat16.enabled", run.engine.precision == "bf16", precision),
+        ("fp16.enabled", run.engine.precision == "fp16", precision),
+    ]
+
+
+def _raw(tree: dict, dotted: str):
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+_ABSENT = object()
+
+
+def _validate_engine(run: RunConfig, environment: bool) -> None:
+    e = run.engine
+    _choice("engine.zero_stage", e.zero_stage, [0, 1, 2, 3])
+    _choice("engine.precision", e.precision, ["fp32", "bf16", "fp16"])
+    if e.offload_optimizer and e.zero_stage == 0:
+        raise ConfigError("engine.offload_optimizer=true needs engine.zero_stage >= 1")
+    if e.stage3_param_persistence_threshold is not None and e.stage3_param_persistence_threshold < 0:
+        raise ConfigError(f"engine.stage3_param_persistence_threshold={e.stage3_param_persistence_threshold} "
+                          "must be >= 0 (or null)")
+    if e.backend is not None:
+        _choice("engine.backend", e.backend, BACKENDS)
+    world = world_size()
+    for index in range(len(run.stages)):
+        for raw_key, value, ours in _generated_keys(run, index, world):
+            theirs = _raw(e.deepspeed or {}, raw_key)
+            if theirs is _ABSENT or theirs == value:
+                continue
+            raise ConfigError(f"engine.deepspeed.{raw_key}={theirs!r} contradicts {ours}, from which lowrank_pt "
+                              f"generates it (the log, meta.json and the planner follow ours); drop "
+                              f"engine.deepspeed.{raw_key} and set our key instead")
+    if not environment:
+        return
+    if e.backend is not None:
+        import torch.distributed as td
+
+        if not td.is_available() or not td.is_backend_available(e.backend):
+            raise ConfigError(f"engine.backend={e.backend!r} is not available on this machine"
+                              + (" (nccl needs CUDA GPUs; use gloo on a CPU)" if e.backend == "nccl" else "")
+                              + "; null picks nccl on GPUs, gloo on a CPU")
+    if e.precision == "fp16":
+        from lowrank_pt.engine import check_precision
+
+        try:
+            check_precision(e.precision)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+
+def _validate_train(run: RunConfig) -> None:
+    t = run.train
+    for key in ("micro_batch_size", "grad_accum", "log_every", "eval_sequences", "keep_last"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 1")
+    for key in ("eval_every", "save_every", "sample_tokens"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 0")
+    if t.stop_at_step is not None and t.stop_at_step < 1:
+        raise ConfigError(f"train.stop_at_step={t.stop_at_step} must be >= 1 (or null: never stop early)")
+    _number("train.sample_temperature", t.sample_temperature, 0)
+
+
+def _validate_stage(run: RunConfig, stage: StageConfig, where: str, model_cfg: ModelConfig,
+                    environment: bool) -> None:
+    from lowrank_pt.methods import METHODS, parse_options
+
+    if (stage.steps is None) == (stage.tokens is None):
+        raise ConfigError(f"{where}: give exactly one of steps and tokens (its length)")
+    length = stage.steps if stage.steps is not None else stage.tokens
+    if length < 1:
+        raise ConfigError(f"{where}: length must be >= 1, got {length}")
+    _choice(f"{where}.method", stage.method, sorted(METHODS))
+    _choice(f"{where}.schedule.kind", stage.schedule.kind, ["cosine", "linear", "constant", "jagged_cosine"])
+    opt = stage.optimizer
+    _number(f"{where}.optimizer.lr", opt.lr, 0, above=True)
+    _number(f"{where}.optimizer.eps", opt.eps, 0, above=True)
+    _number(f"{where}.optimizer.weight_decay", opt.weight_decay, 0)
+    _number(f"{where}.optimizer.grad_clip", opt.grad_clip, 0, optional=True)
+    if len(opt.betas) != 2 or not all(0 <= b < 1 for b in opt.betas):
+        raise ConfigError(f"{where}.optimizer.betas={opt.betas}: two values in [0, 1)")
+    sched = stage.schedule
+    if not 0 <= sched.min_lr_ratio <= 1:
+        raise ConfigError(f"{where}.schedule.min_lr_ratio must be in [0, 1]")
+    for key in ("warmup_steps", "restart_every", "restart_warmup_steps"):
+        if getattr(sched, key) < 0:
+            raise ConfigError(f"{where}.schedule.{key}={getattr(sched, key)} must be >= 0")
+    for key in ("micro_batch_size", "grad_accum"):
+        value = getattr(stage, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{where}.{key}={value} must be >= 1")
+    try:
+        options = parse_options(stage.method, stage.options)
+    except ConfigError as e:
+        raise ConfigError(f"{where}.options: {e}") from None
+    try:
+        METHODS[stage.method].check_stage(options, stage, run, model_cfg, stage_length(stage, run))
+    except ValueError as e:
+        raise ConfigError(f"{where}.{e}") from None
+    if stage.data is not None and stage.sft is not None:
+        raise ConfigError(f"{where}: give data (pre-training) or sft (instruction data), not both")
+    if stage.data is not None:
+        try:
+            validate_data(stage.data)
+        except ValueError as e:
+            raise ConfigError(f"{where}.data: {e}") from None
+    if stage.sft is not None:
+        try:
+            validate_sft(stage.sft)
+            if environment:
+                check_sft_records(stage.sft)
+        except ValueError as e:
+            raise ConfigError(f"{where}.sft: {e}") from None
+    if stage.init_from is not None and environment:
+        _check_init_from(stage.init_from, f"{where}.init_from", model_cfg)
+
+
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size", "tie_embeddings")
+"""The model fields a checkpoint's weights depend on (a resume or init_from must match them)."""
+
+
+def shape_difference(saved: ModelConfig | dict, ours: ModelConfig) -> str | None:
+    """The first shape field that differs, as ``model.KEY is A here but B there``; None if none."""
+    saved = saved if isinstance(saved, dict) else asdict(saved)
+    for key in SHAPE_KEYS:
+        if saved.get(key) != getattr(ours, key):
+            return f"model.{key} is {getattr(ours, key)} here but {saved.get(key)} there"
+    return None
+
+
+def _check_init_from(path: str, key: str, model_cfg: ModelConfig) -> None:
+    """``init_from`` names weights this model can take: read their config.json / meta.json now."""
+    from lowrank_pt.export import init_source_config
+
+    if not os.path.exists(path):
+        raise ConfigError(f"{key}={path}: no such file or directory (a run dir, a checkpoint dir or an "
+                          "exported Hugging Face dir)")
+    try:
+        saved = init_source_config(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}={path}: {e}") from None
+    differs = shape_difference(saved, model_cfg)
+    if differs:
+        raise ConfigError(f"{key}={path} holds weights of another model shape: {differs}; start from weights "
+                          "of the same model, or change model.* to theirs")
+
+
+def _validate_paths(run: RunConfig) -> None:
+    if os.path.exists(run.run_dir) and not os.path.isdir(run.run_dir):
+        raise ConfigError(f"run_dir={run.run_dir} is a file, not a directory; give a directory (new or a "
+                          "run's) for the run's config, metrics and checkpoints")
+    if run.resume not in ("auto", "never") and not os.path.exists(run.resume):
+        raise ConfigError(f"resume={run.resume}: no such checkpoint or run dir (auto, never, or a path)")
 
 
 def stage_steps(stage: StageConfig, tokens_per_step: int) -> int:

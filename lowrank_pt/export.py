@@ -72,7 +72,6 @@ def find_tokenizer(ckpt: str) -> str:
     recorded it and the file is still there, else the run's data section (RUN_DIR/config.yaml)
     through the data cache, whose tokenizer is reused (never retrained when present)."""
     from lowrank_pt import checkpoint
-    from lowrank_pt.config import load
     from lowrank_pt.data.prepare import tokenizer_for
 
     recorded = checkpoint.read_meta(ckpt).get("tokenizer")
@@ -82,13 +81,46 @@ def find_tokenizer(ckpt: str) -> str:
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"no run config at {config_path} to find the tokenizer from; pass a tokenizer path")
-    data = load(str(config_path)).data
+    data = run_data_config(config_path)
     if data.tokenizer is None and not (Path(data.cache_dir).expanduser() / "tokenizers").is_dir():
         # A relative cache_dir is relative to where the run was started: do not train a new one here.
         raise FileNotFoundError(f"the run's data cache {data.cache_dir!r} (data.cache_dir in {config_path}) is not "
                                 f"found from {os.getcwd()}; run from the run's working directory or pass a "
                                 "tokenizer path")
     return tokenizer_for(data)
+
+
+def run_data_config(config_path: str | os.PathLike):
+    """The data section of a run's resolved config.yaml (the schema's DataConfig), read alone."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from lowrank_pt.data.config import DataConfig
+
+    raw = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
+    data = raw.get("data") if isinstance(raw, dict) else None
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), data or {}))
+
+
+def init_source_config(path: str) -> ModelConfig:
+    """The ModelConfig of the weights a ``stages.N.init_from`` path names, read without loading
+    them: an exported Hugging Face dir's config.json, or the meta.json of a checkpoint (a run
+    dir's newest), which must verify. ValueError / OSError say what is wrong."""
+    from lowrank_pt import checkpoint
+
+    if is_hf_dir(path):
+        where = os.path.join(path, "config.json")
+        try:
+            return config_from_hf(json.loads(Path(where).read_text(encoding="utf-8")), where)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{where} is unreadable ({e})") from None
+        except KeyError as e:
+            raise ValueError(f"{where} lacks {e}") from None
+    ckpt = checkpoint.resolve(path)
+    problem = checkpoint.verify(ckpt)
+    if problem:
+        raise ValueError(f"checkpoint {ckpt} is damaged: {problem}; name another checkpoint dir")
+    return checkpoint_config(ckpt)
 
 
 # --- export ------------------------------------------------------------------------------------
@@ -343,6 +375,10 @@ def load_init_weights(path: str) -> dict[str, torch.Tensor]:
 
 
 def _export_command(args) -> int:
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"error: export --out {args.out} is a file; give a directory (new, or one to overwrite)",
+              file=sys.stderr)
+        return 2
     try:
         out = export_hf(args.source, args.out, args.tokenizer, args.dtype)
     except (FileNotFoundError, ValueError) as e:

@@ -51,6 +51,18 @@ def select_linears(model: nn.Module, patterns: list[str] | None) -> list[tuple[s
     return [(n, m) for n, m in linears if any(matches(p, n) for p in patterns)]
 
 
+def check_targets(model_cfg, patterns: list[str] | None) -> None:
+    """``select_linears`` on the model of a resolved ``model_cfg`` built on the meta device (no
+    memory, no init, any size): a pattern that matches nothing fails before any work starts."""
+    import torch
+
+    from lowrank_pt.model import LlamaModel
+
+    with torch.device("meta"):
+        model = LlamaModel(model_cfg)
+    select_linears(model, patterns)
+
+
 def replace_linears(model: nn.Module, targets: list[tuple[str, nn.Linear]],
                     make: Callable[[int, str, nn.Linear], nn.Module]) -> dict[str, nn.Module]:
     """Put ``make(index, name, linear)`` in place of each target; returns the new modules by name,

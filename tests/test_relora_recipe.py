@@ -47,10 +47,11 @@ def test_relora_stage_starts_from_a_saved_full_rank_checkpoint(tmp_path, data_ca
     common = [f"data.cache_dir={data_cache}", "train.tensorboard=false", "train.progress=false",
               "train.micro_batch_size=2"]
     # The second run is one relora stage with a vanishing LR: its merged weights must be the
-    # checkpoint's, which holds only if init_from really loaded them.
+    # checkpoint's, which holds only if init_from really loaded them. 4 steps: restart_every=3
+    # must be shorter than the stage (validation refuses a relora stage that never restarts).
     spawn(run_invocations, 1, [
         [f"run_dir={full}", *common, "stages.0.steps=4", "stages.1.steps=2"],
-        [f"run_dir={relora}", *common, f"stages=[{{name: relora, method: relora, steps: 2, init_from: {full}, "
+        [f"run_dir={relora}", *common, f"stages=[{{name: relora, method: relora, steps: 4, init_from: {full}, "
          f"optimizer: {{lr: 1.0e-12}}, options: {RELORA}}}]"],
     ])
     start = checkpoint.load_weights(checkpoint.newest(full))

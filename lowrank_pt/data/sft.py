@@ -93,6 +93,34 @@ def validate_config(cfg: SFTDataConfig) -> None:
         raise ValueError(f"sft.max_examples must be null or >= 1, got {cfg.max_examples}")
 
 
+def check_records(cfg: SFTDataConfig) -> None:
+    """Parse the files of ``cfg`` now (no tokenizer needed), so a malformed or empty file fails
+    before any work starts, naming the file and line (DataError): every record must be valid, and
+    each split the stage reads must hold at least one. The shakespeare set is built, not read."""
+    try:
+        _check_records(cfg)
+    except UnicodeDecodeError as e:
+        raise DataError(f"sft: a file is not UTF-8 text ({e.reason}, byte {e.object[e.start]:#04x}): "
+                        f"{cfg.train}" + (f" or {cfg.validation}" if cfg.validation else "")) from None
+
+
+def _check_records(cfg: SFTDataConfig) -> None:
+    if cfg.train != SHAKESPEARE:
+        counts = {"train": 0, "val": 0}
+        for _, line, _ in read_records(cfg.train):
+            split = "val" if cfg.validation is None and held_out(line.strip(), cfg.val_fraction) else "train"
+            counts[split] += 1
+        if counts["train"] == 0:
+            raise DataError(f"sft.train: {cfg.train} holds no records" + (
+                f" outside the validation split (val_fraction={cfg.val_fraction})" if counts["val"] else ""))
+        if cfg.validation is None and counts["val"] == 0:
+            raise DataError(f"sft.train: none of the {counts['train']} records of {cfg.train} falls in the "
+                            f"validation split (val_fraction={cfg.val_fraction}); give sft.validation or "
+                            "a larger sft.val_fraction")
+    if cfg.validation is not None and not any(True for _ in read_records(cfg.validation)):
+        raise DataError(f"sft.validation: {cfg.validation} holds no records")
+
+
 # --- records ------------------------------------------------------------------------------------
 
 

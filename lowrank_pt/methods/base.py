@@ -73,6 +73,20 @@ class Method:
         clip = self.stage.optimizer.grad_clip
         return self.default_grad_clip if clip is None else float(clip)
 
+    # --- before any work starts ---------------------------------------------------------------
+    @classmethod
+    def check_stage(cls, options: Any, stage: Any, run: Any, model_cfg: Any, total_steps: int) -> None:
+        """Checks of a stage that need more than its options, made by config validation before any
+        work starts: the schedule, the stage's length (``total_steps``), and where needed the
+        model's shapes (``model_cfg`` is resolved: build it on the meta device,
+        ``lowrank_pt.targets.check_targets``). Raise ValueError naming the key below the stage
+        (``schedule.kind=...``, ``options.target_modules: ...``); validation names the stage."""
+        sched = stage.schedule
+        if sched.kind == "jagged_cosine" and sched.restart_every < 1:
+            raise ValueError(f"schedule.kind=jagged_cosine re-warms the LR every schedule.restart_every steps, "
+                             f"which is {sched.restart_every}: set it >= 1, or use kind cosine (method "
+                             f"{stage.method} does not restart; relora sets its own restarts)")
+
     # --- before the engine exists -------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> None:
         """Wrap or freeze modules. Full-rank training trains everything."""

@@ -32,7 +32,7 @@ from lowrank_pt import dist, zero_io
 from lowrank_pt.galore import projector
 from lowrank_pt.galore.adapter import GaLoreLinear, GradientCapture, merged_state_dict, wrap_linears
 from lowrank_pt.methods.base import Method
-from lowrank_pt.targets import DEFAULT_TARGETS
+from lowrank_pt.targets import DEFAULT_TARGETS, check_targets
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,15 @@ class GaLore(Method):
     """Off, as GaLore's own scripts. With clipping on, DeepSpeed clips the global norm of what it
     trains: B's gradient ``α·G·Qᵀ`` (the projected gradient, whose norm is at most α times the
     full gradient's) together with the full-rank params' gradients, not the norm of ``G``."""
+
+    @classmethod
+    def check_stage(cls, options, stage, run, model_cfg, total_steps: int) -> None:
+        """The base checks, and every target_modules pattern matching a linear of the model."""
+        super().check_stage(options, stage, run, model_cfg, total_steps)
+        try:
+            check_targets(model_cfg, options.target_modules)
+        except ValueError as e:
+            raise ValueError(f"options.{e}") from None
 
     def __init__(self, options, stage, run):
         super().__init__(options, stage, run)

@@ -16,7 +16,7 @@ from torch import nn
 
 from lowrank_pt.lowrank import merged_state_dict, wrap_linears
 from lowrank_pt.methods.base import Method
-from lowrank_pt.targets import DEFAULT_TARGETS
+from lowrank_pt.targets import DEFAULT_TARGETS, check_targets
 
 
 @dataclass
@@ -50,6 +50,20 @@ class LoRA(Method):
 
     name = "lora"
     Options = LoRAOptions
+
+    @classmethod
+    def check_stage(cls, options, stage, run, model_cfg, total_steps: int) -> None:
+        """The base checks, and every target_modules pattern matching a linear of the model."""
+        super().check_stage(options, stage, run, model_cfg, total_steps)
+        cls.check_targets(options, model_cfg)
+
+    @classmethod
+    def check_targets(cls, options, model_cfg) -> None:
+        """Each target_modules pattern matches an nn.Linear of the model (built on the meta device)."""
+        try:
+            check_targets(model_cfg, options.target_modules)
+        except ValueError as e:
+            raise ValueError(f"options.{e}") from None
 
     def prepare_model(self, model: nn.Module) -> None:
         super().prepare_model(model)  # everything trainable; wrapping then freezes the bases

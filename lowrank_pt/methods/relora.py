@@ -93,6 +93,25 @@ class ReLoRA(LoRA):
         super().__init__(options, stage, run)
         self.restarts = 0
 
+    @classmethod
+    def check_stage(cls, options, stage, run, model_cfg, total_steps: int) -> None:
+        """The targets (as lora), a schedule ReLoRA can restart (cosine or jagged_cosine, no
+        schedule.restart_* that disagrees with the options), and a restart inside the stage."""
+        cfg = stage.schedule
+        if cfg.kind not in ("cosine", "jagged_cosine"):
+            raise ValueError(f"schedule.kind={cfg.kind!r}: relora needs cosine or jagged_cosine "
+                             "(its LR re-warms after every restart)")
+        for key, ours in (("restart_every", options.restart_every), ("restart_warmup_steps", options.rewarm_steps())):
+            theirs = getattr(cfg, key)
+            if theirs and theirs != ours:
+                raise ValueError(f"schedule.{key}={theirs} disagrees with options.{key}={ours}; "
+                                 "set it in the method options only")
+        if options.restart_every >= total_steps:
+            raise ValueError(f"options.restart_every={options.restart_every} is not shorter than the stage "
+                             f"({total_steps} steps): ReLoRA would never merge and restart (the last step "
+                             "never restarts); give a smaller restart_every, or use method lora")
+        cls.check_targets(options, model_cfg)
+
     def lr_lambda(self, total_steps: int) -> Callable[[int], float]:
         """Jagged cosine: the stage's warmup_steps and min_lr_ratio, restarts from the options."""
         cfg, o = self.stage.schedule, self.options
