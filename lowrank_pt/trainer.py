@@ -33,6 +33,7 @@ from lowrank_pt.methods.base import Method, StageContext
 from lowrank_pt.metrics import MetricsLogger, truncate_after
 from lowrank_pt.model import LlamaModel, resolve
 from lowrank_pt.tracking import StageTracker, write_stage_summary
+from lowrank_pt.tracking.memory import release_host_heap
 
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size", "tie_embeddings")
 
@@ -297,13 +298,15 @@ class Trainer:
         method = methods.build(stage, run)
         ds_config = E.deepspeed_config(run.engine, micro, accum, method.grad_clip(), self.world_size)
 
+        previous, self.finished = self.finished, None
+        if previous is not None:  # its moments are not carried: free them before anything is built
+            zero_io.release_optimizer_state(previous.engine)
         # Same seed on every rank: the ranks must build identical models before ZeRO partitions.
         torch.manual_seed(run.seed + 1000 * index)
         with E.partitioned_build(ds_config):
             model = LlamaModel(self.model_cfg)
             plain = [name for name, _ in model.named_parameters()]
             method.prepare_model(model)
-        previous, self.finished = self.finished, None
         source = None
         if resume_path is None and stage.init_from:  # a stage's own source wins over the carried weights
             from lowrank_pt.export import load_init_weights
@@ -318,6 +321,7 @@ class Trainer:
         optimizer = E.build_optimizer(method.param_groups(model), stage.optimizer,
                                       offload=run.engine.offload_optimizer, zero_stage=run.engine.zero_stage)
         engine = E.initialize(model, optimizer, method.lr_lambda(total), ds_config)
+        release_host_heap()  # the per-param copies DeepSpeed flattened into its buffers
         if run.engine.precision != "fp32":  # masters were made from the rounded params
             for p in engine.module.parameters():
                 if id(p) in held:

@@ -217,6 +217,19 @@ def moments_ready(engine) -> bool:
     return bool(flats) and all(f in state and "exp_avg" in state[f] for f in flats)
 
 
+def release_optimizer_state(engine) -> None:
+    """Free the optimizer moments of a finished stage (the next stage builds its own optimizer):
+    what its weights are read from, the params and fp32 masters, stays. Stages 1-2 also link
+    each param to views of those moments (``_hp_mapping.optim_fragment``): dropped too."""
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)
+    inner.state.clear()
+    for p in engine.module.parameters():
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is not None and hasattr(mapping, "optim_fragment"):
+            mapping.optim_fragment = {}
+
+
 def full_state_dict(engine) -> dict[str, torch.Tensor]:
     """fp32 params (masters where they exist) and persistent buffers of ``engine.module``."""
     module = engine.module
