@@ -316,6 +316,8 @@ class Trainer:
         elif resume_path is None and previous is not None:
             source = previous.method.plain_weights(previous.engine)
         held = load_streamed(model, source, plain) if source is not None else {}
+        if resume_path is None:  # weight-dependent inits (LoRA's pissa, ...) see the stage's weights
+            held.update(method.after_weights_loaded(model))
         del previous, source  # the last references to the previous stage's engine
         gc.collect()
         optimizer = E.build_optimizer(method.param_groups(model), stage.optimizer,

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import (
     safe_get_full_fp32_param,
+    safe_get_full_grad,
     safe_get_full_optimizer_state,
     safe_set_full_fp32_param,
     safe_set_full_grad,
@@ -184,6 +185,16 @@ def set_optimizer_state(engine, p: torch.Tensor, key: str, value: torch.Tensor) 
     if key not in state:
         raise RuntimeError(f"optimizer holds no {key!r} for this param yet (no step taken)")
     state[key].copy_(value.to(state[key].device).view_as(state[key]))
+
+
+def full_grad(engine, p: torch.Tensor) -> torch.Tensor | None:
+    """The full reduced gradient of ``p`` (fp32, CPU, same on all ranks) after the boundary
+    backward, before ``engine.step()``; None where ``p`` has none. Collective at stages 1-3."""
+    if zero_stage(engine) == 0 and getattr(p, "_hp_grad", None) is None:
+        return None if p.grad is None else p.grad.detach().float().cpu().clone()
+    value = safe_get_full_grad(p)
+    shape = getattr(p, "ds_shape", p.shape)  # a ZeRO-3 param's own shape is its empty placeholder's
+    return None if value is None else value.detach().float().cpu().clone().reshape(shape)
 
 
 def set_grad(engine, p: torch.Tensor, value: torch.Tensor) -> None:

@@ -5,6 +5,7 @@ it runs. Order of calls in one stage:
 
     method = MethodClass(options, stage, run)         # options: the method's own dataclass
     method.prepare_model(model)                         # wrap / freeze, before DeepSpeed sees it
+    held = method.after_weights_loaded(model)           # the stage's weights are in (not at a resume)
     groups = method.param_groups(model)                 # what the optimizer trains
     lr_fn  = method.lr_lambda(total_steps)              # LR multiplier by optimizer step
     engine = deepspeed.initialize(..., gradient_clipping=method.grad_clip())
@@ -92,6 +93,16 @@ class Method:
         """Wrap or freeze modules. Full-rank training trains everything."""
         for p in model.parameters():
             p.requires_grad_(True)
+
+    def after_weights_loaded(self, model: nn.Module) -> dict[int, torch.Tensor]:
+        """After the stage's starting weights are in the prepared ``model`` (carried from the
+        previous stage, ``init_from``, or the fresh init), before the engine exists; not called
+        when a stage resumes from a checkpoint. Where weight-dependent initialisation belongs
+        (LoRA's pissa: an SVD of each base). A ZeRO-3 model is partitioned here
+        (``lowrank_pt.model.whole`` reads a param whole). Returns, by param id, the fp32 value each
+        trainable param it wrote holds on this rank (``zero_io.write_before_engine``'s), which
+        become a bf16 engine's masters."""
+        return {}
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         """Optimizer groups of the trainable params: weight decay on matrices only."""

@@ -3,9 +3,13 @@
 After optimizer step ``step`` (0-based) with ``(step + 1) % restart_every == 0`` and
 ``step + 1 < total_steps``, on every rank identically:
 
-1. merge ``W0 += s·B·A`` (A, B read from the fp32 masters),
+1. merge ``W0 += s·B·A`` (A, B read from the fp32 masters; with DoRA ``W0 ← m ⊙ V/‖V‖_row``, the
+   function as it stands, and the magnitude set to the new base's row norms, ``|m|``: the same
+   function, ``m`` keeps its value and its moments),
 2. re-initialise ``A`` (Kaiming, from ``seeded_generator(seed, restart, module index)``) and ``B = 0``
-   in the module and in DeepSpeed's fp32 masters,
+   in the module and in DeepSpeed's fp32 masters; with ``init`` pissa / milora / olora the merged
+   base is factored again instead (residual in the base), and with lora_ga the first step after
+   the restart captures the full gradient and installs its factors, as at step 0,
 3. prune the optimizer moments of ``A`` and ``B`` (``reset_mode``); other params' moments stay.
 
 The LR follows a jagged cosine: step ``k·restart_every`` is the first step after restart ``k`` and
@@ -23,7 +27,8 @@ from typing import Callable, Optional
 import torch
 
 from lowrank_pt import schedule, zero_io
-from lowrank_pt.lowrank import init_lora_A, lowrank_modules, merged_weight, seeded_generator
+from lowrank_pt.lowrank import (WEIGHT_INITS, init_factors, init_lora_A, lowrank_modules, merged_weight,
+                                row_norms, seeded_generator)
 from lowrank_pt.methods.lora import LoRA, LoRAOptions
 
 RESET_MODES = ("none", "zero", "random", "magnitude")
@@ -130,6 +135,10 @@ class ReLoRA(LoRA):
         last = self.context is not None and step + 1 >= self.context.total_steps
         return (step + 1) % self.options.restart_every == 0 and not last
 
+    def is_lora_ga_step(self, step: int) -> bool:
+        """Step 0 and the first step after every restart (whose B is 0 again)."""
+        return self.options.init == "lora_ga" and step % self.options.restart_every == 0
+
     def after_step(self, engine, step: int) -> dict:
         if not self.is_restart_step(step):
             return {}
@@ -145,10 +154,19 @@ class ReLoRA(LoRA):
         for index, (_, m) in enumerate(lowrank_modules(engine.module)):
             A, B = zero_io.full_param(engine, m.lora_A), zero_io.full_param(engine, m.lora_B)
             W0 = zero_io.full_param(engine, m.weight)
-            zero_io.set_param(engine, m.weight, merged_weight(W0, A, B, m.scale))
-            generator = seeded_generator(o.seed, self.restarts, index)
-            zero_io.set_param(engine, m.lora_A, init_lora_A(m.rank, m.in_features, generator))
-            zero_io.set_param(engine, m.lora_B, torch.zeros_like(B))
+            magnitude = zero_io.full_param(engine, m.lora_magnitude) if m.dora else None
+            merged = merged_weight(W0, A, B, m.scale, magnitude)
+            if o.init in WEIGHT_INITS:
+                new_A, new_B, base = init_factors(o.init, merged, m.rank, m.scale)
+            else:
+                new_A = init_lora_A(m.rank, m.in_features, seeded_generator(o.seed, self.restarts, index))
+                new_B, base = torch.zeros_like(B), merged
+            zero_io.set_param(engine, m.weight, base)
+            zero_io.set_param(engine, m.lora_A, new_A)
+            zero_io.set_param(engine, m.lora_B, new_B)
+            if m.dora:  # the base's row norms as stored: m/‖V‖ = 1, the function kept
+                stored = zero_io.full_param(engine, m.weight)
+                zero_io.set_param(engine, m.lora_magnitude, row_norms(stored, new_A, new_B, m.scale))
             for factor, p, shape in (("A", m.lora_A, A.shape), ("B", m.lora_B, B.shape)):
                 self._reset_moments(engine, p, shape, (o.seed, self.restarts, index, factor))
 
