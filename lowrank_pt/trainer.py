@@ -309,9 +309,7 @@ class Trainer:
             method.prepare_model(model)
         source = None
         if resume_path is None and stage.init_from:  # a stage's own source wins over the carried weights
-            from lowrank_pt.export import load_init_weights
-
-            source = iter(load_init_weights(stage.init_from).items())
+            source = self.init_from_source(stage.init_from, model, plain)
             self.say(f"stage {stage.name}: weights from {stage.init_from}")
         elif resume_path is None and previous is not None:
             source = previous.method.plain_weights(previous.engine)
@@ -320,6 +318,7 @@ class Trainer:
             held.update(method.after_weights_loaded(model))
         del previous, source  # the last references to the previous stage's engine
         gc.collect()
+        release_host_heap()
         optimizer = E.build_optimizer(method.param_groups(model), stage.optimizer,
                                       offload=run.engine.offload_optimizer, zero_stage=run.engine.zero_stage)
         engine = E.initialize(model, optimizer, method.lr_lambda(total), ds_config)
@@ -350,6 +349,36 @@ class Trainer:
         return StageRun(index=index, stage=stage, engine=engine, method=method, tracker=tracker,
                         cadence=Cadence.of(run.train, total), loader=loader, val_batches=val_batches,
                         accum=accum, tokens_per_step=tokens_per_step, total=total, start=start, reached=start)
+
+    def init_from_source(self, path: str, model, plain: list[str]):
+        """``(name, full value)`` of the plain weights at ``path`` (an exported Hugging Face dir,
+        or a run or checkpoint dir, adapters merged). Stages 0-2 hold the whole model on every
+        rank anyway: each rank reads it. At ZeRO-3 only rank 0 reads it and hands each param
+        over in turn by broadcast, so the other ranks hold one param at a time, never the model."""
+        from lowrank_pt.export import load_init_weights
+
+        if self.run.engine.zero_stage != 3 or self.world_size == 1:
+            return iter(load_init_weights(path).items())
+        shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
+        weights, problem = {}, None
+        if self.rank == 0:
+            weights = load_init_weights(path)
+            wrong = [f"{n}: {tuple(weights[n].shape)} there, {shapes[n]} here" for n in plain
+                     if n in weights and tuple(weights[n].shape) != shapes[n]]
+            missing = [n for n in plain if n not in weights]
+            if wrong or missing:
+                problem = f"init_from={path}: weights do not fit the model ({(wrong + missing)[:3]})"
+        problem = dist.broadcast_object(problem, src=0)
+        if problem:
+            raise ConfigError(problem)
+
+        def stream():
+            for name in plain:
+                value = weights.pop(name).float().contiguous() if self.rank == 0 else torch.empty(shapes[name])
+                dist.broadcast_(value, src=0)
+                yield name, value
+
+        return stream()
 
     def train_loop(self, sr: StageRun) -> None:
         engine, method, tracker, cadence, timer = sr.engine, sr.method, sr.tracker, sr.cadence, sr.tracker.timer

@@ -110,3 +110,21 @@ def test_handover_streams_shard_by_shard():
             assert r["worst"] <= r["tol"], (method_name, precision, r["worst"])
             assert r["shards_exact"], (method_name, precision)
             assert max(r["shard_sizes"]) == r["largest_half"], "each rank holds its shard, not the whole param"
+
+
+def test_init_from_at_zero3_reaches_every_shard(tmp_path, data_cache):
+    """A ZeRO-3 stage on 2 ranks started from another run's checkpoint (read on rank 0 only and
+    handed over param by param) starts from exactly those weights."""
+    from test_trainer import final_weights, run_invocations
+
+    source, target = str(tmp_path / "source"), str(tmp_path / "target")
+    common = [f"data.cache_dir={data_cache}", "train.eval_every=0", "train.tensorboard=false", "train.progress=false",
+              "train.micro_batch_size=2"]
+    spawn(run_invocations, 2, [
+        [f"run_dir={source}", *common, "stages=[{name: a, method: full, steps: 2, optimizer: {lr: 1.0e-2}}]"],
+        [f"run_dir={target}", *common, "engine.zero_stage=3",
+         f"stages=[{{name: b, method: full, steps: 1, init_from: {source}, optimizer: {{lr: 1.0e-12}}}}]"],
+    ])
+    start, end = final_weights(source), final_weights(target)
+    fresh_moved = max(float((start[n] - end[n]).abs().max()) for n in start)
+    assert fresh_moved < 1e-6, "the ZeRO-3 stage began from the source run's weights (lr 1e-12 moves nothing)"
