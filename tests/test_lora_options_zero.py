@@ -27,8 +27,9 @@ OPTIONS = {
     "lora_ga": dict(COMMON, init="lora_ga"),
 }
 CASES = [(stage, "fp32", name) for stage in (0, 1, 2, 3) for name in OPTIONS] + [(3, "bf16", "pissa+dora")]
-# Logit changes: fp32 absolute (measured <= 4.8e-7, |logits| ~0.8); bf16 relative to max |logit|
-# (the residual base is stored in bf16, as any frozen bf16 base is).
+# Logit changes: fp32 absolute (measured <= 2.4e-7 at init, restarts and export, |logits| ~0.8); bf16
+# relative to max |logit| (the residual base is stored in bf16, as any frozen bf16 base is; measured
+# 2.4e-3 at init, 3.9e-3 at a restart: one bf16 ulp at |logit| 0.5-1).
 LOGIT_TOL = {"fp32": 1e-5, "bf16": 2e-2}
 
 
