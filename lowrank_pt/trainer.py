@@ -319,8 +319,7 @@ class Trainer:
         del previous, source  # the last references to the previous stage's engine
         gc.collect()
         release_host_heap()
-        optimizer = E.build_optimizer(method.param_groups(model), stage.optimizer,
-                                      offload=run.engine.offload_optimizer, zero_stage=run.engine.zero_stage)
+        optimizer = method.build_optimizer(method.param_groups(model), stage, run.engine)
         engine = E.initialize(model, optimizer, method.lr_lambda(total), ds_config)
         release_host_heap()  # the per-param copies DeepSpeed flattened into its buffers
         if run.engine.precision != "fp32":  # masters were made from the rounded params

@@ -116,7 +116,7 @@ def stage_for(name: str, args):
 class Contender:
     """One method (or peer optimizer) with its engine, data stream and tracker."""
 
-    def __init__(self, name, args, model_cfg, shard, tracked=True, precision="fp32"):
+    def __init__(self, name, args, model_cfg, shard, tracked=True, precision="fp32", stage=None):
         from lowrank_pt import engine as E
         from lowrank_pt import methods
         from lowrank_pt.config import EngineConfig
@@ -126,7 +126,7 @@ class Contender:
         from lowrank_pt.tracking import NULL_TIMER, StageTracker
 
         self.name = name
-        self.stage = stage_for("full" if name == "full (untracked)" else name, args)
+        self.stage = stage or stage_for("full" if name == "full (untracked)" else name, args)
         torch.manual_seed(0)  # the same initial weights for everyone
         model = LlamaModel(model_cfg)
         self.method = methods.build(self.stage, None)
@@ -140,7 +140,8 @@ class Contender:
                       {"params": projected, **extra(args)}]
             optimizer = getattr(importlib.import_module(module), cls)(groups, lr=self.stage.optimizer.lr)
         else:
-            optimizer = E.build_optimizer(self.method.param_groups(model), self.stage.optimizer)
+            engine_cfg = EngineConfig(zero_stage=0, precision=precision)
+            optimizer = self.method.build_optimizer(self.method.param_groups(model), self.stage, engine_cfg)
         ds = E.deepspeed_config(EngineConfig(zero_stage=0, precision=precision), args.micro_batch, 1,
                                 self.method.grad_clip(), 1)
         self.engine = E.initialize(model, optimizer, self.method.lr_lambda(args.steps), ds)
@@ -294,9 +295,9 @@ def sweep(rank, world, args, model_kwargs) -> list[dict]:
             model = LlamaModel(cfg)
             method = methods.build(stage, None)
             method.prepare_model(model)
-            opt = E.build_optimizer(method.param_groups(model), stage.optimizer)
-            ds = E.deepspeed_config(EngineConfig(zero_stage=zero_stage, precision=args.precision), 2, 1,
-                                    method.grad_clip(), world)
+            engine_cfg = EngineConfig(zero_stage=zero_stage, precision=args.precision)
+            opt = method.build_optimizer(method.param_groups(model), stage, engine_cfg)
+            ds = E.deepspeed_config(engine_cfg, 2, 1, method.grad_clip(), world)
             engine = E.initialize(model, opt, method.lr_lambda(args.steps), ds)
             method.on_engine_ready(StageContext(engine=engine, total_steps=args.steps))
             timer = PhaseTimer(sync=False)

@@ -8,6 +8,7 @@ it runs. Order of calls in one stage:
     held = method.after_weights_loaded(model)           # the stage's weights are in (not at a resume)
     groups = method.param_groups(model)                 # what the optimizer trains
     lr_fn  = method.lr_lambda(total_steps)              # LR multiplier by optimizer step
+    optimizer = method.build_optimizer(groups, stage, run.engine)   # what DeepSpeed wraps
     engine = deepspeed.initialize(..., gradient_clipping=method.grad_clip())
     method.on_engine_ready(StageContext(engine, total_steps, timer))   # everything it needs, once
     method.load_state_dict(saved) if resuming
@@ -17,11 +18,14 @@ it runs. Order of calls in one stage:
         events = method.after_step(engine, step)                 # e.g. merge-and-restart
     weights = method.export_weights(engine)             # plain-model state dict, adapters merged
 
-Adding a method means a module with a subclass and one line in ``methods/__init__.py``.
+Adding a method means a module with a subclass and one line in ``methods/__init__.py``. A method
+with its own optimizer (APOLLO, Fira) overrides ``build_optimizer`` and declares that optimizer's
+state formula in ``optimizer_state_bytes``, which the planner and the memory tracker follow.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, Optional
 
@@ -29,6 +33,7 @@ import torch
 from torch import nn
 
 from lowrank_pt import dist, schedule, zero_io
+from lowrank_pt.optim import fragments
 from lowrank_pt.tracking.timer import NULL_TIMER, NullTimer, PhaseTimer
 
 
@@ -118,6 +123,33 @@ class Method:
     def lr_lambda(self, total_steps: int) -> Callable[[int], float]:
         """LR multiplier (of the stage's peak LR) for each optimizer step."""
         return schedule.build(self.stage.schedule, total_steps)
+
+    def build_optimizer(self, param_groups: list[dict], stage: Any, engine_cfg: Any) -> torch.optim.Optimizer:
+        """The client optimizer DeepSpeed wraps, over ``param_groups`` (this method's): the stage's
+        AdamW (``engine.build_optimizer``; ``stage.optimizer`` its hyperparameters, ``engine_cfg``
+        the run's engine section: offload, ZeRO stage), unless a method brings its own."""
+        from lowrank_pt import engine as E
+
+        return E.build_optimizer(param_groups, stage.optimizer, offload=engine_cfg.offload_optimizer,
+                                 zero_stage=engine_cfg.zero_stage)
+
+    def optimizer_state_bytes(self, groups: list[dict], zero_stage: int, world: int, rank: int,
+                              sub_group_size: int | None = 1_000_000_000) -> int:
+        """Bytes of optimizer state ``rank`` holds once every param has stepped (what the memory
+        tracker measures as ``optimizer_states``); ``groups`` are this method's param groups with
+        shapes for params (``fragments.group_shapes``). The planner calls it, so a method that
+        builds its own optimizer declares that optimizer's formula here.
+
+        AdamW's: two fp32 moments per element it steps and a 4-byte step counter per tensor it
+        steps: each param at stage 0, each group's padded slice (``pad(N, 2·W)/W``) at stages 1-2,
+        each sub-group's pieces (``⌈n/W⌉`` per param) at stage 3."""
+        numels = [[math.prod(s) for s in g["shapes"]] for g in groups]
+        if zero_stage == 0:
+            return sum(8 * sum(g) + 4 * len(g) for g in numels)
+        if zero_stage in (1, 2):
+            return sum(8 * (fragments.pad(sum(g), fragments.ALIGN * world) // world) + 4 for g in numels)
+        parts = [[-(-n // world) for n in g] for g in numels]
+        return sum(8 * sum(p) + 4 * len(fragments.stage3_sub_groups(p, sub_group_size)) for p in parts)
 
     # --- with the engine ----------------------------------------------------------------------
     def on_engine_ready(self, context: StageContext) -> None:

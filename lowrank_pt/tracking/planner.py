@@ -28,6 +28,9 @@ zero_buffers    0                    0 resident (a bucket lives  reduce_bucket_s
   also holds the group's padding as zeros: a rank holds a little more than ``pad(N)/W``.
 - Adam keeps one 4-byte step counter per state entry: per param at stage 0, per flat group
   slice at stages 1-2, per sub-group (≤ ``sub_group_size`` elements) at stage 3.
+- ``optimizer`` is the method's own formula, ``Method.optimizer_state_bytes`` (the row above is
+  AdamW's, the base method's); a method that builds its own optimizer declares its formula
+  there, and this module never names a method.
 
 What the method changes is N and the frozen and buffer bytes:
 - full: every param trainable; 2 fp32 moments per param.
@@ -47,9 +50,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 
+from lowrank_pt.optim.fragments import ALIGN
+from lowrank_pt.optim.fragments import pad as _pad
 from lowrank_pt.tracking.memory import STATE_CATEGORIES
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -57,8 +63,6 @@ DEEPSPEED_REDUCE_BUCKET = 500_000_000
 """DeepSpeed's default ``zero_optimization.reduce_bucket_size`` (elements)."""
 DEEPSPEED_SUB_GROUP = 1_000_000_000
 """DeepSpeed's default ``zero_optimization.sub_group_size`` (elements, stage 3)."""
-ALIGN = 2
-"""DeepSpeed's ``nccl_start_alignment_factor`` (stages 1-2 pad a group to a multiple of ALIGN·W)."""
 
 
 @dataclass
@@ -71,6 +75,9 @@ class Layout:
     buffer_bytes: int
     captures: list[int] = field(default_factory=list)
     total_params: int = 0
+    optimizer_formula: Optional[Callable[[int, int, int, int], int]] = field(default=None, repr=False)
+    """``(zero_stage, world, rank, sub_group_size) -> bytes`` of optimizer state: the method's
+    ``optimizer_state_bytes`` over its param groups (AdamW's when unset)."""
 
     @property
     def trainable(self) -> int:
@@ -82,6 +89,7 @@ def layout(model_cfg, method: str = "full", options: dict | None = None, weight_
     from lowrank_pt import methods
     from lowrank_pt.config import OptimizerConfig, StageConfig
     from lowrank_pt.model import LlamaModel
+    from lowrank_pt.optim.fragments import group_shapes
 
     stage = StageConfig(method=method, steps=1, options=dict(options or {}),
                         optimizer=OptimizerConfig(weight_decay=weight_decay))
@@ -106,13 +114,12 @@ def layout(model_cfg, method: str = "full", options: dict | None = None, weight_
                 buffer_bytes += buf.numel() * buf.element_size()
         if hasattr(mod, "capture") and hasattr(mod, "shape"):  # GaLore adapter: m×n fp32 at refresh
             captures.append(math.prod(mod.shape))
+    shapes = group_shapes(groups)
     return Layout(groups=[[p.numel() for p in g["params"]] for g in groups], frozen=frozen,
                   buffer_bytes=buffer_bytes, captures=captures,
-                  total_params=sum(p.numel() for p in model.parameters()))
-
-
-def _pad(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+                  total_params=sum(p.numel() for p in model.parameters()),
+                  optimizer_formula=lambda stage, world, rank, sub: m.optimizer_state_bytes(shapes, stage, world,
+                                                                                            rank, sub))
 
 
 def _slice_grad_elements(group: list[int], world: int, rank: int) -> int:
@@ -129,16 +136,6 @@ def _slice_grad_elements(group: list[int], world: int, rank: int) -> int:
     return total
 
 
-def _sub_groups(parts: list[int], size: int) -> int:
-    """Sub-groups DeepSpeed's stage 3 splits a group into (it closes one once it reaches ``size``)."""
-    count, running = 0, 0
-    for i, n in enumerate(parts):
-        running += n
-        if running >= size or i == len(parts) - 1:
-            count, running = count + 1, 0
-    return count
-
-
 def state_bytes(lay: Layout, zero_stage: int, world: int, precision: str, rank: int = 0,
                 reduce_bucket_size: int = DEEPSPEED_REDUCE_BUCKET,
                 sub_group_size: int = DEEPSPEED_SUB_GROUP) -> dict[str, int]:
@@ -146,30 +143,39 @@ def state_bytes(lay: Layout, zero_stage: int, world: int, precision: str, rank: 
     b = DTYPE_BYTES[precision]
     W = world if zero_stage > 0 else 1
     out = dict.fromkeys((*STATE_CATEGORIES, "zero_buffers"), 0)
+    formula = lay.optimizer_formula or _adamw_formula(lay)
     out["method_buffers"] = lay.buffer_bytes
     if zero_stage == 0:
         n = lay.trainable
         out["params"] = (n + sum(lay.frozen)) * b
         out["master_params"] = 0 if precision == "fp32" else n * 4
-        out["optimizer_states"] = 2 * n * 4 + 4 * sum(len(g) for g in lay.groups)
+        out["optimizer_states"] = formula(zero_stage, W, rank, sub_group_size)
         out["grads"] = n * b
     elif zero_stage in (1, 2):
         padded = [_pad(sum(g), ALIGN * W) for g in lay.groups]
         out["params"] = (sum(padded) + sum(lay.frozen)) * b
         out["master_params"] = sum(padded) // W * 4
-        out["optimizer_states"] = 2 * sum(padded) // W * 4 + 4 * len(lay.groups)
+        out["optimizer_states"] = formula(zero_stage, W, rank, sub_group_size)
         out["grads"] = sum(_slice_grad_elements(g, W, rank) for g in lay.groups) * b
     elif zero_stage == 3:
         parts = [[-(-n // W) for n in g] for g in lay.groups]
         slice_elems = sum(sum(p) for p in parts)
         out["params"] = (slice_elems + sum(-(-n // W) for n in lay.frozen)) * b
         out["master_params"] = slice_elems * 4
-        out["optimizer_states"] = 2 * slice_elems * 4 + 4 * sum(_sub_groups(p, sub_group_size) for p in parts)
+        out["optimizer_states"] = formula(zero_stage, W, rank, sub_group_size)
         out["grads"] = slice_elems * b
         out["zero_buffers"] = reduce_bucket_size * b
     else:
         raise ValueError(f"zero_stage={zero_stage}: allowed 0, 1, 2, 3")
     return out
+
+
+def _adamw_formula(lay: Layout):
+    """AdamW's formula (the base method's) for a layout built without a method."""
+    from lowrank_pt.methods.base import Method
+
+    shapes = [{"shapes": [(n,) for n in g]} for g in lay.groups]
+    return lambda stage, world, rank, sub: Method.optimizer_state_bytes(None, shapes, stage, world, rank, sub)
 
 
 def capture_bytes(lay: Layout, world: int, rank: int = 0) -> int:

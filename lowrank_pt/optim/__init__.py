@@ -1,0 +1,8 @@
+"""Structure-aware optimizers: per-matrix methods (APOLLO, APOLLO-Mini, Fira) that step on the
+fragments of each matrix a ZeRO partition holds (``fragments``), and their update rules
+(``projected``)."""
+
+from lowrank_pt.optim.fragments import Fragment, FragmentOptimizer, planned_fragments
+from lowrank_pt.optim.projected import APOLLOAdamW, FiraAdamW, ProjectedAdam
+
+__all__ = ["APOLLOAdamW", "FiraAdamW", "Fragment", "FragmentOptimizer", "ProjectedAdam", "planned_fragments"]
