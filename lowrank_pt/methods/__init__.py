@@ -8,7 +8,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lowrank_pt.errors import ConfigError
+from lowrank_pt.methods.apollo import APOLLO
+from lowrank_pt.methods.apollo_mini import APOLLOMini
 from lowrank_pt.methods.base import Method
+from lowrank_pt.methods.fira import Fira
 from lowrank_pt.methods.galore import GaLore
 from lowrank_pt.methods.lora import LoRA
 from lowrank_pt.methods.relora import ReLoRA
@@ -18,6 +21,9 @@ METHODS: dict[str, type[Method]] = {
     "galore": GaLore,
     "relora": ReLoRA,
     "lora": LoRA,
+    "apollo": APOLLO,
+    "apollo_mini": APOLLOMini,
+    "fira": Fira,
 }
 
 

@@ -1,0 +1,97 @@
+"""What APOLLO, APOLLO-Mini and Fira share as methods: every param trains full-rank, and the
+targeted linears' weights are stepped by a structure-aware optimizer (``lowrank_pt.optim``) that
+DeepSpeed wraps at any ZeRO stage.
+
+The model is not changed (no adapter): the method only chooses the optimizer groups (the targeted
+matrices in one projected group carrying the method's options; other matrices and vectors in
+AdamW groups, weight decay on matrices only), builds its optimizer (``build_optimizer``) and hands
+it the engine once it exists (``on_engine_ready`` → ``optimizer.attach``), so it learns which
+fragments of which matrices each flat partition holds. All of the method's state (moments,
+seeds, bases, limiter norms) is optimizer state, saved and restored by DeepSpeed's checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from lowrank_pt.methods.base import Method
+from lowrank_pt.optim.projected import ProjectedAdam, check_group
+from lowrank_pt.targets import check_targets, select_linears
+
+
+def _ndim(p: torch.Tensor) -> int:
+    return len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 param built partitioned holds a placeholder
+
+
+class ProjectedMethod(Method):
+    """Full-rank training whose targeted matrices a ``ProjectedAdam`` steps (see the module doc)."""
+
+    Optimizer: ClassVar[type[ProjectedAdam]] = ProjectedAdam
+
+    def __init__(self, options, stage, run):
+        super().__init__(options, stage, run)
+        self.optimizer: ProjectedAdam | None = None
+        self._names: dict[int, str] = {}
+
+    @classmethod
+    def check_stage(cls, options, stage, run, model_cfg, total_steps: int) -> None:
+        """The base checks, and every target_modules pattern matching a linear of the model."""
+        super().check_stage(options, stage, run, model_cfg, total_steps)
+        try:
+            check_targets(model_cfg, options.target_modules)
+        except ValueError as e:
+            raise ValueError(f"options.{e}") from None
+
+    @classmethod
+    def check_options(cls, options) -> None:
+        """Refuse options the optimizer refuses, at config time (a ValueError)."""
+        probe = {**cls.Optimizer.GROUP_DEFAULTS, **cls.group_options_of(options)}
+        check_group(probe)
+
+    @classmethod
+    def group_options_of(cls, options) -> dict:
+        """The projected group's keys for ``Optimizer`` (rank, update_proj_gap, ...) from ``options``."""
+        raise NotImplementedError
+
+    def group_options(self) -> dict:
+        return self.group_options_of(self.options)
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """The targeted linears' weights (projected, with the method's options), other matrices
+        (weight decay) and vectors (none)."""
+        wd = self.stage.optimizer.weight_decay
+        self._names = {id(p): name for name, p in model.named_parameters()}
+        projected = [m.weight for _, m in select_linears(model, self.options.target_modules)]
+        ids = {id(p) for p in projected}
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad and id(p) not in ids:
+                (decay if _ndim(p) >= 2 else no_decay).append(p)
+        groups = [{"params": projected, "weight_decay": wd, **self.group_options()},
+                  {"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
+    def build_optimizer(self, param_groups, stage, engine_cfg) -> torch.optim.Optimizer:
+        opt = stage.optimizer
+        self.optimizer = self.Optimizer(param_groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
+                                        weight_decay=opt.weight_decay, names=self._names,
+                                        defer_until_attached=True)
+        return self.optimizer
+
+    def on_engine_ready(self, context) -> None:
+        super().on_engine_ready(context)
+        if self.optimizer is None:
+            raise RuntimeError(f"{self.name}: the engine's optimizer must come from method.build_optimizer")
+        self.optimizer.attach(context.engine)
+
+    def optimizer_state_bytes(self, groups, zero_stage, world, rank, sub_group_size=1_000_000_000) -> int:
+        return self.Optimizer.planned_state_bytes(groups, zero_stage, world, rank, sub_group_size)
+
+    def after_step(self, engine, step: int) -> dict:
+        """Reports SVD refreshes that kept the previous basis (a zero or non-finite gradient)."""
+        kept = self.optimizer.kept_bases if self.optimizer is not None else 0
+        new, self._reported = kept - getattr(self, "_reported", 0), kept
+        return {f"{self.name}/kept_bases": new} if new else {}
