@@ -131,7 +131,7 @@ class Contender:
         model = LlamaModel(model_cfg)
         self.method = methods.build(self.stage, None)
         self.method.prepare_model(model)
-        if name in PEERS:
+        if name in PEERS and stage is None:  # a given stage is a method's, whatever its name
             module, cls, extra = PEERS[name]
             projected = [m.weight for n, m in model.named_modules()
                          if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in TARGETS]

@@ -15,6 +15,9 @@ optimizer       2·N·4 + 4 per param  2·pad(N)/W·4 + 4 per group   2·Σ⌈n/
 grads           N·b                  b · Σ n over params that     Σ Σ⌈n/W⌉·b
                                      overlap the rank's slice
                                      (+ padding on the last rank)
+                                     stage 1, bf16 with fp32
+                                     accumulation (BF16_Optimizer):
+                                     Σ pad(N)·4 + N·b
 method_buffers  persistent buffers, whole on every rank (DeepSpeed never partitions buffers)
 zero_buffers    0                    0 resident (a bucket lives  reduce_bucket_size · b
                                      during backward only)
@@ -138,8 +141,12 @@ def _slice_grad_elements(group: list[int], world: int, rank: int) -> int:
 
 def state_bytes(lay: Layout, zero_stage: int, world: int, precision: str, rank: int = 0,
                 reduce_bucket_size: int = DEEPSPEED_REDUCE_BUCKET,
-                sub_group_size: int = DEEPSPEED_SUB_GROUP) -> dict[str, int]:
-    """Predicted bytes on ``rank`` by category (the categories of ``memory.state_bytes``)."""
+                sub_group_size: int = DEEPSPEED_SUB_GROUP, fp32_grad_accumulation: bool = False) -> dict[str, int]:
+    """Predicted bytes on ``rank`` by category (the categories of ``memory.state_bytes``).
+
+    ``fp32_grad_accumulation``: bf16 with ``data_types.grad_accum_dtype: fp32`` at stage 1, where
+    DeepSpeed runs its BF16_Optimizer: every rank accumulates the whole padded group in fp32 and
+    the params' bf16 gradients are held beside it until the step."""
     b = DTYPE_BYTES[precision]
     W = world if zero_stage > 0 else 1
     out = dict.fromkeys((*STATE_CATEGORIES, "zero_buffers"), 0)
@@ -157,6 +164,8 @@ def state_bytes(lay: Layout, zero_stage: int, world: int, precision: str, rank: 
         out["master_params"] = sum(padded) // W * 4
         out["optimizer_states"] = formula(zero_stage, W, rank, sub_group_size)
         out["grads"] = sum(_slice_grad_elements(g, W, rank) for g in lay.groups) * b
+        if fp32_grad_accumulation and zero_stage == 1 and precision == "bf16":
+            out["grads"] = sum(padded) * 4 + lay.trainable * b
     elif zero_stage == 3:
         parts = [[-(-n // W) for n in g] for g in lay.groups]
         slice_elems = sum(sum(p) for p in parts)

@@ -45,7 +45,8 @@ class StageTracker:
         # Tracking must never stop a run: a method the planner cannot lay out gets no formula.
         try:
             lay = planner.layout(model_cfg, stage.method, dict(stage.options), stage.optimizer.weight_decay)
-            self.formula = planner.state_bytes(lay, zero_stage, self.world, precision, self.rank)
+            self.formula = planner.state_bytes(lay, zero_stage, self.world, precision, self.rank,
+                                               fp32_grad_accumulation=_accumulates_in_fp32(engine))
             self.formula["method_transient"] = planner.capture_bytes(lay, self.world, self.rank)
             self.params = {"total": lay.total_params, "trainable": lay.trainable, "frozen": sum(lay.frozen)}
         except Exception as e:  # noqa: BLE001
@@ -182,3 +183,9 @@ def _device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _accumulates_in_fp32(engine) -> bool:
+    """Whether DeepSpeed accumulates gradients in fp32 (``data_types.grad_accum_dtype``)."""
+    data_types = getattr(engine, "get_data_types", None)
+    return data_types is not None and data_types()[1] == torch.float32
