@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowrank_pt.model import whole
 from lowrank_pt.targets import replace_linears, select_linears
 
 _ADAPTER_KEYS = ("lora_A", "lora_B", "lora_scale")
@@ -190,10 +191,15 @@ class LowRankLinear(nn.Module):
     ZeRO-3 gathers them with the factors and checkpoints keep their plain names; ``bias`` keeps
     its ``requires_grad``. ``capture`` (set by the method for one step) makes the backward also
     form the full gradient of the direction ``W0 + s·B·A`` (LoRA-GA).
+
+    With ``base_in_fp32`` the base is an fp32 buffer instead (taken whole from ``base``), cast to
+    the input's dtype at every use: a merge into it (ReLoRA's restart, LoRA-GA's residual) is
+    then not rounded to bf16, which a frozen param, having no fp32 master, would be.
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
-                 generator: torch.Generator | None = None, scaling: str = "alpha/r", dora: bool = False):
+                 generator: torch.Generator | None = None, scaling: str = "alpha/r", dora: bool = False,
+                 base_in_fp32: bool = False):
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank={rank} must be >= 1")
@@ -203,27 +209,36 @@ class LowRankLinear(nn.Module):
         self.dora = bool(dora)
         self.capture = None
         w = base.weight
-        w.requires_grad_(False)
-        self.weight = w
+        if base_in_fp32:
+            with whole(w):  # a buffer is never partitioned: it takes the full value
+                self.register_buffer("weight", w.detach().float().clone())
+        else:
+            w.requires_grad_(False)
+            self.weight = w
         self.register_parameter("bias", base.bias)
         self.lora_A = nn.Parameter(init_lora_A(rank, self.in_features, generator).to(w.device, w.dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
         if self.dora:  # ‖W0‖_row (B = 0); the method recomputes it once the stage's weights are in
             norm = (torch.empty(self.out_features) if w.device.type == "meta"
-                    else torch.linalg.vector_norm(read_whole(w), dim=1))
+                    else torch.linalg.vector_norm(read_whole(self.weight), dim=1))
             self.lora_magnitude = nn.Parameter(norm.to(w.device, w.dtype))
         # The scale travels with the weights (checkpoints, full_state_dict) so merged_state_dict
         # needs nothing else. DeepSpeed casts params only, so it stays fp32 under bf16.
         self.register_buffer("lora_scale", torch.tensor(self.scale, dtype=torch.float32))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    def base_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """``W0`` in the compute dtype (an fp32 base buffer is cast; a frozen param already is)."""
+        return self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w0 = self.base_weight(x.dtype)
         if not self.dora:
-            out = F.linear(x, self.weight, self.bias)
+            out = F.linear(x, w0, self.bias)
             out = out + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
             return out if self.capture is None else _CaptureGrad.apply(out, x, None, self)
         # DoRA: g·(x·W0ᵀ + s·x·Aᵀ·Bᵀ) with g = m / ‖W0 + s·B·A‖_row, the norm a constant.
-        base = F.linear(x, self.weight)
+        base = F.linear(x, w0)
         dropped = self.dropout(x)
         low = F.linear(F.linear(dropped, self.lora_A), self.lora_B)
         norm = row_norms(self.weight, self.lora_A, self.lora_B, self.scale)
@@ -232,7 +247,7 @@ class LowRankLinear(nn.Module):
         if isinstance(self.dropout, nn.Identity) or not self.training:
             out = g * (base + self.scale * low)
         else:  # as peft: the base path sees x, the direction's correction the dropped input
-            out = base + (g - 1) * F.linear(dropped, self.weight) + g * (self.scale * low)
+            out = base + (g - 1) * F.linear(dropped, w0) + g * (self.scale * low)
         if self.bias is not None:
             out = out + self.bias
         return out if self.capture is None else _CaptureGrad.apply(out, x, g.detach(), self)
@@ -243,7 +258,8 @@ class LowRankLinear(nn.Module):
 
 
 def wrap_linears(model: nn.Module, target_patterns: list[str] | None, rank: int, alpha: float,
-                 dropout: float = 0.0, seed: int = 0, scaling: str = "alpha/r", dora: bool = False) -> list[str]:
+                 dropout: float = 0.0, seed: int = 0, scaling: str = "alpha/r", dora: bool = False,
+                 base_in_fp32: bool = False) -> list[str]:
     """Replace every targeted ``nn.Linear`` (``lowrank_pt.targets``) by a ``LowRankLinear``; return
     the wrapped names in module order. ``A`` of the i-th wrapped module is drawn from
     ``seeded_generator(seed, 0, i)``: the same on every rank, the global RNG untouched.
@@ -251,7 +267,7 @@ def wrap_linears(model: nn.Module, target_patterns: list[str] | None, rank: int,
     targets = select_linears(model, target_patterns)
     make = lambda index, _, linear: LowRankLinear(linear, rank, alpha, dropout,  # noqa: E731
                                                   generator=seeded_generator(seed, 0, index),
-                                                  scaling=scaling, dora=dora)
+                                                  scaling=scaling, dora=dora, base_in_fp32=base_in_fp32)
     return list(replace_linears(model, targets, make))
 
 

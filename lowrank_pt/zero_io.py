@@ -77,10 +77,11 @@ def full_param(engine, p: torch.Tensor) -> torch.Tensor:
 
 
 def set_param(engine, p: torch.Tensor, value: torch.Tensor) -> None:
-    """Write ``value`` (full shape) into the module copy of ``p`` and its fp32 master."""
+    """Write ``value`` (full shape) into the module copy of ``p`` and its fp32 master. A buffer
+    (never partitioned, no master) is written whole on every rank."""
     stage = zero_stage(engine)
     value = value.detach().cpu().float()
-    if stage == 3:
+    if stage == 3 and is_partitioned(p):
         with gathered(engine, [p], modifier_rank=0):
             if dist.get_rank() == 0:
                 p.data.copy_(value.to(p.device, p.dtype))

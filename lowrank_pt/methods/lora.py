@@ -84,6 +84,11 @@ class LoRAOptions:
     decay). Merged as m ⊙ V/‖V‖_row at hand-over and export. Costs one m×n·r product per forward."""
     lora_ga_gamma: float = 16.0
     """init=lora_ga: γ of the stable scale ζ = m^¼/√γ of the factors."""
+    base_in_fp32: bool = False
+    """Hold the frozen base W0 as an fp32 buffer, so bf16 runs merge without rounding W0 to
+    bf16 at every merge (ReLoRA's restarts, the lora_ga residual). Costs 4 bytes per weight on
+    every rank (buffers are not sharded by ZeRO-3) instead of a sharded bf16 frozen param, and a
+    cast of W0 to bf16 at every use."""
 
     def check(self) -> None:
         if self.rank < 1:
@@ -141,7 +146,7 @@ class LoRA(Method):
         super().prepare_model(model)  # everything trainable; wrapping then freezes the bases
         o = self.options
         self.wrapped = wrap_linears(model, o.target_modules, o.rank, o.alpha, o.dropout, seed=o.seed,
-                                    scaling=o.scaling, dora=o.dora)
+                                    scaling=o.scaling, dora=o.dora, base_in_fp32=o.base_in_fp32)
         check_init_fits(o, [(n, m.out_features, m.in_features) for n, m in lowrank_modules(model)])
 
     def param_groups(self, model: nn.Module) -> list[dict]:
