@@ -25,6 +25,8 @@ from lowrank_pt.errors import ConfigError
 from lowrank_pt.model import MODEL_SIZES, ModelConfig, resolve
 from lowrank_pt.data.sft import SFTDataConfig, check_records as check_sft_records
 from lowrank_pt.data.sft import validate_config as validate_sft
+from lowrank_pt.data.preference import DPODataConfig, check_records as check_dpo_records
+from lowrank_pt.data.preference import validate_config as validate_dpo
 
 BACKENDS = ("gloo", "nccl", "mpi", "ucc")
 """torch.distributed backends engine.backend may name (each only where this machine has it)."""
@@ -84,6 +86,9 @@ class StageConfig:
     """Data of this stage; null uses the run's data (continuing its stream)."""
     sft: Optional[SFTDataConfig] = None
     """Instruction data: makes this an SFT stage (chat template, loss on assistant tokens only)."""
+    dpo: Optional[DPODataConfig] = None
+    """Preference pairs: makes this a DPO stage (the DPO loss with dpo.beta against the stage's
+    starting model: the adapters switched off for lora with init kaiming, else precomputed)."""
     init_from: Optional[str] = None
     """Start this stage from the weights of a checkpoint dir (a run dir or one checkpoint)."""
 
@@ -119,6 +124,9 @@ class TrainConfig:
     """Optimizer steps between validation passes (and at the end of each stage); 0 = stage ends only."""
     eval_sequences: int = 64
     """Validation sequences per evaluation: the first N of the held-out split, fixed across runs."""
+    eval_questions: int = 32
+    """SFT and DPO stages on the shakespeare set: held-out "who says this line" questions answered
+    greedily at every evaluation and at the stage's start, scored by exact match; 0 = off."""
     save_every: int = 0
     """Optimizer steps between checkpoints; 0 = only at the end of each stage."""
     keep_last: int = 2
@@ -420,7 +428,7 @@ def _validate_train(run: RunConfig) -> None:
     for key in ("micro_batch_size", "grad_accum", "log_every", "eval_sequences", "keep_last"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 1")
-    for key in ("eval_every", "save_every", "sample_tokens"):
+    for key in ("eval_every", "save_every", "sample_tokens", "eval_questions"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 0")
     if t.stop_at_step is not None and t.stop_at_step < 1:
@@ -464,20 +472,22 @@ def _validate_stage(run: RunConfig, stage: StageConfig, where: str, model_cfg: M
         METHODS[stage.method].check_stage(options, stage, run, model_cfg, stage_length(stage, run))
     except ValueError as e:
         raise ConfigError(f"{where}.{e}") from None
-    if stage.data is not None and stage.sft is not None:
-        raise ConfigError(f"{where}: give data (pre-training) or sft (instruction data), not both")
+    if sum(x is not None for x in (stage.data, stage.sft, stage.dpo)) > 1:
+        raise ConfigError(f"{where}: give one of data (pre-training), sft (instructions) and dpo (preferences)")
     if stage.data is not None:
         try:
             validate_data(stage.data)
         except ValueError as e:
             raise ConfigError(f"{where}.data: {e}") from None
-    if stage.sft is not None:
+    for key, section, check_values, check_files in (("sft", stage.sft, validate_sft, check_sft_records),
+                                                    ("dpo", stage.dpo, validate_dpo, check_dpo_records)):
         try:
-            validate_sft(stage.sft)
-            if environment:
-                check_sft_records(stage.sft)
+            if section is not None:
+                check_values(section)
+                if environment:
+                    check_files(section)
         except ValueError as e:
-            raise ConfigError(f"{where}.sft: {e}") from None
+            raise ConfigError(f"{where}.{key}: {e}") from None
     if stage.init_from is not None and environment:
         _check_init_from(stage.init_from, f"{where}.init_from", model_cfg)
 

@@ -252,6 +252,10 @@ class LowRankLinear(nn.Module):
             out = out + self.bias
         return out if self.capture is None else _CaptureGrad.apply(out, x, g.detach(), self)
 
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base linear alone, ``x·W0ᵀ + bias`` (what ``adapters_disabled`` makes ``forward``)."""
+        return F.linear(x, self.weight.to(x.dtype), self.bias)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"alpha={self.alpha}, scale={self.scale:g}" + (", dora" if self.dora else ""))
@@ -274,6 +278,21 @@ def wrap_linears(model: nn.Module, target_patterns: list[str] | None, rank: int,
 def lowrank_modules(model: nn.Module) -> list[tuple[str, LowRankLinear]]:
     """The wrapped modules in module order (the index used for seeding re-inits)."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Inside the block every ``LowRankLinear`` of ``model`` computes its base linear alone
+    (``x·W0ᵀ + bias``: no ``s·B·A``, no DoRA magnitude), so the model is its frozen base: DPO's
+    reference without a second copy. The factors stay params (ZeRO-3 still gathers them)."""
+    modules = [m for _, m in lowrank_modules(model)]
+    for m in modules:  # an instance attribute: module hooks (ZeRO-3's gathers) still run around it
+        m.forward = m.base_forward
+    try:
+        yield model
+    finally:
+        for m in modules:
+            del m.forward
 
 
 def merged_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

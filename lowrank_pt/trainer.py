@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -25,89 +24,18 @@ from lowrank_pt import checkpoint, dist, methods, zero_io
 from lowrank_pt import engine as E
 from lowrank_pt.cadence import Cadence
 from lowrank_pt.config import RunConfig, StageConfig, stage_steps, to_yaml
-from lowrank_pt.data import PackedLoader, TokenShard, Tokenizer, check_tokenizer, prepare_data
-from lowrank_pt.data import validation_batches
-from lowrank_pt.data.sft import SFTLoader, prepare_sft, sft_validation_batches
+from lowrank_pt.data import Tokenizer, prepare_data
+from lowrank_pt.dpo import build_objective
+from lowrank_pt.evaluation import describe, evaluate
 from lowrank_pt.errors import ConfigError
 from lowrank_pt.methods.base import Method, StageContext
 from lowrank_pt.metrics import MetricsLogger, truncate_after
 from lowrank_pt.model import LlamaModel, resolve
+from lowrank_pt.streams import DataStreams, on_local_rank0_first
 from lowrank_pt.tracking import StageTracker, write_stage_summary
 from lowrank_pt.tracking.memory import release_host_heap
 
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size", "tie_embeddings")
-
-
-class DataStreams:
-    """One loader per distinct (data config, micro-batch): stages that share data continue
-    one stream instead of re-reading its start. Pre-training stages read token shards, SFT
-    stages instruction data; both loaders share one interface and save plain-int cursors."""
-
-    def __init__(self, run: RunConfig, seq_len: int, tokenizer: Tokenizer):
-        self.run = run
-        self.seq_len = seq_len
-        self.tokenizer = tokenizer
-        self.loaders: dict[str, object] = {}
-        self.prepared: dict[str, tuple] = {}
-        self.saved: dict[str, dict] = {}
-
-    def _prepared(self, stage: StageConfig) -> tuple[str, tuple]:
-        """(key, (train, validation)) of the stage's data, built once per node."""
-        if stage.sft is not None:
-            key = "sft:" + json.dumps(asdict(stage.sft), sort_keys=True)
-            build = lambda: prepare_sft(stage.sft, self.tokenizer)  # noqa: E731
-        else:
-            data = stage.data or self.run.data
-            key = json.dumps(asdict(data), sort_keys=True)
-
-            def build():
-                prepared = prepare_data(data, progress=dist.rank() == 0)
-                shards = TokenShard(prepared.train_shard), TokenShard(prepared.val_shard)
-                for shard in shards:
-                    check_tokenizer(shard, self.tokenizer)
-                return shards
-        if key not in self.prepared:
-            self.prepared[key] = on_local_rank0_first(build)
-        return key, self.prepared[key]
-
-    def train(self, stage: StageConfig, micro_batch_size: int):
-        key, (train, _) = self._prepared(stage)
-        key = f"{key}|mb={micro_batch_size}"
-        if key not in self.loaders:
-            loader_cls = SFTLoader if stage.sft is not None else PackedLoader
-            loader = loader_cls(train, self.seq_len, micro_batch_size, dist.rank(), dist.world_size(), self.run.seed)
-            if key in self.saved:
-                loader.load_state_dict(self.saved[key])
-            self.loaders[key] = loader
-        return self.loaders[key]
-
-    def validation(self, stage: StageConfig, micro_batch_size: int) -> list[dict]:
-        _, (_, val) = self._prepared(stage)
-        make = sft_validation_batches if stage.sft is not None else validation_batches
-        batches = make(val, self.seq_len, micro_batch_size, self.run.train.eval_sequences,
-                       dist.rank(), dist.world_size())
-        # Every rank must run the same number of forwards (ZeRO-3 gathers are collective).
-        return batches[:dist.min_over_ranks(len(batches))]
-
-    def state_dict(self) -> dict:
-        return {**self.saved, **{k: v.state_dict() for k, v in self.loaders.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.saved = dict(state)
-        for key, loader in self.loaders.items():
-            if key in state:
-                loader.load_state_dict(state[key])
-
-
-def on_local_rank0_first(build):
-    """Run ``build`` on each node's local rank 0, then on the other ranks, which find its cache."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if local_rank == 0:
-        result = build()
-    dist.barrier()
-    if local_rank != 0:
-        result = build()
-    return result
 
 
 @dataclass
@@ -129,6 +57,10 @@ class StageRun:
     """Stage step this run starts at (a resumed stage's saved step; else 0)."""
     reached: int
     """Stage step reached so far."""
+    objective: Any = None
+    """The stage's loss when not the LM loss (DPO), else None."""
+    questions: list = None
+    """Held-out exact-match questions of the stage (shakespeare post-training), else none."""
 
 
 class Trainer:
@@ -258,8 +190,8 @@ class Trainer:
                               "checkpoint's data settings (data.tokenizer, data.vocab_size, data.source, ...)")
 
     def check_sft_tokenizer(self) -> None:
-        """SFT stages need the chat pieces in the tokenizer (a DataError names the missing one)."""
-        if any(stage.sft is not None for stage in self.run.stages):
+        """SFT and DPO stages need the chat pieces in the tokenizer (a DataError names the missing one)."""
+        if any(stage.sft is not None or stage.dpo is not None for stage in self.run.stages):
             from lowrank_pt.data.sft import END_PIECE, ROLE_PIECES
 
             for piece in (*ROLE_PIECES.values(), END_PIECE):
@@ -331,11 +263,16 @@ class Trainer:
         torch.manual_seed(run.seed + 1000 * index + 1 + self.rank)
 
         start = 0
+        self.objective = objective = build_objective(stage, method)
         if resume_path:
             client = checkpoint.load(engine, resume_path)
             method.load_state_dict(client.get("method", {}))
             self.streams.load_state_dict(client.get("data", {}))
+            if objective is not None:
+                objective.load_state_dict(client.get("objective", {}))
             start = client["trainer"]["stage_step"]
+        elif objective is not None:  # a frozen reference that no switch gives: computed once, now
+            objective.precompute(engine, self.streams.reference_batches(stage, micro))
         loader = self.streams.train(stage, micro)
         val_batches = self.streams.validation(stage, micro)
         self.say(f"stage {index + 1}/{len(run.stages)} {stage.name!r}: method {stage.method}, {total} steps, "
@@ -344,10 +281,11 @@ class Trainer:
         tracker = StageTracker(engine=engine, stage=stage, index=index, model_cfg=self.model_cfg,
                                tokens_per_step=tokens_per_step, precision=run.engine.precision,
                                zero_stage=run.engine.zero_stage, start_step=start, cache_dir=run.data.cache_dir)
-        method.on_engine_ready(StageContext(engine=engine, total_steps=total, timer=tracker.timer))
+        method.on_engine_ready(StageContext(engine=engine, total_steps=total, timer=tracker.timer, objective=objective))
         return StageRun(index=index, stage=stage, engine=engine, method=method, tracker=tracker,
                         cadence=Cadence.of(run.train, total), loader=loader, val_batches=val_batches,
-                        accum=accum, tokens_per_step=tokens_per_step, total=total, start=start, reached=start)
+                        accum=accum, tokens_per_step=tokens_per_step, total=total, start=start, reached=start,
+                        objective=objective, questions=self.streams.questions(stage))
 
     def init_from_source(self, path: str, model, plain: list[str]):
         """``(name, full value)`` of the plain weights at ``path`` (an exported Hugging Face dir,
@@ -381,6 +319,9 @@ class Trainer:
 
     def train_loop(self, sr: StageRun) -> None:
         engine, method, tracker, cadence, timer = sr.engine, sr.method, sr.tracker, sr.cadence, sr.tracker.timer
+        if sr.start == 0 and (sr.stage.sft is not None or sr.objective is not None):  # the score it starts from
+            with timer.phase("eval"):
+                tracker.observe(self.evaluate(sr, at_start=True))
         for step in range(sr.start, sr.total):
             if self.stop_requested():
                 break
@@ -399,7 +340,7 @@ class Trainer:
                 self.log_step(sr, step, lr, events)
             if cadence.should_eval(step):
                 with timer.phase("eval"):
-                    tracker.observe(self.evaluate(engine, sr.val_batches, sr.stage))
+                    tracker.observe(self.evaluate(sr))
             if cadence.should_save(step, self.global_step):
                 with timer.phase("checkpoint"):
                     self.save(engine, method, sr.index, step + 1)
@@ -417,7 +358,8 @@ class Trainer:
         """One metrics record: the tracker's window (loss, time/, throughput/, memory/) and the
         method's events. Collective (the window's loss is averaged over ranks)."""
         record = {"step": self.global_step, "stage": sr.stage.name, "stage_step": step + 1, "lr": lr,
-                  "tokens": self.tokens, **events, **sr.tracker.metrics()}
+                  "tokens": self.tokens, **events, **sr.tracker.metrics(),
+                  **(sr.objective.window_metrics() if sr.objective is not None else {})}
         sr.tracker.observe(record)
         self.metrics.log(record)
         self.say(f"[{sr.stage.name}] step {step + 1}/{sr.total} loss {record['loss']:.4f} "
@@ -436,7 +378,7 @@ class Trainer:
         train = self.run.train
         lines = []
         for prompt in train.sample_prompts:
-            sampler = chat if stage.sft is not None else generate
+            sampler = chat if stage.sft is not None or stage.dpo is not None else generate
             out = sampler(model, self.tokenizer, prompt, max_new_tokens=train.sample_tokens,
                           temperature=train.sample_temperature, seed=self.run.seed)
             lines.append({"step": self.global_step, "stage": stage.name, "prompt": prompt, "text": out.text})
@@ -446,25 +388,14 @@ class Trainer:
             with open(os.path.join(self.run.run_dir, "samples.jsonl"), "a") as f:
                 f.writelines(json.dumps(line) + "\n" for line in lines)
 
-    @torch.no_grad()
-    def evaluate(self, engine, batches: list[dict], stage: StageConfig) -> dict:
-        """Validation loss: the mean over batches (pre-training: equal target tokens per batch), or
-        over answer tokens in SFT stages (a batch's mean weighted by its answer tokens)."""
-        engine.eval()
-        total, count = 0.0, 0.0
-        for batch in batches:
-            loss = engine(batch["input_ids"].to(engine.device), batch["labels"].to(engine.device)).float().item()
-            weight = float((batch["labels"] != -100).sum()) if stage.sft is not None else 1.0
-            total, count = total + loss * weight, count + weight
-        engine.train()
-        if stage.sft is not None:
-            loss = dist.all_reduce_mean(total) / max(dist.all_reduce_mean(count), 1e-12)
-        else:
-            loss = dist.all_reduce_mean(total / max(1, len(batches)))
-        record = {"step": self.global_step, "stage": stage.name, "eval/loss": loss,
-                  "eval/perplexity": math.exp(min(loss, 50.0)), "tokens": self.tokens}
+    def evaluate(self, sr: StageRun, at_start: bool = False) -> dict:
+        """Validation scores (``lowrank_pt.evaluation``), logged; ``at_start``: before the stage's
+        first step (``stage_step`` 0). Collective."""
+        record = {"step": self.global_step, "stage": sr.stage.name, **({"stage_step": 0} if at_start else {}),
+                  **evaluate(sr.engine, sr.val_batches, sr.stage, sr.objective, self.tokenizer, sr.questions),
+                  "tokens": self.tokens}
         self.metrics.log(record)
-        self.say(f"[{stage.name}] eval loss {loss:.4f} ppl {record['eval/perplexity']:.2f}")
+        self.say(f"[{sr.stage.name}] eval{' before training' if at_start else ''}: {describe(record)}")
         return record
 
     def save(self, engine, method, index: int, stage_step: int) -> None:
@@ -475,7 +406,8 @@ class Trainer:
                 "zero_stage": self.run.engine.zero_stage, "precision": self.run.engine.precision,
                 "method": stage.method, "method_options": dict(stage.options),
                 "tokenizer": os.path.abspath(self.tokenizer.path), "tokenizer_sha256": self.tokenizer.sha256}
-        client = {"trainer": trainer_state, "method": method.state_dict(), "data": self.streams.state_dict()}
+        client = {"trainer": trainer_state, "method": method.state_dict(), "data": self.streams.state_dict(),
+                  **({"objective": self.objective.state_dict()} if self.objective is not None else {})}
         path = checkpoint.save(engine, self.run.run_dir, self.global_step, meta, client, self.run.train.keep_last)
         self.say(f"[{stage.name}] checkpoint {path}")
 

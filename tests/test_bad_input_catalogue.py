@@ -87,6 +87,11 @@ def files(tmp_path_factory):
     (d / "malformed.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": oops}\n')
     (d / "neither.jsonl").write_text('{"question": "a", "answer": "b"}\n')
     (d / "a_file.txt").write_text("not a directory\n")
+    pair = '{"prompt": "Who says this?", "chosen": "HAMLET", "rejected": "OPHELIA"}\n'
+    (d / "pairs_malformed.jsonl").write_text(pair + "{oops\n")
+    (d / "pairs_no_rejected.jsonl").write_text(pair * 2 + '{"prompt": "a", "chosen": "b"}\n')
+    (d / "pairs_same.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "b"}\n')
+    (d / "pairs_ok.jsonl").write_text(pair)
     return d
 
 
@@ -189,6 +194,18 @@ IN_PROCESS = [
     row("sft_record_of_neither_form", ["stages.1.sft={train: '{files}/neither.jsonl'}"], 2, "neither.jsonl:1",
         "prompt"),
     row("sft_file_missing", ["stages.1.sft={train: '{files}/no_such.jsonl'}"], 2, "sft.train", "no_such.jsonl"),
+    row("dpo_file_malformed", ["stages.1.dpo={train: '{files}/pairs_malformed.jsonl'}"], 2,
+        "stages[1] (main).dpo", "pairs_malformed.jsonl:2", "not valid JSON"),
+    row("dpo_record_without_rejected", ["stages.1.dpo={train: '{files}/pairs_no_rejected.jsonl'}"], 2,
+        "pairs_no_rejected.jsonl:3", "rejected"),
+    row("dpo_chosen_is_rejected", ["stages.1.dpo={train: '{files}/pairs_same.jsonl'}"], 2, "pairs_same.jsonl:1",
+        "the same text"),
+    row("dpo_file_empty", ["stages.1.dpo={train: '{files}/empty.jsonl', validation: '{files}/pairs_ok.jsonl'}"], 2,
+        "stages[1] (main).dpo", "empty.jsonl", "no preference pairs"),
+    row("dpo_beta_not_positive", ["stages.1.dpo={train: shakespeare, beta: 0}"], 2, "stages[1] (main).dpo",
+        "dpo.beta"),
+    row("dpo_and_sft_in_one_stage", ["stages.1.dpo={train: shakespeare}", "stages.1.sft={train: shakespeare}"], 2,
+        "stages[1] (main)", "one of data"),
     row("init_from_missing_on_a_later_stage", ["stages.1.init_from=/no/such/run"], 2,
         "stages[1] (main).init_from=/no/such/run", "no such"),
     row("init_from_another_model_size", ["stages.0.init_from={run}", "model.size=small"], 2,

@@ -21,7 +21,7 @@ def sft_recipe(run_dir, cache, *extra):
             "stages.1.options={rank: 4, alpha: 8}",
             f"stages.1.sft={{train: shakespeare, max_examples: 400, cache_dir: {cache}}}",
             "train.sample_prompts=[\"Who says this line: 'Good night, sweet prince'\"]", "train.sample_tokens=4",
-            *extra]
+            "train.eval_questions=2", *extra]
 
 
 def test_sft_stage_after_pretraining_resumes_exactly(tmp_path, data_cache):

@@ -53,6 +53,8 @@ class StageContext:
     timer: "PhaseTimer | NullTimer" = NULL_TIMER
     """The stage's phase timer: the method opens its spans (forward, backward, optimizer, and its
     own merge / refresh work) on it."""
+    objective: Any = None
+    """The stage's loss when it is not the LM loss (``lowrank_pt.dpo.DPOObjective``), else None."""
 
 
 class Method:
@@ -169,7 +171,7 @@ class Method:
         total = 0.0
         for batch, weight in zip(micro_batches, weights):
             with self.timer.phase("forward"):
-                loss = engine(batch["input_ids"].to(engine.device), batch["labels"].to(engine.device))
+                loss = self.micro_batch_loss(engine, batch)
                 if weight != 1.0:
                     loss = loss * weight
             with self.timer.phase("backward"):
@@ -180,6 +182,19 @@ class Method:
                 engine.step()
             total += loss.detach().float().item()
         return total / len(micro_batches)
+
+    def micro_batch_loss(self, engine, batch: dict) -> torch.Tensor:
+        """The loss of one micro-batch: the stage's objective's (DPO), else the LM loss."""
+        objective = self.context.objective if self.context is not None else None
+        if objective is not None:
+            return objective.loss(engine, batch)
+        return engine(batch["input_ids"].to(engine.device), batch["labels"].to(engine.device))
+
+    def base_is_start_model(self) -> bool:
+        """Whether the trained model with its adapters switched off (``lowrank.adapters_disabled``)
+        is the stage's starting model throughout the stage: DPO's reference then costs nothing.
+        Not for full-rank methods (no adapters), nor for those that merge into the base."""
+        return False
 
     def token_weights(self, micro_batches: list[dict]) -> list[float]:
         """Per-micro-batch loss weights ``n_i·k·world / N`` (n_i answer tokens of micro-batch i, k

@@ -188,6 +188,12 @@ class LoRA(Method):
                                                                         row_norms(w, A, B, m.scale))
         return held
 
+    def base_is_start_model(self) -> bool:
+        """kaiming starts B at 0 (DoRA: m at the base's row norms), so the base alone computes the
+        stage's starting model, and LoRA never merges: DPO's reference is the adapters switched
+        off. pissa / milora / olora / lora_ga leave a residual in the base: not that."""
+        return self.options.init == "kaiming"
+
     # --- with the engine ----------------------------------------------------------------------
     def is_lora_ga_step(self, step: int) -> bool:
         """Whether the factors are (re)initialised from the full gradient at this step."""

@@ -135,6 +135,10 @@ class ReLoRA(LoRA):
         last = self.context is not None and step + 1 >= self.context.total_steps
         return (step + 1) % self.options.restart_every == 0 and not last
 
+    def base_is_start_model(self) -> bool:
+        """Restarts merge into the base: after the first one it is no longer the starting model."""
+        return False
+
     def is_lora_ga_step(self, step: int) -> bool:
         """Step 0 and the first step after every restart (whose B is 0 again)."""
         return self.options.init == "lora_ga" and step % self.options.restart_every == 0

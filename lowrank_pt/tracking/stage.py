@@ -99,10 +99,12 @@ class StageTracker:
         return phases
 
     def observe(self, record: dict) -> None:
-        """Remember the latest train/eval numbers of a logged record for the summary."""
-        for key in ("loss", "eval/loss", "eval/perplexity"):
-            if key in record:
-                self.last[key] = record[key]
+        """Remember the latest train/eval numbers of a logged record for the summary (an
+        evaluation before the stage's first step, ``stage_step`` 0, under ``start/``)."""
+        prefix = "start/" if record.get("stage_step") == 0 else ""
+        for key, value in record.items():
+            if key == "loss" or key.startswith(("eval/", "dpo/")):
+                self.last[prefix + key] = value
 
     def metrics(self) -> dict:
         """Metrics of the steps since the last call, then reset the window: ``loss`` (the mean

@@ -1,0 +1,121 @@
+"""The data streams of a run's stages: one loader per distinct data and micro-batch size.
+
+Pre-training stages read token shards, SFT stages instruction data, DPO stages preference pairs;
+the loaders share one interface and save plain-int cursors, so a resumed run sees exactly the
+batches it would have seen. Also what a stage's evaluation reads: its fixed validation batches and,
+on the embedded instruction or preference set, its held-out exact-match questions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+
+from lowrank_pt import dist
+from lowrank_pt.data import PackedLoader, TokenShard, Tokenizer, check_tokenizer, prepare_data
+from lowrank_pt.data import validation_batches
+from lowrank_pt.data.preference import (PreferenceLoader, prepare_preferences, preference_batch,
+                                        preference_validation_batches, speaker_questions)
+from lowrank_pt.data.sft import SHAKESPEARE, SFTLoader, prepare_sft, sft_validation_batches
+
+
+def on_local_rank0_first(build):
+    """Run ``build`` on each node's local rank 0, then on the other ranks, which find its cache."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if local_rank == 0:
+        result = build()
+    dist.barrier()
+    if local_rank != 0:
+        result = build()
+    return result
+
+
+class DataStreams:
+    """One loader per distinct (data config, micro-batch): stages that share data continue
+    one stream instead of re-reading its start."""
+
+    def __init__(self, run, seq_len: int, tokenizer: Tokenizer):
+        self.run = run
+        self.seq_len = seq_len
+        self.tokenizer = tokenizer
+        self.loaders: dict[str, object] = {}
+        self.prepared: dict[str, tuple] = {}
+        self.saved: dict[str, dict] = {}
+
+    def _prepared(self, stage) -> tuple[str, tuple]:
+        """(key, (train, validation)) of the stage's data, built once per node."""
+        if stage.sft is not None:
+            key = "sft:" + json.dumps(asdict(stage.sft), sort_keys=True)
+            build = lambda: prepare_sft(stage.sft, self.tokenizer)  # noqa: E731
+        elif getattr(stage, "dpo", None) is not None:
+            key = "dpo:" + json.dumps({k: v for k, v in asdict(stage.dpo).items() if k != "beta"}, sort_keys=True)
+            build = lambda: prepare_preferences(stage.dpo, self.tokenizer)  # noqa: E731
+        else:
+            data = stage.data or self.run.data
+            key = json.dumps(asdict(data), sort_keys=True)
+
+            def build():
+                prepared = prepare_data(data, progress=dist.rank() == 0)
+                shards = TokenShard(prepared.train_shard), TokenShard(prepared.val_shard)
+                for shard in shards:
+                    check_tokenizer(shard, self.tokenizer)
+                return shards
+        if key not in self.prepared:
+            self.prepared[key] = on_local_rank0_first(build)
+        return key, self.prepared[key]
+
+    @staticmethod
+    def _kind(stage) -> str:
+        return "sft" if stage.sft is not None else "dpo" if getattr(stage, "dpo", None) is not None else "lm"
+
+    def train(self, stage, micro_batch_size: int):
+        key, (train, _) = self._prepared(stage)
+        key = f"{key}|mb={micro_batch_size}"
+        if key not in self.loaders:
+            loader_cls = {"sft": SFTLoader, "dpo": PreferenceLoader, "lm": PackedLoader}[self._kind(stage)]
+            loader = loader_cls(train, self.seq_len, micro_batch_size, dist.rank(), dist.world_size(), self.run.seed)
+            if key in self.saved:
+                loader.load_state_dict(self.saved[key])
+            self.loaders[key] = loader
+        return self.loaders[key]
+
+    def validation(self, stage, micro_batch_size: int) -> list[dict]:
+        """The stage's fixed validation batches (DPO: ``train.eval_sequences`` pairs)."""
+        _, (_, val) = self._prepared(stage)
+        make = {"sft": sft_validation_batches, "dpo": preference_validation_batches,
+                "lm": validation_batches}[self._kind(stage)]
+        batches = make(val, self.seq_len, micro_batch_size, self.run.train.eval_sequences,
+                       dist.rank(), dist.world_size())
+        # Every rank must run the same number of forwards (ZeRO-3 gathers are collective).
+        return batches[:dist.min_over_ranks(len(batches))]
+
+    def reference_batches(self, stage, micro_batch_size: int) -> dict[str, tuple[int, list[dict]]]:
+        """DPO: batches covering every pair of the training and validation sets that fits, the
+        same on every rank (where a precomputed reference is computed from)."""
+        _, (train, val) = self._prepared(stage)
+        out = {}
+        for split, data in (("train", train), ("val", val)):
+            kept = data.fits(self.seq_len)
+            out[split] = (len(data), [preference_batch(data, self.seq_len, kept[i:i + micro_batch_size])
+                                      for i in range(0, len(kept), micro_batch_size)])
+        return out
+
+    def questions(self, stage) -> list[tuple[str, str]]:
+        """Held-out "who says this line" questions of a post-training stage on the shakespeare set
+        (``train.eval_questions`` of them), else none."""
+        section = stage.sft if stage.sft is not None else getattr(stage, "dpo", None)
+        if section is None or section.train != SHAKESPEARE or section.validation is not None:
+            return []
+        count = self.run.train.eval_questions
+        return on_local_rank0_first(lambda: speaker_questions(section.cache_dir, section.max_examples,
+                                                              section.seed, count))
+
+    def state_dict(self) -> dict:
+        return {**self.saved, **{k: v.state_dict() for k, v in self.loaders.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.saved = dict(state)
+        for key, loader in self.loaders.items():
+            if key in state:
+                loader.load_state_dict(state[key])
