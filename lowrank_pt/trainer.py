@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from lowrank_pt import checkpoint, dist, methods, zero_io
+from lowrank_pt import checkpoint, dist, methods, reshard, zero_io
 from lowrank_pt import engine as E
 from lowrank_pt.cadence import Cadence
 from lowrank_pt.config import RunConfig, StageConfig, stage_steps, to_yaml
@@ -158,8 +158,9 @@ class Trainer:
         return path
 
     def check_resume(self, meta: dict, path: str) -> None:
-        """A resume must keep what its checkpoint's state depends on: the stage's method, the
-        precision, the ZeRO stage and the world size (older checkpoints lack some: not checked)."""
+        """A resume must keep what its checkpoint's state depends on: the stage's method and the
+        precision (older checkpoints lack some: not checked); another world size or ZeRO stage is
+        converted at load where ``reshard.check`` allows it."""
         run, changes = self.run, []
         index = meta["stage_index"]
         if index < len(run.stages) and meta.get("method") not in (None, run.stages[index].method):
@@ -170,15 +171,7 @@ class Trainer:
         if changes:
             raise ConfigError(f"resuming {path} would change what its state was saved with: {'; '.join(changes)}; "
                               "resume with the checkpoint's settings, or start a new run_dir (init_from takes its weights)")
-        unsupported = []
-        if meta.get("world_size") not in (None, self.world_size):
-            unsupported.append(f"world size {meta['world_size']} -> {self.world_size} rank(s)")
-        if meta.get("zero_stage") not in (None, run.engine.zero_stage):
-            unsupported.append(f"engine.zero_stage {meta['zero_stage']} -> {run.engine.zero_stage}")
-        if unsupported:
-            raise ConfigError(f"resuming {path} on another world size or ZeRO stage is not supported yet "
-                              f"({'; '.join(unsupported)}): resume with the checkpoint's world size and "
-                              "engine.zero_stage")
+        reshard.check(meta, path, run.engine.zero_stage, self.world_size, run.engine.precision)
 
     def check_tokenizer(self, meta: dict, path: str) -> None:
         """The checkpoint's token ids mean this run's pieces: same tokenizer file (sha256)."""
@@ -265,7 +258,7 @@ class Trainer:
         start = 0
         self.objective = objective = build_objective(stage, method)
         if resume_path:
-            client = checkpoint.load(engine, resume_path)
+            client = reshard.load(engine, resume_path, method, self.say)  # on another layout: converted
             method.load_state_dict(client.get("method", {}))
             self.streams.load_state_dict(client.get("data", {}))
             if objective is not None:

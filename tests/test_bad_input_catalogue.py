@@ -278,13 +278,18 @@ def _damage_all(run_dir):
         os.remove(os.path.join(run_dir, "checkpoints", step, "rng", "rank_0.pt"))
 
 
-def _saved_on_two_ranks(run_dir):
+def _edit_meta(run_dir, **changes):
     meta_path = os.path.join(run_dir, "checkpoints", "step_00000003", "meta.json")
     with open(meta_path) as f:
         meta = json.load(f)
-    meta["world_size"] = 2
+    meta.update(changes)
     with open(meta_path, "w") as f:
         json.dump(meta, f)
+
+
+def _saved_on_two_ranks_at_zero_1(run_dir):
+    """meta.json says 2 ranks at ZeRO 1, but the files are a 1-rank ZeRO 0 save: no shards."""
+    _edit_meta(run_dir, world_size=2, zero_stage=1)
 
 
 def _disk_full():
@@ -312,7 +317,10 @@ def _out_of_memory():
     return lambda: setattr(Method, "train_step", step)
 
 
-SETUPS = {"damage_newest": _damage_newest, "damage_all": _damage_all, "two_ranks": _saved_on_two_ranks}
+SETUPS = {"damage_newest": _damage_newest, "damage_all": _damage_all,
+          "two_ranks_zero_1": _saved_on_two_ranks_at_zero_1,
+          "saved_in_bf16": lambda run_dir: _edit_meta(run_dir, precision="bf16"),
+          "saved_by_apollo": lambda run_dir: _edit_meta(run_dir, method="apollo")}
 PATCHES = {"disk_full": _disk_full, "out_of_memory": _out_of_memory}
 
 # (id, extra argv, exit code, substrings, setup of the run dir copy, patch, what must stay unchanged)
@@ -321,9 +329,15 @@ SPAWNED = [
      ["stages.1.method (main) is lora here but full in the checkpoint"], None, None, "all"),
     ("resume_changes_precision", ["engine.precision=bf16"], 2,
      ["engine.precision is bf16 here but fp32 in the checkpoint"], None, None, "all"),
-    ("resume_changes_zero_stage", ["engine.zero_stage=2"], 2,
-     ["not supported yet", "engine.zero_stage 0 -> 2"], None, None, "all"),
-    ("resume_changes_world_size", [], 2, ["not supported yet", "world size 2 -> 1"], "two_ranks", None, "all"),
+    # Another world size or ZeRO stage is converted at resume (tests/test_resume_reshard.py) for
+    # fp32 and the Adam-based methods; these are what it still refuses, before any work.
+    ("resume_changes_zero_stage_in_bf16", ["engine.zero_stage=2", "engine.precision=bf16"], 2,
+     ["engine.zero_stage 0 -> 2", "fp32 only"], "saved_in_bf16", None, "all"),
+    ("resume_changes_zero_stage_of_apollo", ["engine.zero_stage=2", "stages.1.method=apollo",
+                                             "stages.1.options={rank: 4}"], 2,
+     ["engine.zero_stage 0 -> 2", "not supported for method apollo"], "saved_by_apollo", None, "all"),
+    ("resume_changes_world_size_without_its_shards", ["engine.zero_stage=1"], 2,
+     ["world size 2 -> 1", "2 *_optim_states.pt", "holds 0"], "two_ranks_zero_1", None, "all"),
     ("resume_changes_tokenizer", ["data.max_documents=100"], 2,
      ["would change the tokenizer", "sha256"], None, None, "all"),
     ("resume_changes_model_shape", ["model.size=small"], 2, ["model shape", "hidden_size"], None, None, "all"),

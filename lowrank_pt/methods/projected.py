@@ -30,6 +30,9 @@ class ProjectedMethod(Method):
     """Full-rank training whose targeted matrices a ``ProjectedAdam`` steps (see the module doc)."""
 
     Optimizer: ClassVar[type[ProjectedAdam]] = ProjectedAdam
+    reshardable: ClassVar[bool] = False
+    """Its optimizer state (seeds, bases, limiter norms) is laid out by the saving ZeRO partitions:
+    a resume on another world size or ZeRO stage is refused (``lowrank_pt/reshard.py``)."""
 
     def __init__(self, options, stage, run):
         super().__init__(options, stage, run)
