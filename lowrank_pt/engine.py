@@ -10,7 +10,7 @@ import deepspeed
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from lowrank_pt import dist
+from lowrank_pt import dist, zero_io
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -127,6 +127,7 @@ def initialize(model, optimizer, lr_lambda, ds_config: dict):
     """``deepspeed.initialize`` with our optimizer and a LambdaLR over DeepSpeed's wrapper."""
     dist.check_deepspeed()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    held = zero_io.hold_method_buffers(model)  # a bf16 engine would cast GaLore's fp32 projectors
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -134,6 +135,7 @@ def initialize(model, optimizer, lr_lambda, ds_config: dict):
         config=with_persistence_threshold(model, ds_config),
         dist_init_required=False,
     )
+    zero_io.restore_method_buffers(engine, held)
     return engine
 
 

@@ -143,6 +143,40 @@ def restore_master(engine, p: torch.Tensor, held: torch.Tensor) -> None:
         set_param(engine, p, held)
 
 
+def hold_method_buffers(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Before ``deepspeed.initialize``: every param a method holds as its buffer
+    (``lowrank_pt.frozen``: GaLore's projectors) with its value as it stands. A bf16 engine casts
+    every param to bf16 (DeepSpeed keeps only buffers in fp32), these too, and ZeRO-3 then
+    partitions the cast value; ``restore_method_buffers`` undoes that. No communication."""
+    from lowrank_pt.frozen import is_method_buffer
+
+    return [(p, p.data) for p in model.parameters() if is_method_buffer(p)]
+
+
+def restore_method_buffers(engine, held: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """After ``deepspeed.initialize``: each held param back in its own dtype and value, before
+    anything (a checkpoint) is loaded into it. At ZeRO-3 the rank's partition is rewritten from
+    the full value held (a model built under ``deepspeed.zero.Init`` held only its placeholder:
+    the partition keeps its values, in the param's dtype), and the placeholder takes the dtype,
+    so the next gather (which groups params by their partition's dtype) brings the full value
+    back in it. Every rank calls it; no communication."""
+    for p, value in held:
+        dtype = value.dtype
+        if not is_partitioned(p):
+            if p.data is not value:
+                p.data = value.to(p.device)
+            continue
+        whole = value.numel() == p.ds_numel
+        if whole:
+            p.ds_tensor.data = _local_shard(p, value).to(dtype)
+        elif p.ds_tensor.dtype != dtype:
+            p.ds_tensor.data = p.ds_tensor.data.to(dtype)
+        if whole and p.data.numel() == p.ds_numel:  # a persistent param (below ZeRO-3's threshold) stays whole
+            p.data = value.to(p.device).view(p.ds_shape)
+        elif p.dtype != dtype:  # the empty placeholder
+            p.data = p.data.to(dtype)
+
+
 def _relink_optimizer_states(engine) -> None:
     opt = engine.optimizer
     if zero_stage(engine) in (1, 2) and hasattr(opt, "_lazy_init_hp_params_optimizer_state"):

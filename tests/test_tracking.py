@@ -259,6 +259,24 @@ def test_planner_scales_with_zero_stage_and_method():
     assert ck["activations"] < 0.25 * f2["activations"]
 
 
+def test_planner_shards_galore_projectors_at_zero3_and_halves_them_in_bf16():
+    """The 7B plan of the README (rank 1024, 8 GPUs, bf16): projectors are frozen params, whole
+    at ZeRO 2, ⌈n/8⌉ per GPU at ZeRO 3, 2 bytes per element with projector_dtype bf16."""
+    cfg = resolve(ModelConfig(size="7b", seq_len=2048), vocab_size=32000)
+    lay = planner.layout(cfg, "galore", {"rank": 1024})
+    elements = [n for n, _ in lay.method_params]
+    assert len(elements) == 7 * cfg.num_layers and {size for _, size in lay.method_params} == {4}
+
+    def buffers(zero_stage, **options):
+        return planner.plan(cfg, "galore", {"rank": 1024, **options}, zero_stage=zero_stage, world=8,
+                            precision="bf16").bytes["method_buffers"]
+
+    assert buffers(2) == 4 * sum(elements) + lay.buffer_bytes
+    assert buffers(3) == 4 * sum(-(-n // 8) for n in elements) + lay.buffer_bytes
+    assert buffers(3, projector_dtype="bf16") == 2 * sum(-(-n // 8) for n in elements) + lay.buffer_bytes
+    assert buffers(3) < 0.5 * 2**30 < 3.4 * 2**30 < buffers(2)  # 0.44 GiB per GPU instead of 3.50
+
+
 def test_paper_accounting_is_near_the_galore_papers_table():
     """GaLore paper, memory of weights + optimizer states (BF16): 60M 0.36G full / 0.24G GaLore
     (rank 128); 1B 7.80G / 4.38G (rank 512). Their accounting is not spelled out; ours counts

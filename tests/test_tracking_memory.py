@@ -14,7 +14,16 @@ METHOD_OPTIONS = {
     "lora": {"rank": 3},
     "relora": {"rank": 3, "restart_every": 2},
     "galore": {"rank": 3, "update_proj_gap": 2},
+    # Method buffers in other layouts: W0 as an fp32 buffer (whole on every rank); projectors in
+    # bf16 (frozen params, partitioned at ZeRO-3 like fp32 ones, half their bytes).
+    "relora+fp32_base": {"rank": 3, "restart_every": 2, "base_in_fp32": True},
+    "galore+bf16_projector": {"rank": 3, "update_proj_gap": 2, "projector_dtype": "bf16"},
 }
+
+
+def method_of(label: str) -> str:
+    """The method a METHOD_OPTIONS label runs ("galore+bf16_projector" runs galore)."""
+    return label.split("+")[0]
 # hidden 38 with one head and 100-wide MLP: group sizes that do not divide by 2·W, so DeepSpeed's
 # alignment padding (stages 1-2) and uneven partitions are exercised, not only round numbers.
 MODEL = dict(size="tiny", hidden_size=38, num_heads=1, intermediate_size=100, seq_len=16)
@@ -32,7 +41,8 @@ def build(method_name: str, zero_stage: int, precision: str):
     from lowrank_pt.config import OptimizerConfig, ScheduleConfig, StageConfig
     from lowrank_pt.model import LlamaModel
 
-    stage = StageConfig(name=f"s-{method_name}", method=method_name, steps=4, options=METHOD_OPTIONS[method_name],
+    stage = StageConfig(name=f"s-{method_name}", method=method_of(method_name), steps=4,
+                        options=METHOD_OPTIONS[method_name],
                         optimizer=OptimizerConfig(lr=1e-2), schedule=ScheduleConfig(kind="cosine"))
     method = methods.build(stage, None)
     torch.manual_seed(0)
@@ -60,7 +70,7 @@ def measure_all(rank, world, precision):
                 with timer.phase("optimizer"):
                     engine.step()
             measured = tracker.measure()
-            lay = planner.layout(model_cfg(), name, METHOD_OPTIONS[name])
+            lay = planner.layout(model_cfg(), method_of(name), METHOD_OPTIONS[name])
             planned = planner.state_bytes(lay, zero_stage, world, precision, rank)
             out[(zero_stage, name)] = (measured, planned)
             del engine, method

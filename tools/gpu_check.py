@@ -239,7 +239,7 @@ def masters_galore(zero_stage: int, precision: str) -> str:
         before = {}
         for name, a in method.adapters.items():
             before[name] = (base_weight(engine_, a), zero_io.full_param(engine_, a.galore_b),
-                            a.galore_basis.detach().float().cpu().clone(), a.galore_decay.detach().float().cpu().clone())
+                            zero_io.full_param(engine_, a.galore_basis), a.galore_decay.detach().float().cpu().clone())
         original(engine_, step)
         for name, a in method.adapters.items():
             w0, b0, q0, d0 = before[name]
@@ -256,9 +256,7 @@ def masters_galore(zero_stage: int, precision: str) -> str:
         return None
 
     def base_weight(engine_, adapter):  # W0: a frozen param, or an fp32 buffer (base_in_fp32)
-        if isinstance(adapter.weight, torch.nn.Parameter):
-            return zero_io.full_param(engine_, adapter.weight)
-        return adapter.weight.detach().float().cpu().clone()
+        return zero_io.full_param(engine_, adapter.weight)
 
     method.before_optimizer_step = checked
     for step, batch in enumerate(batches(3)):

@@ -5,8 +5,10 @@ A targeted linear becomes ``W = d·W0 + α·B·Q`` (right side) or ``d·W0 + α�
 - ``weight`` — ``W0``, frozen (a frozen param, or an fp32 buffer with ``base_in_fp32``);
 - ``galore_b`` — ``B``, the only trainable part, low-rank shaped (m×r or r×n), zero between
   refreshes' merges; Adam on ``B`` with eps ``α·eps`` is GaLore-Adam on ``W``;
-- ``galore_basis`` — ``Q``/``P``, a persistent fp32 buffer (checkpointed, never broadcast by
-  DeepSpeed: the method makes it identical on every rank);
+- ``galore_basis`` — ``Q``/``P``, a frozen parameter marked as a method buffer
+  (``lowrank_pt.frozen``) in ``projector_dtype`` (fp32 or bf16): ZeRO-3 partitions it like the
+  weights and gathers it with its layer; checkpointed like any frozen param; the method writes
+  it through ``zero_io``, the same value on every rank;
 - ``galore_decay`` — ``d``, a persistent scalar that carries decoupled weight decay of ``W0``
   lazily (``d *= 1 - lr·wd`` each step, folded into ``W0`` at the next merge) so no step rewrites
   the full base.
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowrank_pt.frozen import method_buffer
 from lowrank_pt.galore import projector
 from lowrank_pt.model import whole
 from lowrank_pt.targets import replace_linears, select_linears
@@ -104,7 +107,7 @@ class GaLoreLinear(nn.Module):
     """A bias-free or biased linear trained by GaLore through a frozen projector (see module doc)."""
 
     def __init__(self, linear: nn.Linear, rank: int, scale: float, proj_type: str,
-                 base_in_fp32: bool = False):
+                 base_in_fp32: bool = False, projector_dtype: torch.dtype = torch.float32):
         super().__init__()
         shape = (linear.out_features, linear.in_features)  # a ZeRO-3 param's own shape is its empty placeholder's
         self.out_features, self.in_features = shape
@@ -124,7 +127,8 @@ class GaLoreLinear(nn.Module):
         low = projector.low_rank_shape(shape, self.rank, self.side)
         self.galore_b = nn.Parameter(torch.zeros(low, dtype=w0.dtype, device=w0.device))
         basis = projector.basis_shape(shape, self.rank, self.side)
-        self.register_buffer("galore_basis", torch.zeros(basis, dtype=torch.float32, device=w0.device))
+        # .to() after building: under deepspeed.zero.Init torch.zeros yields the training dtype.
+        self.galore_basis = method_buffer(torch.zeros(basis, device=w0.device).to(projector_dtype))
         self.register_buffer("galore_decay", torch.ones((), dtype=torch.float32, device=w0.device))
 
     @property
@@ -160,9 +164,10 @@ def merged_state_dict(state: dict[str, torch.Tensor], scale: float, proj_type: s
 
 
 def wrap_linears(model: nn.Module, patterns, rank: int, scale: float, proj_type: str,
-                 base_in_fp32: bool = False) -> dict[str, GaLoreLinear]:
+                 base_in_fp32: bool = False, projector_dtype: torch.dtype = torch.float32) -> dict[str, GaLoreLinear]:
     """Replace every targeted ``nn.Linear`` (``lowrank_pt.targets``: each pattern must match, tied
     weights are skipped) by a ``GaLoreLinear``, in place. Returns the adapters by module name, in
     ``model.named_modules()`` order."""
-    make = lambda _i, _n, linear: GaLoreLinear(linear, rank, scale, proj_type, base_in_fp32)  # noqa: E731
+    make = lambda _i, _n, linear: GaLoreLinear(linear, rank, scale, proj_type, base_in_fp32,  # noqa: E731
+                                               projector_dtype)
     return replace_linears(model, select_linears(model, patterns), make)

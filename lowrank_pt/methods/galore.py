@@ -6,8 +6,9 @@ gradient accumulation and checkpoints work unchanged. At steps 0, T, 2T, ... ``t
 runs the refresh between the last micro-batch's backward and the optimizer step:
 
 1. the adapters' backward has also formed the full gradient ``dyᵀ·x`` of each micro-batch and
-   summed adapter i's onto rank ``i % world`` (its owner: a rank holds the full gradients of
-   ~1/world of the matrices, and the SVD work is spread over the ranks);
+   summed each matrix's onto its owner rank (``lowrank_pt.owners``: balanced by m·n bytes, so a
+   rank holds the full gradients of ~1/world of the bytes, and the SVD work is spread over the
+   ranks);
 2. the owner computes the new basis; it and ``α·project(G)`` come back by broadcast, so every
    rank holds the same ``Q``;
 3. ``W0 ← d·W0 + α·B·Q_old``, ``B ← 0``, ``d ← 1``, ``Q ← Q_new``, Adam's moments kept
@@ -29,12 +30,15 @@ import torch
 from torch import nn
 
 from lowrank_pt import dist, zero_io
+from lowrank_pt.owners import balanced_owners
 from lowrank_pt.galore import projector
 from lowrank_pt.galore.adapter import GaLoreLinear, GradientCapture, merged_state_dict, wrap_linears
 from lowrank_pt.methods.base import Method
 from lowrank_pt.targets import DEFAULT_TARGETS, check_targets
 
 log = logging.getLogger(__name__)
+
+PROJECTOR_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -73,6 +77,12 @@ class GaLoreOptions:
     """Hold the frozen base W0 as an fp32 buffer, so bf16 runs merge without rounding W0 to
     bf16 at every refresh. Costs 4 bytes per weight on every rank (buffers are not sharded by
     ZeRO-3) instead of a sharded bf16 frozen param."""
+    projector_dtype: str = "fp32"
+    """Storage of each projector Q (r×n or m×r): fp32, or bf16 to halve it. Either way a frozen
+    parameter, so ZeRO-3 shards it over the ranks like the weights it serves (1/world of it per
+    rank) and gathers it with its layer; the update B·Q is formed in fp32. With bf16 the basis is
+    rounded once per refresh, and the merge and B's gradient use the rounded basis the forward
+    uses."""
 
     def check(self) -> None:
         if self.rank < 1:
@@ -93,6 +103,8 @@ class GaLoreOptions:
             raise ValueError(f"sign_rule={self.sign_rule!r}: allowed {list(projector.SIGN_RULES)}")
         if not self.target_modules:
             raise ValueError("target_modules must name at least one module")
+        if self.projector_dtype not in PROJECTOR_DTYPES:
+            raise ValueError(f"projector_dtype={self.projector_dtype!r}: allowed {list(PROJECTOR_DTYPES)}")
 
 
 class GaLore(Method):
@@ -128,7 +140,8 @@ class GaLore(Method):
         o = self.options
         for p in model.parameters():
             p.requires_grad_(True)
-        self.adapters = wrap_linears(model, o.target_modules, o.rank, o.scale, o.proj_type, o.base_in_fp32)
+        self.adapters = wrap_linears(model, o.target_modules, o.rank, o.scale, o.proj_type, o.base_in_fp32,
+                                     PROJECTOR_DTYPES[o.projector_dtype])
         decay = self.stage.optimizer.weight_decay > 0
         for adapter in self.adapters.values():
             adapter.use_decay = decay
@@ -162,8 +175,8 @@ class GaLore(Method):
         lr = engine.get_lr()[0]  # this step's LR (the scheduler moves on inside engine.step)
         if self.is_refresh_step(step):
             world, rank = dist.world_size(), dist.rank()
-            for index, adapter in enumerate(self.adapters.values()):
-                adapter.capture = GradientCapture(owner=index % world, world=world, rank=rank)
+            for adapter, owner in zip(self.adapters.values(), self.owners(world)):
+                adapter.capture = GradientCapture(owner=owner, world=world, rank=rank)
         try:
             loss = super().train_step(engine, micro_batches, step)
         finally:
@@ -185,28 +198,38 @@ class GaLore(Method):
         return dict(self.last_refresh) if step == self.last_refresh_step else {}
 
     # --- the refresh --------------------------------------------------------------------------
+    def owners(self, world: int) -> list[int]:
+        """The rank that holds each adapter's full gradient at a refresh and computes its
+        subspace, in adapter order: balanced by m·n, the same on every rank."""
+        return balanced_owners([a.out_features * a.in_features for a in self.adapters.values()], world)
+
     def _refresh(self, engine, step: int) -> None:
         start = time.perf_counter()
         o = self.options
         world, rank = dist.world_size(), dist.rank()
         reproject = o.moments_on_refresh == "reproject" and zero_io.moments_ready(engine)
         kept: dict[str, str] = {}
+        dtype = PROJECTOR_DTYPES[o.projector_dtype]
+        owners = self.owners(world)
         for index, (name, adapter) in enumerate(self.adapters.items()):
-            owner = index % world
+            owner = owners[index]
             grad = adapter.capture.mean()  # on the owner: summed over micro-batches and ranks
             adapter.capture = None
-            basis = torch.zeros_like(adapter.galore_basis)
+            old = zero_io.full_param(engine, adapter.galore_basis)  # collective at ZeRO-3 (a gather)
+            device = adapter.galore_decay.device  # the module's device (dist stages CPU tensors)
+            basis = torch.zeros(old.shape, dtype=torch.float32, device=device)
             low = torch.zeros(projector.low_rank_shape(adapter.shape, adapter.rank, adapter.side),
-                              dtype=torch.float32, device=basis.device)
-            ok = torch.zeros((), dtype=torch.float32, device=basis.device)
+                              dtype=torch.float32, device=device)
+            ok = torch.zeros((), dtype=torch.float32, device=device)
             why = ""
             if rank == owner and grad is None:
                 why = "no gradient reached this matrix"
             elif rank == owner:
-                new, why = projector.new_basis(grad, adapter.rank, adapter.side, o.svd, adapter.galore_basis,
+                new, why = projector.new_basis(grad, adapter.rank, adapter.side, o.svd, old.to(grad.device),
                                                o.svd_niter, o.svd_oversample, seed=step * 100_003 + index,
                                                sign_rule=o.sign_rule)
                 if new is not None:
+                    new = new.to(dtype).float()  # as stored: B's gradient and the forward see one basis
                     basis.copy_(new)
                     low.copy_(projector.project(grad, new, adapter.side) * adapter.scale)
                     ok.fill_(1.0)
@@ -217,7 +240,7 @@ class GaLore(Method):
             if ok.item() == 0:
                 kept[name] = why or f"see rank {owner}"
                 continue
-            self._install(engine, adapter, basis, low, reproject)
+            self._install(engine, adapter, old, basis, low, reproject)
         self.refreshes += 1
         self.kept_bases += len(kept)
         self.last_refresh_step = step
@@ -228,35 +251,34 @@ class GaLore(Method):
             log.warning("galore: step %d: %d of %d matrices keep their old subspace: %s", step, len(kept),
                         len(self.adapters), "; ".join(f"{n} ({why})" for n, why in kept.items()))
 
-    def _install(self, engine, adapter: GaLoreLinear, basis, low, reproject: bool) -> None:
-        """Merge B into W0, zero B, switch the basis, fix moments and B's gradient."""
+    def _install(self, engine, adapter: GaLoreLinear, old, basis, low, reproject: bool) -> None:
+        """Merge B into W0 (through the old basis ``old``, as stored), zero B, switch the basis
+        to ``basis``, fix moments and B's gradient. Every copy through ``zero_io``: W0 (a frozen
+        param or an fp32 buffer), B (and its master), the basis (a frozen param, sharded at ZeRO-3)."""
         b_param = adapter.galore_b
         b = zero_io.full_param(engine, b_param)
-        old = adapter.galore_basis.detach().clone()
+        old = old.cpu()
         if bool(b.abs().amax() > 0) or float(adapter.galore_decay) != 1.0:
-            w0 = zero_io.full_param(engine, adapter.weight) if isinstance(adapter.weight, nn.Parameter) \
-                else adapter.weight.detach().float().cpu()
-            merged = adapter.merged(w0, b, old.cpu(), adapter.galore_decay.cpu())
-            if isinstance(adapter.weight, nn.Parameter):
-                zero_io.set_param(engine, adapter.weight, merged)
-            else:
-                adapter.weight.copy_(merged.to(adapter.weight.device))
+            w0 = zero_io.full_param(engine, adapter.weight)
+            merged = adapter.merged(w0, b, old, adapter.galore_decay.cpu())
+            zero_io.set_param(engine, adapter.weight, merged)
             zero_io.set_param(engine, b_param, torch.zeros_like(b))
         if reproject and projector.is_set(old):
             m = zero_io.optimizer_state(engine, b_param, "exp_avg")
             v = zero_io.optimizer_state(engine, b_param, "exp_avg_sq")
             if m is not None and v is not None:
-                m, v = projector.reproject_moments(m.view_as(low), v.view_as(low), old.cpu(), basis.cpu(),
+                m, v = projector.reproject_moments(m.view_as(low), v.view_as(low), old, basis.cpu(),
                                                    adapter.side)
                 zero_io.set_optimizer_state(engine, b_param, "exp_avg", m)
                 zero_io.set_optimizer_state(engine, b_param, "exp_avg_sq", v)
-        adapter.galore_basis.copy_(basis)
+        zero_io.set_param(engine, adapter.galore_basis, basis)
         adapter.galore_decay.fill_(1.0)
         zero_io.set_grad(engine, b_param, low)
 
     # --- checkpoints and export ---------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Counters only: bases, decay factors and B live in the module state DeepSpeed saves."""
+        """Counters only: bases, decay factors and B live in the module state DeepSpeed saves
+        (the bases as frozen params, sharded at ZeRO-3)."""
         return {"refreshes": self.refreshes, "kept_bases": self.kept_bases,
                 "last_refresh_step": self.last_refresh_step}
 

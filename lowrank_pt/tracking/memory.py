@@ -13,8 +13,10 @@ Categories (per rank):
 - ``grads``: reduced gradients held between the last backward of a step and the optimizer
   step: ``p.grad`` (stage 0), ``averaged_gradients`` (stages 1-2), the stage-3 flat gradient
   partition buffer.
-- ``method_buffers``: the module's persistent buffers (GaLore projectors and decay factors,
-  LoRA scales); DeepSpeed never partitions buffers, so every rank holds them whole.
+- ``method_buffers``: the module's persistent buffers (GaLore decay factors, LoRA scales, an
+  fp32 base), which DeepSpeed never partitions, so every rank holds them whole; and the frozen
+  params a method marks as its buffers (``lowrank_pt.frozen``: GaLore projectors), which ZeRO-3
+  partitions like the weights (stage 3: the rank's partition, ``ds_tensor``).
 - ``zero_buffers``: ZeRO's gradient-reduction buckets (stage 3 keeps one of
   ``reduce_bucket_size`` elements for the whole run; stages 1-2 allocate theirs during
   backward only, so they read 0 here).
@@ -32,6 +34,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
+
+from lowrank_pt.frozen import is_method_buffer
 
 CATEGORIES = ("params", "master_params", "optimizer_states", "grads", "method_buffers", "zero_buffers")
 """In the order a shared storage is attributed."""
@@ -106,6 +110,9 @@ def state_bytes(engine) -> dict[str, int]:
     ledger = Ledger()
     module, opt = engine.module, engine.optimizer
     params = list(module.parameters())
+    owned = [p for p in params if is_method_buffer(p)]
+    params = [p for p in params if not is_method_buffer(p)]
+    ledger.add("method_buffers", (getattr(p, "ds_tensor", p) for p in owned))
     ledger.add("params", (getattr(p, "ds_tensor", p) for p in params))
     for attr in _PARAM_ATTRS:
         ledger.add("params", tensors_in(getattr(opt, attr, None)))

@@ -42,8 +42,11 @@ What the method changes is N and the frozen and buffer bytes:
   the head train full-rank.
 - galore: each projected m×n matrix trains B of ``m×r`` (right side, m ≥ n under ``std``) or
   ``r×n`` (left), so Adam holds ``2·r·max(m, n)`` moments; the frozen base stays in params and
-  the projector (r×n or m×r, fp32) is a method buffer. At refresh steps the full fp32
-  gradient of each projected matrix is summed onto one owner rank (adapter i on rank i mod W):
+  the projector (r×n or m×r, ``projector_dtype``: 4 or 2 bytes) is a method buffer, held as a
+  frozen param (``lowrank_pt.frozen``): whole on every rank at stages 0-2, ``⌈n/W⌉`` per rank
+  at stage 3 (partitioned like the weights). At refresh steps the full fp32
+  gradient of each projected matrix is summed onto one owner rank (balanced by m·n bytes,
+  ``lowrank_pt.owners``):
   ``4·m·n`` for each owned matrix, reported as ``method_transient``.
 
 Activations are an estimate (see ``activation_bytes``).
@@ -71,12 +74,14 @@ DEEPSPEED_SUB_GROUP = 1_000_000_000
 @dataclass
 class Layout:
     """What a run holds, by shape: optimizer groups of trainable params (numels, in order),
-    frozen params, persistent buffers (bytes, their own dtype) and capture buffers."""
+    frozen params, persistent buffers (bytes, their own dtype), a method's frozen params held
+    as its buffers ((numel, bytes per element): partitioned at ZeRO-3) and capture buffers."""
 
     groups: list[list[int]]
     frozen: list[int]
     buffer_bytes: int
     captures: list[int] = field(default_factory=list)
+    method_params: list[tuple[int, int]] = field(default_factory=list)
     total_params: int = 0
     optimizer_formula: Optional[Callable[[int, int, int, int], int]] = field(default=None, repr=False)
     """``(zero_stage, world, rank, sub_group_size) -> bytes`` of optimizer state: the method's
@@ -91,6 +96,7 @@ def layout(model_cfg, method: str = "full", options: dict | None = None, weight_
     """The layout of ``model_cfg`` trained by ``method`` with ``options``, built on the meta device."""
     from lowrank_pt import methods
     from lowrank_pt.config import OptimizerConfig, StageConfig
+    from lowrank_pt.frozen import is_method_buffer
     from lowrank_pt.model import LlamaModel
     from lowrank_pt.optim.fragments import group_shapes
 
@@ -104,9 +110,13 @@ def layout(model_cfg, method: str = "full", options: dict | None = None, weight_
         m.prepare_model(model)
         groups = m.param_groups(model)
     trainable_ids = {id(p) for g in groups for p in g["params"]}
-    seen, frozen = set(), []
+    seen, frozen, method_params = set(), [], []
     for p in model.parameters():
-        if id(p) not in trainable_ids and id(p) not in seen:
+        if id(p) in seen or id(p) in trainable_ids:
+            pass
+        elif is_method_buffer(p):
+            method_params.append((p.numel(), p.element_size()))
+        else:
             frozen.append(p.numel())
         seen.add(id(p))
     buffer_bytes = 0
@@ -119,7 +129,7 @@ def layout(model_cfg, method: str = "full", options: dict | None = None, weight_
             captures.append(math.prod(mod.shape))
     shapes = group_shapes(groups)
     return Layout(groups=[[p.numel() for p in g["params"]] for g in groups], frozen=frozen,
-                  buffer_bytes=buffer_bytes, captures=captures,
+                  buffer_bytes=buffer_bytes, captures=captures, method_params=method_params,
                   total_params=sum(p.numel() for p in model.parameters()),
                   optimizer_formula=lambda stage, world, rank, sub: m.optimizer_state_bytes(shapes, stage, world,
                                                                                             rank, sub))
@@ -151,7 +161,8 @@ def state_bytes(lay: Layout, zero_stage: int, world: int, precision: str, rank: 
     W = world if zero_stage > 0 else 1
     out = dict.fromkeys((*STATE_CATEGORIES, "zero_buffers"), 0)
     formula = lay.optimizer_formula or _adamw_formula(lay)
-    out["method_buffers"] = lay.buffer_bytes
+    out["method_buffers"] = lay.buffer_bytes + sum((-(-n // W) if zero_stage == 3 else n) * size
+                                                   for n, size in lay.method_params)
     if zero_stage == 0:
         n = lay.trainable
         out["params"] = (n + sum(lay.frozen)) * b
@@ -188,9 +199,12 @@ def _adamw_formula(lay: Layout):
 
 
 def capture_bytes(lay: Layout, world: int, rank: int = 0) -> int:
-    """fp32 full gradients a rank holds at a GaLore refresh: adapter i (module order) is summed
-    onto rank ``i % world``, which computes its SVD; the others keep nothing."""
-    return 4 * sum(n for i, n in enumerate(lay.captures) if i % world == rank)
+    """fp32 full gradients a rank holds at a GaLore refresh: each matrix is summed onto its
+    owner (``owners.balanced_owners`` over the m·n sizes, module order), which computes its SVD;
+    the others keep nothing."""
+    from lowrank_pt.owners import owned_bytes
+
+    return 4 * owned_bytes(lay.captures, world)[rank]
 
 
 def activation_bytes(model_cfg, micro_batch: int, seq_len: int, precision: str,
@@ -264,4 +278,5 @@ def paper_accounting(model_cfg, method: str = "full", options: dict | None = Non
     lay = layout(model_cfg, method, options)
     # GaLore's published form has no B: the weights are the plain model's.
     weights = layout(model_cfg, "full").total_params if method == "galore" else lay.total_params
-    return 2 * (weights + 2 * lay.trainable) + lay.buffer_bytes // 2
+    projectors = sum(n for n, _ in lay.method_params)
+    return 2 * (weights + 2 * lay.trainable + projectors) + lay.buffer_bytes // 2
