@@ -10,8 +10,8 @@ stage, any rank count), and the fresh engine of this run takes them with the set
 method's edits already use (``zero_io.set_param``, ``set_optimizer_state``), so each rank keeps
 only its own shard of the new layout. Nothing is written to disk.
 
-What is carried, exactly: every param (fp32 masters, frozen bases), every buffer (GaLore's
-projectors and decay factors, LoRA's scales), both Adam moments and Adam's step, the LR
+What is carried, exactly: every param (fp32 masters; frozen ones too: the bases, GaLore's
+projectors), every persistent buffer (GaLore's decay factors, LoRA's scales), both Adam moments and Adam's step, the LR
 scheduler, the method's counters (ReLoRA's restarts, GaLore's refreshes), the trainer's
 counters. The data cursor counts windows of one global order that does not depend on the
 world size (``data/loader.py``): it continues at the same window, so no window is repeated or
