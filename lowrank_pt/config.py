@@ -105,6 +105,12 @@ class EngineConfig:
     """Raw DeepSpeed config keys, deep-merged over the generated config."""
     backend: Optional[str] = None
     """torch.distributed backend; null picks nccl on GPUs, gloo on CPU."""
+    collective_timeout_s: float = 300.0
+    """Seconds a rank waits in one collective (and at start-up for the others to join) before the
+    run stops with exit code 3: a dead or hung rank ends the run within this (DeepSpeed's own
+    default is 10 minutes), and resume=auto continues from the last checkpoint. Raise it when
+    one rank may legitimately work alone for longer while the others wait: rank 0 preparing the
+    data of a large corpus on the first run, a slow checkpoint save."""
     stage3_param_persistence_threshold: Optional[int] = None
     """ZeRO-3: params of fewer elements stay whole on every rank (no gather per use). null keeps
     DeepSpeed's default (1e5) for any model with a param that large, and uses 0 (partition every
@@ -145,6 +151,11 @@ class TrainConfig:
     """Print a progress line (loss, lr, tokens/s) at every log step on rank 0."""
     tensorboard: bool = True
     """Write TensorBoard scalars under RUN_DIR/tb."""
+    max_nonfinite_steps: int = 5
+    """A step whose loss or gradient is not finite on any rank is skipped on every rank (no
+    weight or optimizer-state change; the LR schedule moves on) and logged as
+    guard/skipped_steps; this many skipped steps in a row stop the run with exit code 3 before
+    any further save. 0 never stops."""
 
 
 @dataclass
@@ -396,6 +407,7 @@ def _validate_engine(run: RunConfig, environment: bool) -> None:
                           "must be >= 0 (or null)")
     if e.backend is not None:
         _choice("engine.backend", e.backend, BACKENDS)
+    _number("engine.collective_timeout_s", e.collective_timeout_s, 0, above=True)
     world = world_size()
     for index in range(len(run.stages)):
         for raw_key, value, ours in _generated_keys(run, index, world):
@@ -431,6 +443,8 @@ def _validate_train(run: RunConfig) -> None:
     for key in ("eval_every", "save_every", "sample_tokens", "eval_questions"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 0")
+    if t.max_nonfinite_steps < 0:
+        raise ConfigError(f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be >= 0 (0: never stop)")
     if t.stop_at_step is not None and t.stop_at_step < 1:
         raise ConfigError(f"train.stop_at_step={t.stop_at_step} must be >= 1 (or null: never stop early)")
     _number("train.sample_temperature", t.sample_temperature, 0)

@@ -135,8 +135,14 @@ def quiet_warnings() -> None:
         warnings.showwarning = _show_once
 
 
-def init(backend: str | None = None) -> None:
-    """Join (or create) the process group. A lone process gets a world of one on localhost."""
+def init(backend: str | None = None, timeout_s: float | None = None) -> None:
+    """Join (or create) the process group. A lone process gets a world of one on localhost.
+
+    ``timeout_s`` (``engine.collective_timeout_s``; None: DeepSpeed's default, 10 minutes) bounds
+    every collective of the group and the wait for the others at start-up: under gloo a
+    collective whose peer died fails at once (connection closed) and one whose peer hangs fails
+    at the timeout, each raising in the survivors (``failures.describe`` turns that into one
+    message, exit 3); under NCCL torch's watchdog ends the process at the timeout."""
     check_deepspeed()
     quiet_warnings()
     if _td.is_available() and _td.is_initialized():
@@ -158,7 +164,10 @@ def init(backend: str | None = None) -> None:
         torch.cuda.set_device(local_rank())
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=backend)
+    if timeout_s is None:
+        deepspeed.init_distributed(dist_backend=backend)
+    else:
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=float(timeout_s)))
 
 
 def is_initialized() -> bool:

@@ -3,7 +3,8 @@
 An expected failure is one line on stderr, ``error: <what, naming the file or key, and what to
 do>``, and an exit code: 2 for a config or data problem (``ConfigError``, ``DataError``: found
 before any work starts, nothing written), 3 for what fails while the run works
-(``CheckpointError``, an ``OSError`` such as a full disk, out of memory). ``--debug`` (or
+(``CheckpointError``, ``TrainingError``, an ``OSError`` such as a full disk, out of memory, a
+collective that failed because another rank died or hung). ``--debug`` (or
 ``LOWRANK_PT_DEBUG=1``) prints the traceback too. Any other exception is a bug: it propagates
 with its traceback.
 """
@@ -17,7 +18,7 @@ import sys
 import traceback
 
 from lowrank_pt.data.errors import DataError
-from lowrank_pt.errors import EXIT_CONFIG, EXIT_RUNTIME, CheckpointError, ConfigError
+from lowrank_pt.errors import EXIT_CONFIG, EXIT_RUNTIME, CheckpointError, ConfigError, TrainingError
 
 _WRITER_FAILURES = ("inline_container.cc", "PytorchStreamWriter failed", "file write failed")
 """How torch.save reports a write that did not complete (no errno): on a full disk it says
@@ -51,6 +52,36 @@ def disk_full_message(exc: BaseException, where: str | None) -> str:
             f"command again: resume=auto continues from the last complete checkpoint")
 
 
+_COLLECTIVE_FAILURES = ("gloo/transport", "Connection reset by peer", "Connection closed by peer",
+                        "Timed out waiting", "Application timeout caused pair closure",
+                        "Watchdog caught collective operation timeout", "NCCL communicator was aborted")
+"""How torch reports a collective that a dead or hung peer broke: gloo raises a plain RuntimeError
+(``[.../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:18351: Connection reset by peer``
+at once when the peer's process is gone, ``Timed out waiting 20000ms for recv operation to
+complete`` at the group's timeout when it hangs); the store and NCCL raise ``DistError`` kinds."""
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective (or the rendezvous store) failing because of another rank."""
+    import torch.distributed as td
+
+    if isinstance(exc, getattr(td, "DistError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _COLLECTIVE_FAILURES)
+
+
+def collective_failure_message(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if text.startswith("[") and "] " in text:  # gloo's source location
+        text = text.split("] ", 1)[1]
+    text = text.split(". This is typically", 1)[0]
+    return (f"a collective operation failed ({text}): another rank died, hung or lost its connection, "
+            "so every rank stops (the other ranks' logs say why the first one went). Once every rank can "
+            "run again, run the same command: resume=auto continues from the last complete checkpoint. "
+            "If a rank was only busy alone for longer than engine.collective_timeout_s (preparing data, "
+            "a slow save), raise it")
+
+
 def _is_out_of_memory(exc: BaseException) -> bool:
     import torch
 
@@ -65,8 +96,10 @@ def describe(exc: BaseException) -> tuple[str, int] | None:
     first = str(exc).strip() or type(exc).__name__
     if isinstance(exc, (ConfigError, DataError)):
         return first, EXIT_CONFIG
-    if isinstance(exc, CheckpointError):
+    if isinstance(exc, (CheckpointError, TrainingError)):
         return first, EXIT_RUNTIME
+    if is_collective_failure(exc):
+        return collective_failure_message(exc), EXIT_RUNTIME
     if is_write_failure(exc):
         return disk_full_message(exc, getattr(exc, "filename", None)), EXIT_RUNTIME
     if _is_out_of_memory(exc):
@@ -98,6 +131,12 @@ def report(exc: BaseException, debug: bool = False) -> int:
     except Exception:  # noqa: BLE001 - the message matters more than the rank
         pass
     print(f"{prefix}: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    if is_collective_failure(exc):
+        # The group is broken: the interpreter's cleanup (DeepSpeed's and torch's process-group
+        # teardown) could wait for the dead or hung peer. Not enough yet for a hung peer: with its
+        # peer stopped (SIGSTOP) a survivor printed this line and did not end (open).
+        sys.stdout.flush()
+        os._exit(code)
     return code
 
 

@@ -33,7 +33,7 @@ def run(config: str, overrides: list[str]) -> int:
     from lowrank_pt import dist
     from lowrank_pt.trainer import Trainer
 
-    dist.init(run_cfg.engine.backend)
+    dist.init(run_cfg.engine.backend, timeout_s=run_cfg.engine.collective_timeout_s)
     Trainer(run_cfg).run_all()
     return 0
 

@@ -28,6 +28,7 @@ from lowrank_pt.data import Tokenizer, prepare_data
 from lowrank_pt.dpo import build_objective
 from lowrank_pt.evaluation import describe, evaluate
 from lowrank_pt.errors import ConfigError
+from lowrank_pt.guard import NonFiniteGuard
 from lowrank_pt.methods.base import Method, StageContext
 from lowrank_pt.metrics import MetricsLogger, truncate_after
 from lowrank_pt.model import LlamaModel, resolve
@@ -68,6 +69,7 @@ class Trainer:
         self.run = run
         self.world_size = dist.world_size()
         self.rank = dist.rank()
+        self.guard = NonFiniteGuard(run.train.max_nonfinite_steps)  # one per run: its count spans stages
 
     # --- the run ----------------------------------------------------------------------------
     def run_all(self) -> dict:
@@ -274,7 +276,8 @@ class Trainer:
         tracker = StageTracker(engine=engine, stage=stage, index=index, model_cfg=self.model_cfg,
                                tokens_per_step=tokens_per_step, precision=run.engine.precision,
                                zero_stage=run.engine.zero_stage, start_step=start, cache_dir=run.data.cache_dir)
-        method.on_engine_ready(StageContext(engine=engine, total_steps=total, timer=tracker.timer, objective=objective))
+        method.on_engine_ready(StageContext(engine=engine, total_steps=total, timer=tracker.timer,
+                                            guard=self.guard, objective=objective))
         return StageRun(index=index, stage=stage, engine=engine, method=method, tracker=tracker,
                         cadence=Cadence.of(run.train, total), loader=loader, val_batches=val_batches,
                         accum=accum, tokens_per_step=tokens_per_step, total=total, start=start, reached=start,
@@ -324,7 +327,7 @@ class Trainer:
             lr = engine.get_lr()[0]
             loss = method.train_step(engine, micro_batches, step)
             with timer.phase("method"):
-                events = method.after_step(engine, step)
+                events = {**method.after_step(engine, step), **self.guard.events()}  # a skip logs its step
             tracker.end_step(loss=loss)
             sr.reached = step + 1
             self.global_step += 1

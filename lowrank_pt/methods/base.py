@@ -26,13 +26,14 @@ state formula in ``optimizer_state_bytes``, which the planner and the memory tra
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import torch
 from torch import nn
 
 from lowrank_pt import dist, schedule, zero_io
+from lowrank_pt.guard import NonFiniteGuard
 from lowrank_pt.optim import fragments
 from lowrank_pt.tracking.timer import NULL_TIMER, NullTimer, PhaseTimer
 
@@ -53,6 +54,8 @@ class StageContext:
     timer: "PhaseTimer | NullTimer" = NULL_TIMER
     """The stage's phase timer: the method opens its spans (forward, backward, optimizer, and its
     own merge / refresh work) on it."""
+    guard: NonFiniteGuard = field(default_factory=NonFiniteGuard)
+    """The run's non-finite guard: ``train_step`` asks it whether each optimizer step is skipped."""
     objective: Any = None
     """The stage's loss when it is not the LM loss (``lowrank_pt.dpo.DPOObjective``), else None."""
 
@@ -71,10 +74,18 @@ class Method:
         self.stage = stage
         self.run = run
         self.context: Optional[StageContext] = None
+        self.step_skipped = False
+        """Whether the last ``train_step`` was skipped by the non-finite guard (nothing applied)."""
 
     @property
     def timer(self) -> "PhaseTimer | NullTimer":
         return self.context.timer if self.context is not None else NULL_TIMER
+
+    @property
+    def guard(self) -> NonFiniteGuard:
+        if self.context is None:  # a method driven without a stage context still skips bad steps
+            self.context = StageContext(engine=None, total_steps=0)
+        return self.context.guard
 
     def grad_clip(self) -> float:
         """The clipping threshold of this stage: its ``optimizer.grad_clip``, else the method's default."""
@@ -176,11 +187,14 @@ class Method:
                     loss = loss * weight
             with self.timer.phase("backward"):
                 engine.backward(loss)
-            if engine.is_gradient_accumulation_boundary():
-                self.before_optimizer_step(engine, step)
-            with self.timer.phase("optimizer"):
-                engine.step()
             total += loss.detach().float().item()
+            if engine.is_gradient_accumulation_boundary():
+                # Collective: a non-finite loss or gradient on any rank skips the step on every rank.
+                self.step_skipped = self.guard.check(engine, total, f"stage {self.stage.name!r} step {step + 1}")
+                if not self.step_skipped:
+                    self.before_optimizer_step(engine, step)
+            with self.timer.phase("optimizer"):
+                self.guard.step(engine)
         return total / len(micro_batches)
 
     def micro_batch_loss(self, engine, batch: dict) -> torch.Tensor:
