@@ -100,6 +100,40 @@ def set_param(engine, p: torch.Tensor, value: torch.Tensor) -> None:
         master.data.copy_(value.to(master.device).view_as(master))
 
 
+def add_low_rank_product(engine, p: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float,
+                         base_scale: float = 1.0) -> None:
+    """A merge: ``p ← base_scale·p + scale·left·right`` in place, for a frozen m×n ``p`` (base
+    param or fp32 buffer) and full factors ``left`` (m×r), ``right`` (r×n). fp32 on the device
+    holding ``p`` (or its shard), rounded once into its dtype. A ZeRO-3 ``p`` is never gathered:
+    each rank forms only the rows of ``left·right`` that overlap its flat slice and adds them into
+    its ``ds_tensor`` (a persistent param's resident full copy is updated too). Other stages and
+    buffers hold ``p`` whole. Frozen: no master, no moments. No communication."""
+    if p.requires_grad:
+        raise ValueError("add_low_rank_product edits frozen bases only (a trainable param has masters)")
+    if is_partitioned(p):
+        shard, n = p.ds_tensor, p.ds_shape[1]  # p.shape is an empty placeholder here
+        lo = dist.get_rank(group=p.ds_process_group) * shard.ds_numel
+        hi = min(lo + shard.ds_numel, p.ds_numel)
+        if hi > lo:  # rows lo//n .. (hi-1)//n, cut to [lo, hi)
+            first, last = lo // n, (hi - 1) // n
+            rows = _on(left[first : last + 1], shard) @ _on(right, shard)
+            _scaled_add(shard.data[: hi - lo], rows.reshape(-1)[lo - first * n : hi - first * n], scale, base_scale)
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        if not (p.ds_status == ZeroParamStatus.AVAILABLE and p.data.numel() == p.ds_numel):
+            return
+    _scaled_add(p.data, (_on(left, p) @ _on(right, p)).view_as(p), scale, base_scale)
+
+
+def _on(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(like.device, torch.float32)
+
+
+def _scaled_add(target: torch.Tensor, delta: torch.Tensor, scale: float, base_scale: float) -> None:
+    base = target.float() * base_scale if base_scale != 1.0 else target.float()
+    target.copy_(base.add_(delta, alpha=scale).to(target.dtype))
+
+
 def _local_shard(p, value: torch.Tensor) -> torch.Tensor:
     """This rank's piece of ``value`` in ZeRO-3's padded partitioning of ``p`` (fp32, zeros where
     the last rank's piece runs past the end)."""

@@ -259,9 +259,10 @@ class GaLore(Method):
         b = zero_io.full_param(engine, b_param)
         old = old.cpu()
         if bool(b.abs().amax() > 0) or float(adapter.galore_decay) != 1.0:
-            w0 = zero_io.full_param(engine, adapter.weight)
-            merged = adapter.merged(w0, b, old, adapter.galore_decay.cpu())
-            zero_io.set_param(engine, adapter.weight, merged)
+            # d·W0 + α·B·Q (or α·P·B) on W0's device, each ZeRO-3 rank its own shard only
+            left, right = (b, old) if adapter.side == "right" else (old, b)
+            zero_io.add_low_rank_product(engine, adapter.weight, left, right, adapter.scale,
+                                         base_scale=float(adapter.galore_decay))
             zero_io.set_param(engine, b_param, torch.zeros_like(b))
         if reproject and projector.is_set(old):
             m = zero_io.optimizer_state(engine, b_param, "exp_avg")

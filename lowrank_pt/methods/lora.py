@@ -252,9 +252,11 @@ class LoRA(Method):
                     dist.broadcast_(t, src=owner)
             if ok.item() == 0:
                 continue
-            w = zero_io.full_param(engine, m.weight)
-            old = (zero_io.full_param(engine, m.lora_B) @ zero_io.full_param(engine, m.lora_A)) * m.scale
-            zero_io.set_param(engine, m.weight, w + old - m.scale * (B @ A))
+            # W0 + s·(B_old·A_old − B·A) as one product [B_old, B]·[A_old; −A], rounded once, on
+            # W0's device, each ZeRO-3 rank its own shard only
+            left = torch.cat([zero_io.full_param(engine, m.lora_B), B], dim=1)
+            right = torch.cat([zero_io.full_param(engine, m.lora_A), -A], dim=0)
+            zero_io.add_low_rank_product(engine, m.weight, left, right, m.scale)
             zero_io.set_param(engine, m.lora_A, A)
             zero_io.set_param(engine, m.lora_B, B)
             zero_io.set_grad(engine, m.lora_A, gA)

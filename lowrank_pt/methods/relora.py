@@ -157,15 +157,19 @@ class ReLoRA(LoRA):
         o = self.options
         for index, (_, m) in enumerate(lowrank_modules(engine.module)):
             A, B = zero_io.full_param(engine, m.lora_A), zero_io.full_param(engine, m.lora_B)
-            W0 = zero_io.full_param(engine, m.weight)
-            magnitude = zero_io.full_param(engine, m.lora_magnitude) if m.dora else None
-            merged = merged_weight(W0, A, B, m.scale, magnitude)
+            if m.dora or o.init in WEIGHT_INITS:  # these need the whole merged matrix (norms, SVD/QR)
+                magnitude = zero_io.full_param(engine, m.lora_magnitude) if m.dora else None
+                merged = merged_weight(zero_io.full_param(engine, m.weight), A, B, m.scale, magnitude)
             if o.init in WEIGHT_INITS:
                 new_A, new_B, base = init_factors(o.init, merged, m.rank, m.scale)
+                zero_io.set_param(engine, m.weight, base)
             else:
                 new_A = init_lora_A(m.rank, m.in_features, seeded_generator(o.seed, self.restarts, index))
-                new_B, base = torch.zeros_like(B), merged
-            zero_io.set_param(engine, m.weight, base)
+                new_B = torch.zeros_like(B)
+                if m.dora:
+                    zero_io.set_param(engine, m.weight, merged)
+                else:  # on W0's device, each ZeRO-3 rank its own shard only
+                    zero_io.add_low_rank_product(engine, m.weight, B, A, m.scale)
             zero_io.set_param(engine, m.lora_A, new_A)
             zero_io.set_param(engine, m.lora_B, new_B)
             if m.dora:  # the base's row norms as stored: m/‖V‖ = 1, the function kept
