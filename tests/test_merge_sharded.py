@@ -20,7 +20,8 @@ from lowrank_pt import zero_io
 from lowrank_pt.lowrank import lowrank_modules
 
 # fp32 throughout: the shard holds exactly what an fp32 merge computes, up to the matmul's
-# row blocking (the rows a rank forms are a sub-block of the whole product). Measured 0.
+# row blocking (the rows a rank forms are a sub-block of the whole product); the measured
+# error was not recorded, the bound is fp32 rounding at these magnitudes.
 SHARD_TOL = 1e-6
 
 
