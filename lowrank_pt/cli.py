@@ -22,7 +22,7 @@ def _train(args) -> int:
 
 
 def _reference(args) -> int:
-    from lowrank_pt.config import reference
+    from lowrank_pt.schema import reference
     from lowrank_pt.methods import METHODS
 
     print("# Config reference\n\nEvery key of a recipe, generated from the schema's field docstrings by "
