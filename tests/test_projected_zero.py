@@ -174,7 +174,7 @@ def bf16_runs(rank, world):
 def dropped_reduction(rank, world):
     """Negative control: ZeRO 3 with every statistic's sum over holders replaced by this rank's
     own part: the weights a missed rank produces."""
-    from lowrank_pt.optim.fragments import FragmentOptimizer
+    from lowrank_pt.optim.fragment_optimizer import FragmentOptimizer
 
     original = FragmentOptimizer.sum_over_holders
 

@@ -2,7 +2,8 @@
 fragments of each matrix a ZeRO partition holds (``fragments``), and their update rules
 (``projected``)."""
 
-from lowrank_pt.optim.fragments import Fragment, FragmentOptimizer, planned_fragments
+from lowrank_pt.optim.fragment_optimizer import FragmentOptimizer
+from lowrank_pt.optim.fragments import Fragment, planned_fragments
 from lowrank_pt.optim.projected import APOLLOAdamW, FiraAdamW, ProjectedAdam
 
 __all__ = ["APOLLOAdamW", "FiraAdamW", "Fragment", "FragmentOptimizer", "ProjectedAdam", "planned_fragments"]

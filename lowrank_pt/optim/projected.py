@@ -58,7 +58,8 @@ import torch
 
 from lowrank_pt import dist
 from lowrank_pt.galore import projector
-from lowrank_pt.optim.fragments import Fragment, FragmentOptimizer, MatrixPlan, ParamSpec, Piece, aligned
+from lowrank_pt.optim.fragment_optimizer import FragmentOptimizer
+from lowrank_pt.optim.fragments import Fragment, MatrixPlan, ParamSpec, Piece, aligned
 
 log = logging.getLogger(__name__)
 
