@@ -321,6 +321,32 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
     return out
 
 
+def local_gradients(engine) -> list[torch.Tensor]:
+    """The gradients this rank holds for the coming optimizer step, after the boundary backward
+    and before ``engine.step()`` (what DeepSpeed's own overflow checks read). Stage 0: every
+    trainable param's reduced ``.grad`` (the same on every rank); stages 1-3: this rank's
+    partition only (``averaged_gradients``; with optimizer offload, the fp32 partitions'
+    gradients); bf16 with fp32 accumulation (``BF16_Optimizer``): its fp32 accumulation
+    buffers. No communication: a caller that needs every rank's answer reduces it."""
+    opt = engine.optimizer
+    if zero_stage(engine) == 0:
+        return [p.grad for p in engine.module.parameters() if p.requires_grad and p.grad is not None]
+    flat = getattr(opt, "fp32_groups_gradients_flat", None)
+    if flat is not None:
+        return [g for g in flat if g is not None]
+    if getattr(opt, "cpu_offload", False) or getattr(opt, "offload_optimizer", False):
+        flats = getattr(opt, "single_partition_of_fp32_groups", None) or opt.fp32_partitioned_groups_flat
+        return [f.grad for f in flats if f.grad is not None]
+    return [g for grads in opt.averaged_gradients.values() for g in (grads or []) if g is not None]
+
+
+def inner_optimizer(engine) -> torch.optim.Optimizer:
+    """The optimizer whose ``step`` updates the weights: the client optimizer DeepSpeed wraps
+    (its precision or ZeRO wrapper calls its ``step``), or at stage 0 fp32 the engine's own."""
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
 # --- a checkpoint resumed on another world size or ZeRO stage (lowrank_pt/reshard.py) -------------
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -409,29 +435,3 @@ def seed_optimizer_state(engine, step: float) -> None:
     for t in tensors:
         inner.state[t] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(t),
                           "exp_avg_sq": torch.zeros_like(t)}
-
-
-def local_gradients(engine) -> list[torch.Tensor]:
-    """The gradients this rank holds for the coming optimizer step, after the boundary backward
-    and before ``engine.step()`` (what DeepSpeed's own overflow checks read). Stage 0: every
-    trainable param's reduced ``.grad`` (the same on every rank); stages 1-3: this rank's
-    partition only (``averaged_gradients``; with optimizer offload, the fp32 partitions'
-    gradients); bf16 with fp32 accumulation (``BF16_Optimizer``): its fp32 accumulation
-    buffers. No communication: a caller that needs every rank's answer reduces it."""
-    opt = engine.optimizer
-    if zero_stage(engine) == 0:
-        return [p.grad for p in engine.module.parameters() if p.requires_grad and p.grad is not None]
-    flat = getattr(opt, "fp32_groups_gradients_flat", None)
-    if flat is not None:
-        return [g for g in flat if g is not None]
-    if getattr(opt, "cpu_offload", False) or getattr(opt, "offload_optimizer", False):
-        flats = getattr(opt, "single_partition_of_fp32_groups", None) or opt.fp32_partitioned_groups_flat
-        return [f.grad for f in flats if f.grad is not None]
-    return [g for grads in opt.averaged_gradients.values() for g in (grads or []) if g is not None]
-
-
-def inner_optimizer(engine) -> torch.optim.Optimizer:
-    """The optimizer whose ``step`` updates the weights: the client optimizer DeepSpeed wraps
-    (its precision or ZeRO wrapper calls its ``step``), or at stage 0 fp32 the engine's own."""
-    opt = engine.optimizer
-    return getattr(opt, "optimizer", opt)
