@@ -26,7 +26,8 @@ import torch
 
 from .errors import DataError
 from .loader import ShuffledLoader, check_rank
-from .sft import (SHAKESPEARE, _chat_ids, _write_jsonl, build_shakespeare_sft, held_out, shakespeare_key)
+from .sft import (SHAKESPEARE, _chat_ids, _write_jsonl, build_shakespeare_sft, check_files_and_split, held_out,
+                  shakespeare_key)
 from .tokenizer import Tokenizer
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
@@ -59,16 +60,7 @@ class DPODataConfig:
 
 def validate_config(cfg: DPODataConfig) -> None:
     """Cheap checks before any work (DataError / ValueError)."""
-    for key in ("train", "validation"):
-        path = getattr(cfg, key)
-        if path is None or (key == "train" and path == SHAKESPEARE):
-            continue
-        if not Path(path).is_file():
-            raise DataError(f"dpo.{key}: no such file: {path} (a .jsonl file, or 'shakespeare' for train)")
-    if cfg.validation is None and cfg.train != SHAKESPEARE and not 0.0 < cfg.val_fraction < 1.0:
-        raise ValueError(f"dpo.val_fraction must be in (0, 1), got {cfg.val_fraction}")
-    if cfg.max_examples is not None and cfg.max_examples < 1:
-        raise ValueError(f"dpo.max_examples must be null or >= 1, got {cfg.max_examples}")
+    check_files_and_split(cfg, "dpo")
     if not (cfg.beta > 0 and np.isfinite(cfg.beta)):
         raise ValueError(f"dpo.beta must be a finite number > 0, got {cfg.beta}")
 

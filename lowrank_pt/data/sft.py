@@ -81,16 +81,22 @@ class SFTDataConfig:
 
 def validate_config(cfg: SFTDataConfig) -> None:
     """Cheap checks before any work: paths exist, values in range (DataError / ValueError)."""
+    check_files_and_split(cfg, "sft")
+
+
+def check_files_and_split(cfg, section: str) -> None:
+    """The checks an SFT or DPO data section shares (``train``, ``validation``, ``val_fraction``,
+    ``max_examples``), naming keys under ``section``."""
     for key in ("train", "validation"):
         path = getattr(cfg, key)
         if path is None or (key == "train" and path == SHAKESPEARE):
             continue
         if not Path(path).is_file():
-            raise DataError(f"sft.{key}: no such file: {path} (a .jsonl file, or 'shakespeare' for train)")
+            raise DataError(f"{section}.{key}: no such file: {path} (a .jsonl file, or 'shakespeare' for train)")
     if cfg.validation is None and cfg.train != SHAKESPEARE and not 0.0 < cfg.val_fraction < 1.0:
-        raise ValueError(f"sft.val_fraction must be in (0, 1), got {cfg.val_fraction}")
+        raise ValueError(f"{section}.val_fraction must be in (0, 1), got {cfg.val_fraction}")
     if cfg.max_examples is not None and cfg.max_examples < 1:
-        raise ValueError(f"sft.max_examples must be null or >= 1, got {cfg.max_examples}")
+        raise ValueError(f"{section}.max_examples must be null or >= 1, got {cfg.max_examples}")
 
 
 def check_records(cfg: SFTDataConfig) -> None:
