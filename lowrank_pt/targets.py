@@ -53,14 +53,18 @@ def select_linears(model: nn.Module, patterns: list[str] | None) -> list[tuple[s
 
 def check_targets(model_cfg, patterns: list[str] | None) -> None:
     """``select_linears`` on the model of a resolved ``model_cfg`` built on the meta device (no
-    memory, no init, any size): a pattern that matches nothing fails before any work starts."""
+    memory, no init, any size): a pattern that matches nothing fails before any work starts, as a
+    ValueError naming the stage key (``options.target_modules...``)."""
     import torch
 
     from lowrank_pt.model import LlamaModel
 
     with torch.device("meta"):
         model = LlamaModel(model_cfg)
-    select_linears(model, patterns)
+    try:
+        select_linears(model, patterns)
+    except ValueError as e:
+        raise ValueError(f"options.{e}") from None
 
 
 def replace_linears(model: nn.Module, targets: list[tuple[str, nn.Linear]],

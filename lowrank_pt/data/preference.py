@@ -27,7 +27,7 @@ import torch
 from .errors import DataError
 from .loader import ShuffledLoader, check_rank
 from .sft import (SHAKESPEARE, _chat_ids, _write_jsonl, build_shakespeare_sft, check_files_and_split, held_out,
-                  shakespeare_key)
+                  read_jsonl, shakespeare_key)
 from .tokenizer import Tokenizer
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
@@ -67,27 +67,16 @@ def validate_config(cfg: DPODataConfig) -> None:
 
 def read_pairs(path: str | Path) -> Iterator[tuple[int, str, dict]]:
     """``(line number, raw line, {prompt, chosen, rejected})`` of every record; blank lines skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"preference file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or any(k not in record for k in PAIR_KEYS):
-                found = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise DataError(f"{where}: a preference record needs {list(PAIR_KEYS)} (found {found})")
-            for key in PAIR_KEYS:
-                if not isinstance(record[key], str) or (key != "prompt" and not record[key].strip()):
-                    raise DataError(f"{where}: '{key}' must be " + ("text" if key == "prompt" else "non-empty text"))
-            if record["chosen"] == record["rejected"]:
-                raise DataError(f"{where}: 'chosen' and 'rejected' are the same text: no preference to learn")
-            yield number, line, {k: record[k] for k in PAIR_KEYS}
+    for number, line, record, where in read_jsonl(path, "preference file"):
+        if not isinstance(record, dict) or any(k not in record for k in PAIR_KEYS):
+            found = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{where}: a preference record needs {list(PAIR_KEYS)} (found {found})")
+        for key in PAIR_KEYS:
+            if not isinstance(record[key], str) or (key != "prompt" and not record[key].strip()):
+                raise DataError(f"{where}: '{key}' must be " + ("text" if key == "prompt" else "non-empty text"))
+        if record["chosen"] == record["rejected"]:
+            raise DataError(f"{where}: 'chosen' and 'rejected' are the same text: no preference to learn")
+        yield number, line, {k: record[k] for k in PAIR_KEYS}
 
 
 def _split_pairs(path: str, split: Optional[str], val_fraction: float, limit: Optional[int] = None) -> list[dict]:

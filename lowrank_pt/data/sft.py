@@ -160,9 +160,16 @@ def record_messages(record: dict, where: str) -> list[dict]:
 
 def read_records(path: str | Path) -> Iterator[tuple[int, str, list[dict]]]:
     """``(line number, raw line, messages)`` of every record of a jsonl file; blank lines skipped."""
+    for number, line, record, where in read_jsonl(path, "SFT data file"):
+        yield number, line, record_messages(record, where)
+
+
+def read_jsonl(path: str | Path, kind: str) -> Iterator[tuple[int, str, object, str]]:
+    """``(line number, raw line, parsed value, "path:line")`` of every non-blank line of a jsonl
+    file; a missing file or a line that is not JSON is a DataError naming the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"SFT data file not found: {path}")
+        raise DataError(f"{kind} not found: {path}")
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -172,7 +179,7 @@ def read_records(path: str | Path) -> Iterator[tuple[int, str, list[dict]]]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            yield number, line, record_messages(record, where)
+            yield number, line, record, where
 
 
 def held_out(text: str, fraction: float) -> bool:

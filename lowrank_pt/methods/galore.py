@@ -121,10 +121,7 @@ class GaLore(Method):
     def check_stage(cls, options, stage, run, model_cfg, total_steps: int) -> None:
         """The base checks, and every target_modules pattern matching a linear of the model."""
         super().check_stage(options, stage, run, model_cfg, total_steps)
-        try:
-            check_targets(model_cfg, options.target_modules)
-        except ValueError as e:
-            raise ValueError(f"options.{e}") from None
+        check_targets(model_cfg, options.target_modules)
 
     def __init__(self, options, stage, run):
         super().__init__(options, stage, run)

@@ -128,10 +128,7 @@ class LoRA(Method):
     @classmethod
     def check_targets(cls, options, model_cfg) -> None:
         """Each target_modules pattern matches an nn.Linear of the model (built on the meta device)."""
-        try:
-            check_targets(model_cfg, options.target_modules)
-        except ValueError as e:
-            raise ValueError(f"options.{e}") from None
+        check_targets(model_cfg, options.target_modules)
         from lowrank_pt.model import LlamaModel
 
         with torch.device("meta"):

@@ -43,10 +43,7 @@ class ProjectedMethod(Method):
     def check_stage(cls, options, stage, run, model_cfg, total_steps: int) -> None:
         """The base checks, and every target_modules pattern matching a linear of the model."""
         super().check_stage(options, stage, run, model_cfg, total_steps)
-        try:
-            check_targets(model_cfg, options.target_modules)
-        except ValueError as e:
-            raise ValueError(f"options.{e}") from None
+        check_targets(model_cfg, options.target_modules)
 
     @classmethod
     def check_options(cls, options) -> None:
