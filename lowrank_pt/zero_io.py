@@ -118,11 +118,45 @@ def add_low_rank_product(engine, p: torch.Tensor, left: torch.Tensor, right: tor
             first, last = lo // n, (hi - 1) // n
             rows = _on(left[first : last + 1], shard) @ _on(right, shard)
             _scaled_add(shard.data[: hi - lo], rows.reshape(-1)[lo - first * n : hi - first * n], scale, base_scale)
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-        if not (p.ds_status == ZeroParamStatus.AVAILABLE and p.data.numel() == p.ds_numel):
+        if not _resident_full(p):
             return
     _scaled_add(p.data, (_on(left, p) @ _on(right, p)).view_as(p), scale, base_scale)
+
+
+def frozen_part(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """What this rank must keep of a full ``value`` to write the frozen ``p`` later with
+    ``set_frozen_part``: its ZeRO-3 shard (in the shard's dtype), or the whole value in ``p``'s
+    dtype where ``p`` is not partitioned or keeps a resident full copy (a persistent param).
+    No communication."""
+    if p.requires_grad:
+        raise ValueError("frozen_part holds frozen params only (a trainable param has masters)")
+    if _sharded_only(p):
+        return _local_shard(p, value).to(p.ds_tensor.dtype)
+    return value.detach().to(p.device, p.dtype).reshape(getattr(p, "ds_shape", p.shape))
+
+
+def set_frozen_part(p: torch.Tensor, part: torch.Tensor) -> None:
+    """Write what ``frozen_part`` kept into the frozen ``p`` (its shard, or the whole value and a
+    persistent param's shard with it). No communication; every rank calls it, outside the
+    forward and backward (a gathered non-persistent param would keep its old full copy until released)."""
+    if _sharded_only(p):
+        p.ds_tensor.data.copy_(part)
+        return
+    p.data.copy_(part.view_as(p))
+    if is_partitioned(p):
+        p.ds_tensor.data.copy_(_local_shard(p, part).to(p.ds_tensor.dtype))
+
+
+def _sharded_only(p) -> bool:
+    """A ZeRO-3 param that lives as its shard between gathers (not a persistent one)."""
+    return is_partitioned(p) and not getattr(p, "ds_persist", False)
+
+
+def _resident_full(p) -> bool:
+    """A ZeRO-3 param whose full value stays resident between gathers (persistent, or gathered now)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return p.ds_status == ZeroParamStatus.AVAILABLE and p.data.numel() == p.ds_numel
 
 
 def _on(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from torch import nn
 from helpers import random_batches
 from lowrank_pt.config import ConfigError, OptimizerConfig, StageConfig
 from lowrank_pt.galore import GaLoreAdamW, GaLoreLinear, projector
-from lowrank_pt.galore.adapter import GradientCapture
+from lowrank_pt.galore.capture import GradientCapture
 from lowrank_pt.methods import parse_options
 from lowrank_pt.methods.galore import GaLore, GaLoreOptions
 from lowrank_pt.model import LlamaModel, ModelConfig, resolve

@@ -52,7 +52,7 @@ def stage_config(weight_decay=0.0):
 
 
 def build(zero_stage, precision="fp32", weight_decay=0.0, optimizer=None, world=1, offload=False, deepspeed=None,
-          **options):
+          accum=2, **options):
     """(engine, method) for the galore method (or a bare client ``optimizer`` on the plain model)."""
     from lowrank_pt import engine as E
     from lowrank_pt.config import EngineConfig
@@ -67,26 +67,36 @@ def build(zero_stage, precision="fp32", weight_decay=0.0, optimizer=None, world=
         optimizer = E.build_optimizer(method.param_groups(model), stage.optimizer, offload=offload)
     else:
         optimizer = optimizer(model)
-    micro = 2 if world == 1 else 1
+    micro = (2 if world == 1 else 1) * (2 // accum)
     engine_cfg = EngineConfig(zero_stage=zero_stage, precision=precision, offload_optimizer=offload,
                               deepspeed=deepspeed or {})
-    ds = E.deepspeed_config(engine_cfg, micro, 2, 0.0, world)
+    ds = E.deepspeed_config(engine_cfg, micro, accum, 0.0, world)
     engine = E.initialize(model, optimizer, lambda step: 1.0, ds)
     if method is not None:
         method.on_engine_ready(StageContext(engine=engine, total_steps=100))
     return engine, method
 
 
+def one_micro_batch(step: int, rank: int = 0, world: int = 1) -> list[dict]:
+    """The step's four sequences as one micro-batch (two per rank on 2 ranks): the same mean
+    gradient as ``step_batches``' two micro-batches."""
+    batches = random_batches(2, micro_batch_size=2, seed=step)
+    whole = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    per = 4 // world
+    return [{k: v[rank * per:(rank + 1) * per] for k, v in whole.items()}]
+
+
 def run(engine, method, steps, rank=0, world=1, start=0):
     """Train steps ``start..steps-1``; returns {step: {"loss": ..., **after_step events}}."""
     log = {}
+    batches_of = one_micro_batch if engine.gradient_accumulation_steps() == 1 else step_batches
     for step in range(start, steps):
         if method is None:
             for b in step_batches(step, rank, world):
                 engine.backward(engine(b["input_ids"], b["labels"]))
                 engine.step()
         else:
-            loss = method.train_step(engine, step_batches(step, rank, world), step)
+            loss = method.train_step(engine, batches_of(step, rank, world), step)
             log[step] = {"loss": loss, **method.after_step(engine, step)}
     return log
 
@@ -111,6 +121,29 @@ def projector_held(method) -> tuple[str, int, int]:
     qs = [a.galore_basis for a in method.adapters.values()]
     return (sorted({str(getattr(q, "ds_tensor", q).dtype) for q in qs})[0],
             sum(getattr(q, "ds_tensor", q).numel() for q in qs), sum(getattr(q, "ds_numel", q.numel()) for q in qs))
+
+
+def record_held(method) -> list[int]:
+    """Bytes of the captures the ranks hold as each refresh starts (the tracker's measure)."""
+    from lowrank_pt.tracking.memory import capture_bytes
+
+    held, refresh = [], method._refresh
+
+    def recording(engine, step):
+        held.append(capture_bytes(engine.module))
+        refresh(engine, step)
+
+    method._refresh = recording
+    return held
+
+
+def planned_held(method, stage, world, rank) -> int:
+    from lowrank_pt.model import ModelConfig, resolve
+    from lowrank_pt.tracking import planner
+
+    cfg = resolve(ModelConfig(size="tiny", seq_len=16), vocab_size=64)
+    options = {k: getattr(method.options, k) for k in ("rank", "update_proj_gap", "refresh", "svd")}
+    return planner.capture_bytes(planner.layout(cfg, "galore", options), world, rank, stage)
 
 
 def max_diff(a, b):
@@ -214,6 +247,26 @@ def single_rank(rank, world):
         out[f"wd_reproject{stage}"] = max_diff(weights(engine, method), want)
     keep = plain_reference(lambda m: GaLoreAdamW(reference_groups(m), weight_decay=0.1, **KW))
     out["reproject_vs_keep"] = max_diff(want, keep)
+    # Refreshes inside the backward (one micro-batch per step), exact and randomized, and the
+    # randomized refresh at the step for reference; what a rank holds at the step, against the planner.
+    engine, method = build(0, svd="randomized")
+    run(engine, method, STEPS)
+    out["step_randomized0"] = weights(engine, method)
+    for stage in (0, 3):
+        for svd in ("exact", "randomized"):
+            engine, method = build(stage, accum=1, refresh="backward", svd=svd)
+            held = record_held(method)
+            log = run(engine, method, STEPS)
+            out[f"backward_{svd}{stage}"] = weights(engine, method)
+            out[f"backward_events_{svd}{stage}"] = sorted(s for s, e in log.items() if e.get("galore/refresh"))
+            out[f"backward_held_{svd}{stage}"] = (held, planned_held(method, stage, 1, 0))
+    # The streaming refresh (sketches instead of gradients), at ZeRO 0 and 3.
+    for stage in (0, 3):
+        engine, method = build(stage, svd="sketch")
+        log = run(engine, method, STEPS)
+        out[f"sketch{stage}"] = weights(engine, method)
+        out[f"sketch_events{stage}"] = sorted(s for s, e in log.items() if e.get("galore/refresh"))
+        out[f"sketch_kept{stage}"] = method.kept_bases
     return out
 
 
@@ -233,6 +286,37 @@ def test_stage0_method_and_optimizer_follow_galore_torch(single):
 def test_stages_follow_stage0_on_one_rank(single, stage):
     assert single[f"stage{stage}"] < TOL
     assert single[f"events{stage}"] == [0, 4, 8, 12]
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_refresh_in_backward_is_the_refresh_at_the_step(single, stage):
+    """One micro-batch of four sequences per step, each matrix refreshed inside its backward:
+    exact follows the two-micro-batch run with the refresh at the step (galore-torch's, above),
+    randomized follows randomized at the step; what a rank holds at the step (the new bases)
+    is the planner's."""
+    assert max_diff(single[f"backward_exact{stage}"], single["stage0_weights"]) < TOL
+    assert max_diff(single[f"backward_randomized{stage}"], single["step_randomized0"]) < TOL
+    assert max_diff(single["step_randomized0"], single["stage0_weights"]) > 1e-4  # a different solver
+    for svd in ("exact", "randomized"):
+        assert single[f"backward_events_{svd}{stage}"] == [0, 4, 8, 12]
+        held, planned = single[f"backward_held_{svd}{stage}"]
+        assert held == [planned] * 4 and planned > 0
+
+
+def test_sketch_refresh_runs_its_own_solver_and_zero3_follows_zero0(single):
+    """svd=sketch refreshes at the same steps, finds a subspace every time, and ZeRO-3
+    reproduces ZeRO-0 to rounding. Its run is not the exact one's (the sketch's subspace differs;
+    on this tiny model's noisy rank-8 gradients the 13-step update differs by 1.3x its size, as
+    randomized without power iterations does, 1.1x): how close it trains is measured on the
+    demo model (tools/bench_galore_refresh.py), its subspace in tests/test_galore_sketch.py."""
+    init = tiny_model().state_dict()
+    exact, sketched = single["stage0_weights"], single["sketch0"]
+    assert single["sketch_events0"] == single["sketch_events3"] == [0, 4, 8, 12]
+    assert single["sketch_kept0"] == single["sketch_kept3"] == 0
+    assert max_diff(single["sketch3"], sketched) < TOL
+    change = max(((sketched[k] - exact[k]).norm() / (exact[k] - init[k]).norm()).item()
+                 for k in exact if k.endswith("_proj.weight"))
+    assert change > 1e-4
 
 
 def test_weight_decay_and_reprojected_moments_follow_galore_adamw(single):
@@ -269,6 +353,19 @@ def two_ranks(rank, world, stage0_weights):
         out[f"bf16_projector{stage}"] = weights(engine, method)
         out[f"bf16_projector_bases{stage}"] = bases(engine, method)
         out[f"bf16_projector_held{stage}"] = projector_held(method)
+    for stage in (0, 2, 3):  # refreshes inside the backward: the subspace from the ranks' mean gradient
+        for svd in ("exact", "randomized"):
+            engine, method = build(stage, world=world, accum=1, refresh="backward", svd=svd)
+            held = record_held(method)
+            run(engine, method, STEPS, rank, world)
+            out[f"backward_{svd}{stage}"] = weights(engine, method)
+            out[f"backward_bases_{svd}{stage}"] = bases(engine, method)
+            out[f"backward_held_{svd}{stage}"] = (held, planned_held(method, stage, world, rank))
+    for stage in (0, 3):  # sketches summed over micro-batches and ranks onto each matrix's owner
+        engine, method = build(stage, world=world, svd="sketch")
+        run(engine, method, STEPS, rank, world)
+        out[f"sketch{stage}"] = weights(engine, method)
+        out[f"sketch_bases{stage}"] = bases(engine, method)
     engine, method = build(3, world=world, offload=True)  # optimizer states offloaded to the CPU
     run(engine, method, STEPS, rank, world)
     out["offload3"] = max_diff(weights(engine, method), stage0_weights)
@@ -331,6 +428,30 @@ def test_bf16_projectors_train_alike_at_zero0_and_zero3(double, single):
     assert torch.equal(double[0]["bf16_projector_bases3"], double[1]["bf16_projector_bases3"])
     bases3 = double[0]["bf16_projector_bases3"]
     assert torch.equal(bases3, bases3.bfloat16().float())  # stored in bf16
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_two_ranks_refresh_in_backward_follows_one_rank(double, single, stage):
+    """Each rank's backward sees half the batch: the subspace comes from the all-reduced (exact:
+    owner-summed) gradient, so 2 ranks follow the 1-rank run; at ZeRO-3 a rank keeps only its
+    half of each new basis until the step (the planner's bytes)."""
+    for result in double:
+        assert max_diff(result[f"backward_exact{stage}"], single["stage0_weights"]) < TOL
+        assert max_diff(result[f"backward_randomized{stage}"], single["step_randomized0"]) < TOL
+        for svd in ("exact", "randomized"):
+            held, planned = result[f"backward_held_{svd}{stage}"]
+            assert held == [planned] * 4 and planned > 0
+    for svd in ("exact", "randomized"):
+        assert torch.equal(double[0][f"backward_bases_{svd}{stage}"], double[1][f"backward_bases_{svd}{stage}"])
+    if stage == 3:
+        assert double[0]["backward_held_exact3"][1] * 2 == single["backward_held_exact0"][1]
+
+
+def test_two_ranks_sketch_refresh_follows_the_one_rank_run(double, single):
+    for result in double:
+        for stage in (0, 3):
+            assert max_diff(result[f"sketch{stage}"], single["sketch0"]) < TOL
+    assert torch.equal(double[0]["sketch_bases3"], double[1]["sketch_bases3"])
 
 
 def test_two_ranks_with_optimizer_offload_follow_stage0(double):

@@ -15,8 +15,9 @@ A targeted linear becomes ``W = d·W0 + α·B·Q`` (right side) or ``d·W0 + α�
 
 Forward and ``dx`` run at full-rank cost on ``W_eff`` materialised once per call; the backward
 never forms the m×n weight gradient: ``dB = α·dyᵀ·(x·Qᵀ)`` (or ``α·(dy·P)ᵀ·x``). Only at a
-refresh, when ``capture`` holds a ``GradientCapture``, does it also form the full gradient
-``dyᵀ·x`` of each micro-batch and hand it over (summed onto one owner rank).
+refresh, when ``capture`` holds a ``lowrank_pt.galore.capture`` object, does it also hand
+each micro-batch's ``dy`` and ``x`` over: the capture forms the full gradient ``dyᵀ·x`` or only
+its two sketches, summed onto one owner rank.
 ``W_eff`` is recomputed in backward instead of saved: one m×n·r product per call, and under
 ZeRO-3 nothing full-size outlives the layer's gather.
 """
@@ -61,46 +62,21 @@ class _GaLoreLinearFn(torch.autograd.Function):
             dx = dy @ w
         dy2 = dy.reshape(-1, dy.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
+        capture = layer.capture
+        if capture is not None and getattr(capture, "in_backward", False):
+            new = capture.refresh(dy2, x2, basis)  # a refresh inside this backward: B's gradient in the new basis
+            if new is not None:
+                basis = new
+            capture = None
         if ctx.needs_input_grad[2]:
             if layer.side == "right":  # dB = α·dyᵀ·(x·Qᵀ): m×r
                 db = dy2.t() @ (x2 @ (basis.t() * layer.scale).to(x2.dtype))
             else:  # dB = α·(dy·P)ᵀ·x: r×n
                 db = (dy2 @ (basis * layer.scale).to(dy2.dtype)).t() @ x2
             db = db.to(b.dtype)
-        if layer.capture is not None:
-            layer.capture.add(dy2.t().float() @ x2.float())
+        if capture is not None:  # a refresh step: the full gradient or its sketches
+            capture.add_factors(dy2, x2, basis)
         return dx, None, db, None, None, None
-
-
-class GradientCapture:
-    """Sums the full gradient ``dyᵀ·x`` of one matrix over the micro-batches of a refresh step and
-    over the data-parallel ranks, onto the ``owner`` rank only (which computes its SVD).
-
-    Each micro-batch's gradient is reduced to the owner inside the backward, as soon as it exists:
-    the other ranks keep nothing, so at a refresh a rank holds full gradients only for the
-    matrices it owns (about 1/world of them), not a full unsharded copy of all of them. Every rank
-    must run the same adapters in the same order (one model, one graph), like any
-    data-parallel backward.
-    """
-
-    def __init__(self, owner: int = 0, world: int = 1, rank: int = 0):
-        self.owner, self.world, self.rank = owner, world, rank
-        self.grad: torch.Tensor | None = None
-
-    def add(self, grad: torch.Tensor) -> None:
-        if self.world > 1:
-            from lowrank_pt import dist
-
-            dist.reduce_sum_(grad, dst=self.owner)
-            if self.rank != self.owner:
-                return
-        self.grad = grad if self.grad is None else self.grad.add_(grad)
-
-    def mean(self) -> torch.Tensor | None:
-        """The gradient averaged over ranks (on the owner; None elsewhere or if never run)."""
-        if self.grad is None or self.rank != self.owner:
-            return None
-        return self.grad.div_(self.world)
 
 
 class GaLoreLinear(nn.Module):
@@ -115,7 +91,14 @@ class GaLoreLinear(nn.Module):
         self.rank = projector.effective_rank(shape, rank)
         self.scale = float(scale)
         self.use_decay = False
-        self.capture: GradientCapture | None = None  # set by the method during a refresh step
+        self.capture = None  # a GradientCapture or SketchCapture, set by the method for a refresh step
+        self.capture_numel = self.out_features * self.in_features
+        """fp32 elements the owner holds at a refresh (the full gradient, or the sketches: set by the method)."""
+        self.refresh_held: tuple[int, int, int] | None = None
+        """A refresh in backward: (elements, bytes each) of the new basis kept until the step, and
+        r where the r×r change of basis is kept too (else 0)."""
+        self.refresh_working = 0
+        """A refresh in backward: fp32 elements alive while this matrix's subspace is computed."""
         w0 = linear.weight
         if base_in_fp32:
             with whole(w0):  # a buffer is never partitioned: it takes the full value

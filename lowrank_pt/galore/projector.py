@@ -97,7 +97,8 @@ def new_basis(grad: torch.Tensor, rank: int, side: str, method: str = "exact",
             start = None
             if previous is not None and is_set(previous):
                 start = previous.float() if side == "left" else previous.float().t()
-            vectors = _top_left_vectors(a, rank, niter, oversample, start, seed)
+            vectors, _ = top_left_vectors(lambda m: a @ m, lambda m: a.t() @ m, a.shape, rank, niter, oversample,
+                                          start, seed, a.device)
             basis = vectors if side == "left" else vectors.t()
         else:
             raise ValueError(f"svd={method!r}: allowed {list(SVD_METHODS)}")
@@ -128,24 +129,29 @@ def canonical_signs(basis: torch.Tensor, side: str) -> torch.Tensor:
     return vectors.t() if side == "right" else vectors
 
 
-def _top_left_vectors(a: torch.Tensor, rank: int, niter: int, oversample: int,
-                      start: torch.Tensor | None, seed: int) -> torch.Tensor:
-    """Approximate top-``rank`` left singular vectors of ``a`` by subspace iteration."""
-    rows, cols = a.shape
+def top_left_vectors(mul, tmul, shape: tuple[int, int], rank: int, niter: int, oversample: int,
+                     start: torch.Tensor | None, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Approximate top-``rank`` left singular vectors of a ``shape`` (rows × cols) matrix ``A``
+    known only through ``mul(M) = A·M`` and ``tmul(N) = Aᵀ·N``, by subspace iteration; with the
+    largest singular value found (0 for a zero matrix). ``start`` (rows × r) is the warm start.
+
+    Through the two products the matrix need never exist: inside a backward, ``A`` is a sum of
+    ``uᵀ·v`` over micro-batch activations and ranks (``lowrank_pt.galore.capture``)."""
+    rows, cols = shape
     width = min(rank + oversample, rows, cols)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     if start is not None:
         extra = max(0, width - start.shape[1])
-        omega = torch.randn(cols, extra, generator=gen).to(a.device)
-        block = torch.cat([start.to(a.device), a @ omega], dim=1)
+        omega = torch.randn(cols, extra, generator=gen).to(device)
+        block = torch.cat([start.to(device), mul(omega)], dim=1)
     else:
-        block = a @ torch.randn(cols, width, generator=gen).to(a.device)
+        block = mul(torch.randn(cols, width, generator=gen).to(device))
     y = torch.linalg.qr(block).Q
     for _ in range(niter):
-        z = torch.linalg.qr(a.t() @ y).Q
-        y = torch.linalg.qr(a @ z).Q
-    u_small, _, _ = torch.linalg.svd(y.t() @ a, full_matrices=False)
-    return (y @ u_small)[:, :rank]
+        z = torch.linalg.qr(tmul(y)).Q
+        y = torch.linalg.qr(mul(z)).Q
+    u_small, s, _ = torch.linalg.svd(tmul(y).t(), full_matrices=False)  # Yᵀ·A = (Aᵀ·Y)ᵀ
+    return (y @ u_small)[:, :rank], s[0] if s.numel() else torch.zeros(())
 
 
 def change_of_basis(old: torch.Tensor, new: torch.Tensor, side: str) -> torch.Tensor:
@@ -172,7 +178,13 @@ def reproject_moments(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, old: torc
     keeps ``v`` non-negative; it under-states the variance of coordinates whose old components
     were correlated. Both moments keep their dtype.
     """
-    c = change_of_basis(old, new, side)
+    return reproject_with(exp_avg, exp_avg_sq, change_of_basis(old, new, side), side)
+
+
+def reproject_with(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, c: torch.Tensor,
+                   side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reproject_moments`` given the change of basis ``c`` (r×r) instead of the two bases."""
+    c = c.float()
     c2 = c * c
     m, v = exp_avg.float(), exp_avg_sq.float()
     if side == "right":

@@ -5,15 +5,19 @@ AdamW (eps ``α·eps`` in its own param group) and never sees a projector, so Ze
 gradient accumulation and checkpoints work unchanged. At steps 0, T, 2T, ... ``train_step``
 runs the refresh between the last micro-batch's backward and the optimizer step:
 
-1. the adapters' backward has also formed the full gradient ``dyᵀ·x`` of each micro-batch and
-   summed each matrix's onto its owner rank (``lowrank_pt.owners``: balanced by m·n bytes, so a
-   rank holds the full gradients of ~1/world of the bytes, and the SVD work is spread over the
-   ranks);
+1. the adapters' backward has also formed the full gradient ``dyᵀ·x`` of each micro-batch (or,
+   with ``svd: sketch``, only its two sketches, ``lowrank_pt.galore.sketch``) and summed each
+   matrix's onto its owner rank (``lowrank_pt.owners``: balanced by bytes, so a rank holds the
+   captures of ~1/world of the bytes, and the SVD work is spread over the ranks);
 2. the owner computes the new basis; it and ``α·project(G)`` come back by broadcast, so every
    rank holds the same ``Q``;
 3. ``W0 ← d·W0 + α·B·Q_old``, ``B ← 0``, ``d ← 1``, ``Q ← Q_new``, Adam's moments kept
    (published GaLore) or re-projected, and ``B``'s reduced gradient replaced by ``α·G·Q_newᵀ``;
 4. the optimizer step runs as usual (clipping then sees the low-rank gradient norm).
+
+With ``refresh: backward`` (one micro-batch per step) steps 1-2 happen inside each matrix's own
+backward instead, one matrix at a time (``capture.BackwardRefresh``): its B gradient is formed
+in the new basis there, and step 3 runs at the step from the kept new bases.
 
 A refresh whose gradient is zero or non-finite, or whose SVD fails, keeps the old basis and
 leaves the step as computed (``after_step`` reports it). Non-targeted params train full-rank.
@@ -32,13 +36,16 @@ from torch import nn
 from lowrank_pt import dist, zero_io
 from lowrank_pt.owners import balanced_owners
 from lowrank_pt.galore import projector
-from lowrank_pt.galore.adapter import GaLoreLinear, GradientCapture, merged_state_dict, wrap_linears
+from lowrank_pt.galore import sketch
+from lowrank_pt.galore.adapter import GaLoreLinear, merged_state_dict, wrap_linears
+from lowrank_pt.galore.capture import BackwardRefresh, GradientCapture, SketchCapture
 from lowrank_pt.methods.base import Method
 from lowrank_pt.targets import DEFAULT_TARGETS, check_targets
 
 log = logging.getLogger(__name__)
 
 PROJECTOR_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SVD_CHOICES = (*projector.SVD_METHODS, "sketch")
 
 
 @dataclass
@@ -58,12 +65,25 @@ class GaLoreOptions:
     full-rank with AdamW. Every pattern must match at least one nn.Linear; a linear tied to an
     embedding is never wrapped (the same rules as lora)."""
     svd: str = "exact"
-    """Subspace solver: exact (float32 torch.linalg.svd) or randomized (subspace iteration,
-    warm-started from the previous subspace)."""
+    """Subspace solver: exact (float32 torch.linalg.svd of the full gradient), randomized
+    (subspace iteration on the full gradient, warm-started from the previous subspace) or
+    sketch (streaming: the refresh step sums two sketches of each gradient, A·Ω and Ψ·A with
+    Ψ warm-started from the current subspace, over its micro-batches and ranks, and never forms
+    the m×n gradient; holds (m+n)·(r+p)-ish floats per matrix instead of m·n; a matrix whose
+    sketch would not be smaller than its gradient is refreshed exactly)."""
+    refresh: str = "step"
+    """Where a refresh computes the new subspaces. step: at the optimizer step, from what the
+    backward captured over the step's micro-batches on each matrix's owner rank (the full
+    gradient, or with svd=sketch its sketches). backward: each matrix inside its own backward,
+    as soon as its gradient exists, one matrix at a time: B's gradient is formed in the new basis
+    and nothing m×n outlives the matrix (exact: its gradient alone; randomized: subspace
+    iteration through all-reduced (m or n)×(r+p) products, no m×n tensor at all); needs one
+    micro-batch per step (grad_accum 1)."""
     svd_niter: int = 2
     """randomized: power iterations per refresh."""
     svd_oversample: int = 8
-    """randomized: extra random directions searched beyond the rank."""
+    """randomized and sketch: extra directions p searched beyond the rank (sketch: A·Ω has r+p
+    columns, Ψ·A r+2p rows)."""
     moments_on_refresh: str = "keep"
     """keep: Adam's moments carry over unchanged, as published; reproject: carried into the new
     subspace (first moment exactly, second under an uncorrelated-coordinates approximation)."""
@@ -93,10 +113,15 @@ class GaLoreOptions:
             raise ValueError(f"scale={self.scale} must be > 0")
         if self.proj_type not in projector.PROJ_TYPES:
             raise ValueError(f"proj_type={self.proj_type!r}: allowed {list(projector.PROJ_TYPES)}")
-        if self.svd not in projector.SVD_METHODS:
-            raise ValueError(f"svd={self.svd!r}: allowed {list(projector.SVD_METHODS)}")
+        if self.svd not in SVD_CHOICES:
+            raise ValueError(f"svd={self.svd!r}: allowed {list(SVD_CHOICES)}")
         if self.svd_niter < 0 or self.svd_oversample < 0:
             raise ValueError(f"svd_niter={self.svd_niter} and svd_oversample={self.svd_oversample} must be >= 0")
+        if self.refresh not in ("step", "backward"):
+            raise ValueError(f"refresh={self.refresh!r}: allowed ['step', 'backward']")
+        if self.refresh == "backward" and self.svd == "sketch":
+            raise ValueError("svd=sketch sums sketches over a step's micro-batches and needs refresh=step; "
+                             "with refresh=backward, svd=randomized never forms the m×n gradient either")
         if self.moments_on_refresh not in ("keep", "reproject"):
             raise ValueError(f"moments_on_refresh={self.moments_on_refresh!r}: allowed ['keep', 'reproject']")
         if self.sign_rule not in projector.SIGN_RULES:
@@ -122,6 +147,14 @@ class GaLore(Method):
         """The base checks, and every target_modules pattern matching a linear of the model."""
         super().check_stage(options, stage, run, model_cfg, total_steps)
         check_targets(model_cfg, options.target_modules)
+        if options.refresh == "backward" and run is not None:
+            from lowrank_pt.config import micro_and_accum
+
+            accum = micro_and_accum(stage, run)[1]
+            if accum != 1:
+                raise ValueError(f"options.refresh=backward refreshes each matrix inside its backward and needs "
+                                 f"one micro-batch per step, but grad_accum is {accum}: set grad_accum 1, or "
+                                 f"use refresh: step (with svd: sketch it holds sketches, not gradients)")
 
     def __init__(self, options, stage, run):
         super().__init__(options, stage, run)
@@ -142,6 +175,24 @@ class GaLore(Method):
         decay = self.stage.optimizer.weight_decay > 0
         for adapter in self.adapters.values():
             adapter.use_decay = decay
+            m, n = adapter.shape
+            if o.refresh == "backward":  # kept until the step: the new basis (its ZeRO-3 shard) and C
+                adapter.capture_numel = 0
+                adapter.refresh_held = (adapter.galore_basis.numel(), adapter.galore_basis.element_size(),
+                                        adapter.rank if o.moments_on_refresh == "reproject" else 0)
+                rows, cols = sketch.a_shape(adapter.shape, adapter.side)
+                k = min(adapter.rank + o.svd_oversample, m, n)
+                adapter.refresh_working = m * n if o.svd == "exact" else 2 * (rows + cols) * k + 2 * adapter.rank * rows
+            elif self.sketches(adapter):
+                adapter.capture_numel = sketch.sketch_numel(adapter.shape, adapter.rank, o.svd_oversample,
+                                                            adapter.side)
+
+    def sketches(self, adapter: GaLoreLinear) -> bool:
+        """Whether ``adapter`` is refreshed from sketches: svd=sketch and its sketches smaller than
+        its gradient."""
+        o = self.options
+        return o.svd == "sketch" and (sketch.sketch_numel(adapter.shape, adapter.rank, o.svd_oversample, adapter.side)
+                                      < adapter.out_features * adapter.in_features)
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         """B of every adapter in group 0 (eps scaled by alpha); then full-rank AdamW groups."""
@@ -172,8 +223,24 @@ class GaLore(Method):
         lr = engine.get_lr()[0]  # this step's LR (the scheduler moves on inside engine.step)
         if self.is_refresh_step(step):
             world, rank = dist.world_size(), dist.rank()
-            for adapter, owner in zip(self.adapters.values(), self.owners(world)):
-                adapter.capture = GradientCapture(owner=owner, world=world, rank=rank)
+            o = self.options
+            for index, (adapter, owner) in enumerate(zip(self.adapters.values(), self.owners(world))):
+                if o.refresh == "backward":
+                    if len(micro_batches) != 1:
+                        raise ValueError(f"galore refresh=backward needs one micro-batch per step, got "
+                                         f"{len(micro_batches)}")
+                    keep = (lambda p: lambda value: zero_io.frozen_part(p, value))(adapter.galore_basis)
+                    adapter.capture = BackwardRefresh(adapter.shape, adapter.side, adapter.rank, o.svd, o.svd_niter,
+                                                      o.svd_oversample, self.seed(step, index), o.sign_rule,
+                                                      PROJECTOR_DTYPES[o.projector_dtype], keep,
+                                                      reproject=o.moments_on_refresh == "reproject", owner=owner,
+                                                      world=world, rank=rank)
+                elif self.sketches(adapter):
+                    adapter.capture = SketchCapture(adapter.shape, adapter.side, adapter.rank,
+                                                    self.options.svd_oversample, self.seed(step, index),
+                                                    owner=owner, world=world, rank=rank)
+                else:
+                    adapter.capture = GradientCapture(owner=owner, world=world, rank=rank)
         try:
             loss = super().train_step(engine, micro_batches, step)
         finally:
@@ -196,9 +263,33 @@ class GaLore(Method):
 
     # --- the refresh --------------------------------------------------------------------------
     def owners(self, world: int) -> list[int]:
-        """The rank that holds each adapter's full gradient at a refresh and computes its
-        subspace, in adapter order: balanced by m·n, the same on every rank."""
-        return balanced_owners([a.out_features * a.in_features for a in self.adapters.values()], world)
+        """The rank that holds each adapter's capture at a refresh and computes its subspace, in
+        adapter order: balanced by the bytes held (m·n, or the sketches), the same on every rank."""
+        return balanced_owners([a.capture_numel or a.out_features * a.in_features for a in self.adapters.values()],
+                               world)
+
+    @staticmethod
+    def seed(step: int, index: int) -> int:
+        """The random numbers of matrix ``index``'s refresh at ``step``: the same on every rank and resume."""
+        return step * 100_003 + index
+
+    def _subspace(self, capture, old: torch.Tensor, adapter: GaLoreLinear, step: int, index: int):
+        """``(basis, low, why)`` on the owner: the new basis from the capture and the step's
+        gradient projected onto it (unscaled); ``(None, None, why)`` to keep the old basis."""
+        o = self.options
+        if isinstance(capture, SketchCapture):
+            return capture.subspace(old, o.sign_rule)
+        grad = capture.mean()
+        if grad is None:
+            return None, None, "no gradient reached this matrix"
+        solver = "exact" if o.svd == "sketch" else o.svd  # a matrix too small for sketches to pay
+        new, why = projector.new_basis(grad, adapter.rank, adapter.side, solver, old.to(grad.device),
+                                       o.svd_niter, o.svd_oversample, seed=self.seed(step, index),
+                                       sign_rule=o.sign_rule)
+        if new is None:
+            return None, None, why
+        new = new.to(PROJECTOR_DTYPES[o.projector_dtype]).float()  # as stored: B's gradient sees the forward's basis
+        return new, projector.project(grad, new, adapter.side), ""
 
     def _refresh(self, engine, step: int) -> None:
         start = time.perf_counter()
@@ -210,27 +301,28 @@ class GaLore(Method):
         owners = self.owners(world)
         for index, (name, adapter) in enumerate(self.adapters.items()):
             owner = owners[index]
-            grad = adapter.capture.mean()  # on the owner: summed over micro-batches and ranks
-            adapter.capture = None
+            capture, adapter.capture = adapter.capture, None  # on the owner: summed over micro-batches and ranks
             old = zero_io.full_param(engine, adapter.galore_basis)  # collective at ZeRO-3 (a gather)
+            if isinstance(capture, BackwardRefresh):  # solved in the backward; B's gradient is already in it
+                if capture.held is None:
+                    kept[name] = capture.why
+                else:
+                    self._install(engine, adapter, old, capture.held, None, reproject, change=capture.change)
+                continue
             device = adapter.galore_decay.device  # the module's device (dist stages CPU tensors)
             basis = torch.zeros(old.shape, dtype=torch.float32, device=device)
             low = torch.zeros(projector.low_rank_shape(adapter.shape, adapter.rank, adapter.side),
                               dtype=torch.float32, device=device)
             ok = torch.zeros((), dtype=torch.float32, device=device)
             why = ""
-            if rank == owner and grad is None:
-                why = "no gradient reached this matrix"
-            elif rank == owner:
-                new, why = projector.new_basis(grad, adapter.rank, adapter.side, o.svd, old.to(grad.device),
-                                               o.svd_niter, o.svd_oversample, seed=step * 100_003 + index,
-                                               sign_rule=o.sign_rule)
+            if rank == owner:
+                new, new_low, why = self._subspace(capture, old, adapter, step, index)
                 if new is not None:
-                    new = new.to(dtype).float()  # as stored: B's gradient and the forward see one basis
-                    basis.copy_(new)
-                    low.copy_(projector.project(grad, new, adapter.side) * adapter.scale)
+                    basis.copy_(new.to(dtype).float())  # as stored: the forward and the merge see one basis
+                    low.copy_(new_low * adapter.scale)
                     ok.fill_(1.0)
-            del grad
+                del new, new_low
+            del capture
             if world > 1:
                 for t in (ok, basis, low):
                     dist.broadcast_(t, src=owner)
@@ -248,10 +340,13 @@ class GaLore(Method):
             log.warning("galore: step %d: %d of %d matrices keep their old subspace: %s", step, len(kept),
                         len(self.adapters), "; ".join(f"{n} ({why})" for n, why in kept.items()))
 
-    def _install(self, engine, adapter: GaLoreLinear, old, basis, low, reproject: bool) -> None:
+    def _install(self, engine, adapter: GaLoreLinear, old, basis, low, reproject: bool, change=None) -> None:
         """Merge B into W0 (through the old basis ``old``, as stored), zero B, switch the basis
         to ``basis``, fix moments and B's gradient. Every copy through ``zero_io``: W0 (a frozen
-        param or an fp32 buffer), B (and its master), the basis (a frozen param, sharded at ZeRO-3)."""
+        param or an fp32 buffer), B (and its master), the basis (a frozen param, sharded at ZeRO-3).
+
+        From a refresh in backward: ``basis`` is what the rank kept (``zero_io.frozen_part``),
+        ``change`` the r×r change of basis, and ``low`` None (B's gradient is already in the new basis)."""
         b_param = adapter.galore_b
         b = zero_io.full_param(engine, b_param)
         old = old.cpu()
@@ -265,13 +360,17 @@ class GaLore(Method):
             m = zero_io.optimizer_state(engine, b_param, "exp_avg")
             v = zero_io.optimizer_state(engine, b_param, "exp_avg_sq")
             if m is not None and v is not None:
-                m, v = projector.reproject_moments(m.view_as(low), v.view_as(low), old, basis.cpu(),
-                                                   adapter.side)
+                shape = projector.low_rank_shape(adapter.shape, adapter.rank, adapter.side)
+                c = change if change is not None else projector.change_of_basis(old, basis.cpu(), adapter.side)
+                m, v = projector.reproject_with(m.view(shape), v.view(shape), c.cpu(), adapter.side)
                 zero_io.set_optimizer_state(engine, b_param, "exp_avg", m)
                 zero_io.set_optimizer_state(engine, b_param, "exp_avg_sq", v)
-        zero_io.set_param(engine, adapter.galore_basis, basis)
+        if low is None:
+            zero_io.set_frozen_part(adapter.galore_basis, basis)
+        else:
+            zero_io.set_param(engine, adapter.galore_basis, basis)
+            zero_io.set_grad(engine, b_param, low)
         adapter.galore_decay.fill_(1.0)
-        zero_io.set_grad(engine, b_param, low)
 
     # --- checkpoints and export ---------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -199,7 +199,7 @@ class LoRA(Method):
     def train_step(self, engine, micro_batches: list[dict], step: int) -> float:
         if not self.is_lora_ga_step(step):
             return super().train_step(engine, micro_batches, step)
-        from lowrank_pt.galore.adapter import GradientCapture
+        from lowrank_pt.galore.capture import GradientCapture
 
         world, rank = dist.world_size(), dist.rank()
         modules = lowrank_modules(engine.module)

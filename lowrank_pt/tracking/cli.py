@@ -17,7 +17,8 @@ PLAN_ROWS = (
     ("zero_buffers", "ZeRO reduce bucket (resident, stage 3)"),
     ("resident", "resident state, total"),
     ("activations", "activations (estimate, one micro-batch)"),
-    ("method_transient", "method transient (GaLore refresh: owned full gradients)"),
+    ("method_transient", "method transient (GaLore refresh: owned gradients or sketches, kept bases)"),
+    ("refresh_working", "GaLore refresh in backward: one matrix's working set"),
     ("zero_transient", "ZeRO reduce bucket (during backward, stages 1-2)"),
     ("total", "peak estimate"),
 )

@@ -134,15 +134,15 @@ def state_bytes(engine) -> dict[str, int]:
 
 
 def capture_bytes(module: nn.Module) -> int:
-    """Bytes of the full gradients captured for a GaLore refresh that this rank holds: each
-    adapter's ``capture`` (a tensor, or an object with a ``grad`` tensor, kept by the rank that
-    owns the matrix's SVD), alive from the step's backward until the refresh uses it."""
+    """Bytes of what a GaLore refresh captured that this rank holds: each adapter's
+    ``capture`` (a tensor, or an object whose ``tensors()`` are the full gradient or the
+    sketches, kept by the rank that owns the matrix), alive from the step's backward until the
+    refresh uses it."""
     ledger = Ledger()
     for m in module.modules():
         capture = getattr(m, "capture", None)
-        grad = capture if isinstance(capture, torch.Tensor) else getattr(capture, "grad", None)
-        if isinstance(grad, torch.Tensor):
-            ledger.add("grads", [grad])
+        held = [capture] if isinstance(capture, torch.Tensor) else getattr(capture, "tensors", list)()
+        ledger.add("grads", held)
     return ledger.bytes["grads"]
 
 

@@ -45,16 +45,15 @@ What the method changes is N and the frozen and buffer bytes:
   the projector (r×n or m×r, ``projector_dtype``: 4 or 2 bytes) is a method buffer, held as a
   frozen param (``lowrank_pt.frozen``): whole on every rank at stages 0-2, ``⌈n/W⌉`` per rank
   at stage 3 (partitioned like the weights). At refresh steps the full fp32
-  gradient of each projected matrix is summed onto one owner rank (balanced by m·n bytes,
-  ``lowrank_pt.owners``):
-  ``4·m·n`` for each owned matrix, reported as ``method_transient``.
+  gradient of each projected matrix is summed onto one owner rank (balanced by bytes,
+  ``lowrank_pt.owners``): ``4·m·n`` for each owned matrix, or with ``svd: sketch`` its two
+  sketches, ``4·(rows·(r+p) + (r+2p)·cols)``; reported as ``method_transient``.
 
 Activations are an estimate (see ``activation_bytes``).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -81,6 +80,11 @@ class Layout:
     frozen: list[int]
     buffer_bytes: int
     captures: list[int] = field(default_factory=list)
+    held: list[tuple[int, int, int]] = field(default_factory=list)
+    """A refresh in backward: per matrix, (elements, bytes each) of the new basis kept until the
+    step, and r where its r×r fp32 change of basis is kept too (re-projected moments), else 0."""
+    working: int = 0
+    """A refresh in backward: fp32 elements alive while one matrix's subspace is computed (the largest)."""
     method_params: list[tuple[int, int]] = field(default_factory=list)
     total_params: int = 0
     optimizer_formula: Optional[Callable[[int, int, int, int], int]] = field(default=None, repr=False)
@@ -120,16 +124,20 @@ def layout(model_cfg, method: str = "full", options: dict | None = None, weight_
             frozen.append(p.numel())
         seen.add(id(p))
     buffer_bytes = 0
-    captures = []
+    captures, held, working = [], [], 0
     for mod in model.modules():
         for name, buf in mod._buffers.items():
             if buf is not None and name not in mod._non_persistent_buffers_set:
                 buffer_bytes += buf.numel() * buf.element_size()
-        if hasattr(mod, "capture") and hasattr(mod, "shape"):  # GaLore adapter: m×n fp32 at refresh
-            captures.append(math.prod(mod.shape))
+        if hasattr(mod, "capture_numel"):  # GaLore adapter: fp32 gradient or sketches at a refresh
+            captures.append(mod.capture_numel)
+            if mod.refresh_held is not None:
+                held.append(mod.refresh_held)
+                working = max(working, mod.refresh_working)
     shapes = group_shapes(groups)
     return Layout(groups=[[p.numel() for p in g["params"]] for g in groups], frozen=frozen,
-                  buffer_bytes=buffer_bytes, captures=captures, method_params=method_params,
+                  buffer_bytes=buffer_bytes, captures=captures, held=held, working=working,
+                  method_params=method_params,
                   total_params=sum(p.numel() for p in model.parameters()),
                   optimizer_formula=lambda stage, world, rank, sub: m.optimizer_state_bytes(shapes, stage, world,
                                                                                             rank, sub))
@@ -198,13 +206,16 @@ def _adamw_formula(lay: Layout):
     return lambda stage, world, rank, sub: Method.optimizer_state_bytes(None, shapes, stage, world, rank, sub)
 
 
-def capture_bytes(lay: Layout, world: int, rank: int = 0) -> int:
-    """fp32 full gradients a rank holds at a GaLore refresh: each matrix is summed onto its
-    owner (``owners.balanced_owners`` over the m·n sizes, module order), which computes its SVD;
-    the others keep nothing."""
+def capture_bytes(lay: Layout, world: int, rank: int = 0, zero_stage: int = 0) -> int:
+    """What a rank holds at a GaLore refresh's step. From the backward, summed onto each matrix's
+    owner (``owners.balanced_owners`` over their sizes, module order), which computes its
+    subspace: fp32 full gradients or sketches (the others keep nothing). From a refresh in
+    backward, on every rank: each new basis (``⌈n/W⌉`` of it at ZeRO-3) and its r×r fp32 change of basis."""
     from lowrank_pt.owners import owned_bytes
 
-    return 4 * owned_bytes(lay.captures, world)[rank]
+    W = world if zero_stage == 3 else 1
+    kept = sum(-(-n // W) * size + 4 * r * r for n, size, r in lay.held)
+    return 4 * owned_bytes(lay.captures, world)[rank] + kept
 
 
 def activation_bytes(model_cfg, micro_batch: int, seq_len: int, precision: str,
@@ -258,11 +269,13 @@ def plan(model_cfg, method: str = "full", options: dict | None = None, zero_stag
     out = state_bytes(lay, zero_stage, world, precision, rank, reduce_bucket_size)
     act = activation_bytes(model_cfg, micro_batch, seq_len, precision, activation_checkpointing)
     out["activations"] = act["saved"] + act["working"]
-    out["method_transient"] = capture_bytes(lay, world, rank)
+    out["method_transient"] = capture_bytes(lay, world, rank, zero_stage)
+    out["refresh_working"] = 4 * lay.working
     out["zero_transient"] = reduce_bucket_size * DTYPE_BYTES[precision] if zero_stage in (1, 2) else 0
     resident = sum(out[c] for c in (*STATE_CATEGORIES, "zero_buffers"))
     out["resident"] = resident
-    out["total"] = resident + out["activations"] + max(out["method_transient"], out["zero_transient"])
+    out["total"] = resident + out["activations"] + max(out["method_transient"] + out["refresh_working"],
+                                                         out["zero_transient"])
     inputs = {"size": model_cfg.size, "method": method, "options": dict(options or {}), "zero_stage": zero_stage,
               "world": world, "micro_batch": micro_batch, "seq_len": seq_len, "precision": precision,
               "activation_checkpointing": activation_checkpointing, "rank": rank}

@@ -47,7 +47,7 @@ class StageTracker:
             lay = planner.layout(model_cfg, stage.method, dict(stage.options), stage.optimizer.weight_decay)
             self.formula = planner.state_bytes(lay, zero_stage, self.world, precision, self.rank,
                                                fp32_grad_accumulation=_accumulates_in_fp32(engine))
-            self.formula["method_transient"] = planner.capture_bytes(lay, self.world, self.rank)
+            self.formula["method_transient"] = planner.capture_bytes(lay, self.world, self.rank, zero_stage)
             self.params = {"total": lay.total_params, "trainable": lay.trainable, "frozen": sum(lay.frozen)}
         except Exception as e:  # noqa: BLE001
             log.warning("tracking: no memory formula for method %s: %s", stage.method, e)
