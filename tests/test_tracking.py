@@ -347,3 +347,29 @@ def test_report_writes_markdown_html_and_plots(tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "<table>" in open(os.path.join(out, "report.html")).read()
     assert cli(["report", str(tmp_path / "missing"), "--out", out]) == 2
+
+
+def test_planner_7b_refresh_in_backward_keeps_the_device_transient_small():
+    """The README's 7B plan (rank 1024, ZeRO-3, 8 GPUs, bf16, one micro-batch of 2048 tokens):
+    refreshed at the step, a rank holds the full fp32 gradients it owns (3.0 GiB); refreshed in
+    backward with randomized subspace iteration, the device holds one matrix's iteration blocks
+    and its activations' fp32 copies at a time, and each rank keeps its eighth of the new bases
+    in host memory until the step."""
+    cfg = resolve(ModelConfig(size="7b", seq_len=2048), vocab_size=32000)
+    gib = 2**30
+
+    def plan(**options):
+        return planner.plan(cfg, "galore", {"rank": 1024, **options}, zero_stage=3, world=8, micro_batch=1,
+                            seq_len=2048, precision="bf16").bytes
+
+    at_step = plan()
+    assert at_step["method_transient"] > 2.9 * gib and at_step["refresh_working"] == 0
+    backward = plan(refresh="backward", svd="randomized")
+    assert backward["method_transient"] == 0
+    rows_cols, k, r = 4096 + 11008, 1024 + 8, 1024
+    assert backward["refresh_working"] == 4 * (2 * rows_cols * k + 2 * r * 4096 + 2048 * rows_cols)  # basis side 4096
+    assert backward["refresh_working"] < 0.3 * gib
+    assert backward["method_buffers"] < 0.5 * gib
+    bases = sum(-(-n // 8) * size for n, size in planner.layout(cfg, "galore", {"rank": 1024}).method_params)
+    assert backward["refresh_kept_on_host"] == bases
+    assert plan(refresh="backward", svd="randomized", projector_dtype="bf16")["refresh_kept_on_host"] == bases // 2

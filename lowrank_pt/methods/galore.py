@@ -182,7 +182,9 @@ class GaLore(Method):
                                         adapter.rank if o.moments_on_refresh == "reproject" else 0)
                 rows, cols = sketch.a_shape(adapter.shape, adapter.side)
                 k = min(adapter.rank + o.svd_oversample, m, n)
-                adapter.refresh_working = m * n if o.svd == "exact" else 2 * (rows + cols) * k + 2 * adapter.rank * rows
+                # exact: the gradient, then its SVD's factors; randomized: the iteration's blocks and the basis
+                adapter.refresh_working = (m * n + min(m, n) * (m + n) if o.svd == "exact"
+                                           else 2 * (rows + cols) * k + 2 * adapter.rank * rows)
             elif self.sketches(adapter):
                 adapter.capture_numel = sketch.sketch_numel(adapter.shape, adapter.rank, o.svd_oversample,
                                                             adapter.side)
@@ -229,7 +231,7 @@ class GaLore(Method):
                     if len(micro_batches) != 1:
                         raise ValueError(f"galore refresh=backward needs one micro-batch per step, got "
                                          f"{len(micro_batches)}")
-                    keep = (lambda p: lambda value: zero_io.frozen_part(p, value))(adapter.galore_basis)
+                    keep = (lambda p: lambda value: zero_io.frozen_part(p, value).cpu())(adapter.galore_basis)
                     adapter.capture = BackwardRefresh(adapter.shape, adapter.side, adapter.rank, o.svd, o.svd_niter,
                                                       o.svd_oversample, self.seed(step, index), o.sign_rule,
                                                       PROJECTOR_DTYPES[o.projector_dtype], keep,

@@ -17,8 +17,9 @@ PLAN_ROWS = (
     ("zero_buffers", "ZeRO reduce bucket (resident, stage 3)"),
     ("resident", "resident state, total"),
     ("activations", "activations (estimate, one micro-batch)"),
-    ("method_transient", "method transient (GaLore refresh: owned gradients or sketches, kept bases)"),
+    ("method_transient", "method transient (GaLore refresh at the step: owned gradients or sketches)"),
     ("refresh_working", "GaLore refresh in backward: one matrix's working set"),
+    ("refresh_kept_on_host", "GaLore refresh in backward: new bases kept in host memory until the step"),
     ("zero_transient", "ZeRO reduce bucket (during backward, stages 1-2)"),
     ("total", "peak estimate"),
 )

@@ -85,6 +85,8 @@ class Layout:
     step, and r where its r×r fp32 change of basis is kept too (re-projected moments), else 0."""
     working: int = 0
     """A refresh in backward: fp32 elements alive while one matrix's subspace is computed (the largest)."""
+    working_per_token: int = 0
+    """A refresh in backward under bf16/fp16: fp32 copies of the matrix's activations, m + n per token (the largest)."""
     method_params: list[tuple[int, int]] = field(default_factory=list)
     total_params: int = 0
     optimizer_formula: Optional[Callable[[int, int, int, int], int]] = field(default=None, repr=False)
@@ -124,7 +126,7 @@ def layout(model_cfg, method: str = "full", options: dict | None = None, weight_
             frozen.append(p.numel())
         seen.add(id(p))
     buffer_bytes = 0
-    captures, held, working = [], [], 0
+    captures, held, working, per_token = [], [], 0, 0
     for mod in model.modules():
         for name, buf in mod._buffers.items():
             if buf is not None and name not in mod._non_persistent_buffers_set:
@@ -134,9 +136,11 @@ def layout(model_cfg, method: str = "full", options: dict | None = None, weight_
             if mod.refresh_held is not None:
                 held.append(mod.refresh_held)
                 working = max(working, mod.refresh_working)
+                per_token = max(per_token, sum(mod.shape))
     shapes = group_shapes(groups)
     return Layout(groups=[[p.numel() for p in g["params"]] for g in groups], frozen=frozen,
                   buffer_bytes=buffer_bytes, captures=captures, held=held, working=working,
+                  working_per_token=per_token,
                   method_params=method_params,
                   total_params=sum(p.numel() for p in model.parameters()),
                   optimizer_formula=lambda stage, world, rank, sub: m.optimizer_state_bytes(shapes, stage, world,
@@ -213,9 +217,14 @@ def capture_bytes(lay: Layout, world: int, rank: int = 0, zero_stage: int = 0) -
     backward, on every rank: each new basis (``⌈n/W⌉`` of it at ZeRO-3) and its r×r fp32 change of basis."""
     from lowrank_pt.owners import owned_bytes
 
+    return 4 * owned_bytes(lay.captures, world)[rank] + kept_bytes(lay, world, zero_stage)
+
+
+def kept_bytes(lay: Layout, world: int, zero_stage: int = 0) -> int:
+    """What a refresh in backward keeps on a rank until the step, in host memory: each new basis
+    (``⌈n/W⌉`` of it at ZeRO-3) and, with re-projected moments, its r×r fp32 change of basis."""
     W = world if zero_stage == 3 else 1
-    kept = sum(-(-n // W) * size + 4 * r * r for n, size, r in lay.held)
-    return 4 * owned_bytes(lay.captures, world)[rank] + kept
+    return sum(-(-n // W) * size + 4 * r * r for n, size, r in lay.held)
 
 
 def activation_bytes(model_cfg, micro_batch: int, seq_len: int, precision: str,
@@ -269,8 +278,11 @@ def plan(model_cfg, method: str = "full", options: dict | None = None, zero_stag
     out = state_bytes(lay, zero_stage, world, precision, rank, reduce_bucket_size)
     act = activation_bytes(model_cfg, micro_batch, seq_len, precision, activation_checkpointing)
     out["activations"] = act["saved"] + act["working"]
-    out["method_transient"] = capture_bytes(lay, world, rank, zero_stage)
-    out["refresh_working"] = 4 * lay.working
+    kept = kept_bytes(lay, world, zero_stage)
+    out["method_transient"] = capture_bytes(lay, world, rank, zero_stage) - kept  # on the device
+    tokens = micro_batch * seq_len
+    out["refresh_working"] = 4 * (lay.working + (tokens * lay.working_per_token if precision != "fp32" else 0))
+    out["refresh_kept_on_host"] = kept
     out["zero_transient"] = reduce_bucket_size * DTYPE_BYTES[precision] if zero_stage in (1, 2) else 0
     resident = sum(out[c] for c in (*STATE_CATEGORIES, "zero_buffers"))
     out["resident"] = resident
