@@ -220,7 +220,8 @@ class Trainer:
         run, stage = self.run, self.run.stages[index]
         micro = stage.micro_batch_size or run.train.micro_batch_size
         accum = stage.grad_accum or run.train.grad_accum
-        tokens_per_step = micro * accum * self.world_size * self.model_cfg.seq_len
+        rows = 2 if stage.dpo is not None else 1  # a DPO micro-batch of n pairs trains 2n rows: chosen, rejected
+        tokens_per_step = rows * micro * accum * self.world_size * self.model_cfg.seq_len
         total = stage_steps(stage, tokens_per_step)
         method = methods.build(stage, run)
         ds_config = E.deepspeed_config(run.engine, micro, accum, method.grad_clip(), self.world_size)

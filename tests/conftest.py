@@ -6,11 +6,30 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-# Tests run on 2 cores; the spawned ranks set their own thread counts.
-torch.set_num_threads(2)
+from helpers import THREADS  # noqa: E402
+
+# Tests run on 2 cores: 2 torch threads, or 1 under pytest-xdist's 2 workers (two processes with
+# 2 OpenMP threads each on 2 cores spin-wait and run ~10x slower). Subprocesses (launchers, the
+# CLI) take the same through OMP_NUM_THREADS; the spawned ranks set theirs in helpers.
+torch.set_num_threads(THREADS)
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+
+
+HEAVY_FIRST = ("test_projected_zero", "test_galore_zero", "test_dpo", "test_launch", "test_gpu_check",
+               "test_sft_stage", "test_resume_reshard", "test_trainer", "test_relora_recipe", "test_relora",
+               "test_lora_options_zero", "test_galore_trainer", "test_kill_resume", "test_hygiene", "test_dead_rank",
+               "test_tracking_memory", "test_checkpoint_fallback", "test_guard", "test_bad_input_catalogue")
+"""The modules that take longest (measured), run first: pytest-xdist's workers take whole files
+in collection order, so starting the long ones first keeps the two workers busy to the end."""
+
+
+def _heavy_rank(item) -> int:
+    name = item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+    return HEAVY_FIRST.index(name) if name in HEAVY_FIRST else len(HEAVY_FIRST)
 
 
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_heavy_rank)  # stable: a file's tests keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

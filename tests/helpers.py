@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import pickle
@@ -12,6 +13,10 @@ import torch
 
 from lowrank_pt import dist
 
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, 2 // WORKERS)
+"""Torch threads of a test process (and a 1-rank spawn): the 2 cores shared by the xdist workers."""
+
 
 def _worker(fn, rank, world_size, port, out_dir, args, env, cwd):
     # A forked child starts with the fork server's environment and directory: take the test's.
@@ -20,7 +25,10 @@ def _worker(fn, rank, world_size, port, out_dir, args, env, cwd):
     os.chdir(cwd)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1 if world_size > 1 else 2)
+    torch.set_num_threads(1 if world_size > 1 else THREADS)
+    # Everything the fork server imported is permanent: the trainer's gc.collect() between stages
+    # then walks only what the test made (measured: 0.32 s -> 0.07 s per collection).
+    gc.freeze()
     try:
         dist.init()
         result = fn(rank, world_size, *args)
@@ -112,4 +120,17 @@ def random_batches(n: int, micro_batch_size: int = 2, seq_len: int = 16, vocab_s
     for _ in range(n):
         ids = torch.randint(0, vocab_size, (micro_batch_size, seq_len + 1), generator=g)
         out.append({"input_ids": ids[:, :-1], "labels": ids[:, 1:]})
+    return out
+
+
+def stderr_blocks(stderr: str) -> list[str]:
+    """stderr as logical lines: a warning's header joined with its indented source line."""
+    import re
+
+    out: list[str] = []
+    for line in stderr.splitlines():
+        if out and line.startswith((" ", "\t")) and re.search(r"Warning: ", out[-1]):
+            out[-1] += "\n" + line
+        elif line.strip():
+            out.append(line)
     return out

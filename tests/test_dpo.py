@@ -14,7 +14,8 @@ import torch
 
 from helpers import spawn
 from lowrank_pt import metrics
-from test_trainer import final_weights, losses, run_invocations
+from lowrank_pt.config import load
+from test_trainer import TINY, final_weights, losses, run_invocations
 
 
 def direct_loss(logits, labels, ref_chosen, ref_rejected, beta):
@@ -151,6 +152,9 @@ def test_dpo_stages_resume_exactly_and_cost_no_reference_memory(tmp_path, data_c
     with open(os.path.join(straight, "summary.json")) as f:
         summary = {s["name"]: s for s in json.load(f)["stages"]}
     assert "start_eval_exact_match" in summary["sft"] and "eval_dpo_accuracy" in summary["dpo_lora"]
+    # Throughput counts both replies of a pair: 2 steps x (2 pairs x 2 rows x 2 ranks x seq_len).
+    seq_len = load(TINY, dpo_recipe(straight, data_cache)).model.seq_len
+    assert summary["dpo_lora"]["tokens"] == 2 * summary["sft"]["tokens"] == 2 * (2 * 2 * 2 * seq_len)
     # The adapters-off reference: the DPO stage holds exactly the SFT stage's tensors.
     sft_bytes, dpo_bytes = (summary[n]["memory"]["measured"] for n in ("sft", "dpo_lora"))
     assert sft_bytes["params"] > 0 and sft_bytes["optimizer_states"] > 0

@@ -12,6 +12,8 @@ import sys
 import pytest
 import torch
 
+from helpers import THREADS
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 SCRIPT = os.path.join(ROOT, "tools", "gpu_check.py")
 
@@ -33,7 +35,7 @@ def test_the_table_runs_on_cpu(tmp_path):
     done = subprocess.run([sys.executable, SCRIPT, "--device", "cpu", "--tiny", "--out", str(out),
                            "--zero-stages", "3", "--bench-methods", "full"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+                          env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
     result = json.loads((out / "gpu_check.json").read_text())
     table = (out / "gpu_check.md").read_text()
     assert done.returncode == 0, table + done.stderr[-3000:]

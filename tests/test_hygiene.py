@@ -1,7 +1,8 @@
 """What a real-scale run needs beyond correct numbers, checked on CPU: readable output (no
 warning printed twice per process), the DeepSpeed version it was tested with, ZeRO-3's
 persistence threshold, the optimizer's fast path on GPUs, and the RNG of every device in
-checkpoints (the CUDA half runs in tests/test_gpu.py)."""
+checkpoints (the CUDA half runs in tests/test_gpu.py). The launchers' 2-rank output is checked in
+tests/test_launch.py."""
 
 from __future__ import annotations
 
@@ -10,27 +11,17 @@ import re
 import subprocess
 import sys
 import textwrap
-from collections import Counter
 
 import pytest
 import torch
+
+from helpers import stderr_blocks
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 
 
 # --- warnings ---------------------------------------------------------------------------------------
-
-
-def _blocks(stderr: str) -> list[str]:
-    """stderr as logical lines: a warning's header joined with its indented source line."""
-    out: list[str] = []
-    for line in stderr.splitlines():
-        if out and line.startswith((" ", "\t")) and re.search(r"Warning: ", out[-1]):
-            out[-1] += "\n" + line
-        elif line.strip():
-            out.append(line)
-    return out
 
 
 def test_each_warning_prints_once_per_process():
@@ -48,26 +39,10 @@ def test_each_warning_prints_once_per_process():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
                           env=env)
     assert done.returncode == 0, done.stderr
-    lines = [b.split("\n")[0] for b in _blocks(done.stderr)]
+    lines = [b.split("\n")[0] for b in stderr_blocks(done.stderr)]
     assert sum("same every step" in b for b in lines) == 1, done.stderr
     assert sum(re.search(r"step \d", b) is not None for b in lines) == 5, done.stderr  # first occurrences all show
     assert "reduce_scatter_tensor" not in done.stderr
-
-
-def test_two_rank_zero3_run_repeats_no_stderr_line(tmp_path, data_cache):
-    """2 ranks at ZeRO-3 through the real launcher: each stderr line at most once per rank
-    (before: a reduce_scatter_tensor FutureWarning per reduce-scatter)."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "lowrank_pt.train", TINY,
-           f"run_dir={tmp_path / 'run'}", f"data.cache_dir={data_cache}", "engine.zero_stage=3",
-           "stages.0.steps=3", "stages.1.steps=2", "train.log_every=1", "train.tensorboard=false"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    repeated = {b: n for b, n in Counter(_blocks(done.stderr)).items() if n > 2}
-    assert not repeated, "stderr lines printed more than once per rank:\n" + "\n".join(
-        f"{n}x {b}" for b, n in repeated.items())
-    assert "reduce_scatter_tensor" not in done.stderr and "all_gather_into_tensor" not in done.stderr
 
 
 # --- DeepSpeed version -------------------------------------------------------------------------------

@@ -148,9 +148,7 @@ class GaLore(Method):
         super().check_stage(options, stage, run, model_cfg, total_steps)
         check_targets(model_cfg, options.target_modules)
         if options.refresh == "backward" and run is not None:
-            from lowrank_pt.config import micro_and_accum
-
-            accum = micro_and_accum(stage, run)[1]
+            accum = stage.grad_accum or run.train.grad_accum  # config.micro_and_accum's rule
             if accum != 1:
                 raise ValueError(f"options.refresh=backward refreshes each matrix inside its backward and needs "
                                  f"one micro-batch per step, but grad_accum is {accum}: set grad_accum 1, or "
