@@ -142,9 +142,14 @@ def set_frozen_part(p: torch.Tensor, part: torch.Tensor) -> None:
     if _sharded_only(p):
         p.ds_tensor.data.copy_(part)
         return
-    p.data.copy_(part.view_as(p))
-    if is_partitioned(p):
-        p.ds_tensor.data.copy_(_local_shard(p, part).to(p.ds_tensor.dtype))
+    if not is_partitioned(p):
+        p.data.copy_(part.view_as(p))
+        return
+    # A persistent ZeRO-3 param: its shard, and its full copy where one is resident now (it may
+    # also hold its empty placeholder, until its next gather brings the shards back).
+    p.ds_tensor.data.copy_(_local_shard(p, part).to(p.ds_tensor.dtype))
+    if p.data.numel() == p.ds_numel:
+        p.data.copy_(part.reshape(p.data.shape))
 
 
 def _sharded_only(p) -> bool:

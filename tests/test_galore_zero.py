@@ -361,6 +361,13 @@ def two_ranks(rank, world, stage0_weights):
             out[f"backward_{svd}{stage}"] = weights(engine, method)
             out[f"backward_bases_{svd}{stage}"] = bases(engine, method)
             out[f"backward_held_{svd}{stage}"] = (held, planned_held(method, stage, world, rank))
+    # ZeRO-3 with every param persistent (whole on every rank between gathers, as real models'
+    # small params are): the kept basis is whole, and the install writes the shard and the copy.
+    persistent = {"zero_optimization": {"stage3_param_persistence_threshold": 10**6}}
+    engine, method = build(3, world=world, accum=1, refresh="backward", svd="exact", deepspeed=persistent)
+    run(engine, method, STEPS, rank, world)
+    out["backward_persistent3"] = weights(engine, method)
+    out["persistent_bases"] = all(getattr(a.galore_basis, "ds_persist", False) for a in method.adapters.values())
     for stage in (0, 3):  # sketches summed over micro-batches and ranks onto each matrix's owner
         engine, method = build(stage, world=world, svd="sketch")
         run(engine, method, STEPS, rank, world)
@@ -444,6 +451,9 @@ def test_two_ranks_refresh_in_backward_follows_one_rank(double, single, stage):
     for svd in ("exact", "randomized"):
         assert torch.equal(double[0][f"backward_bases_{svd}{stage}"], double[1][f"backward_bases_{svd}{stage}"])
     if stage == 3:
+        for result in double:
+            assert result["persistent_bases"]
+            assert max_diff(result["backward_persistent3"], single["stage0_weights"]) < TOL
         assert double[0]["backward_held_exact3"][1] * 2 == single["backward_held_exact0"][1]
 
 
