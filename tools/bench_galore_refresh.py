@@ -67,6 +67,10 @@ def parse_args(argv=None):
     p.add_argument("--memory-rank", type=int, default=256)
     p.add_argument("--memory-seq-len", type=int, default=256)
     p.add_argument("--parts", default="memory,solve,train", help="comma-separated parts to run")
+    p.add_argument("--train-modes", default=None,
+                   help="semicolon-separated TRAIN_MODES labels (default all); 'step, exact' always runs")
+    p.add_argument("--sketch-oversample", type=int, default=None,
+                   help="also train 'step, sketch p=N': svd_oversample N for the one-pass sketch")
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache-dir", default=".cache/lowrank_pt")
@@ -90,7 +94,14 @@ def train(args, model_cfg, shard, val_batches) -> dict:
                            optimizer=OptimizerConfig(lr=args.lr),
                            schedule=ScheduleConfig(kind="cosine", warmup_steps=max(1, args.steps // 10)))
 
-    contenders = [Contender(label, args, model_cfg, shard, stage=stage(label)) for label in TRAIN_MODES]
+    modes = dict(TRAIN_MODES)
+    if args.sketch_oversample:
+        modes[f"step, sketch p={args.sketch_oversample}"] = {"svd": "sketch", "svd_oversample": args.sketch_oversample}
+    if args.train_modes:
+        wanted = {BASE, *(m.strip() for m in args.train_modes.split(";"))}
+        modes = {k: v for k, v in modes.items() if k in wanted or k.startswith("step, sketch p=")}
+    TRAIN_MODES.update(modes)
+    contenders = [Contender(label, args, model_cfg, shard, stage=stage(label)) for label in modes]
     for step in range(args.steps):
         order = contenders[step % len(contenders):] + contenders[:step % len(contenders)]
         for c in order:
