@@ -4,7 +4,7 @@ DeepSpeed's own ``load_checkpoint`` needs the world size and ZeRO stage that sav
 reads its own flat partition. Its universal checkpoint (``ds_to_universal`` + the
 ``load_universal_checkpoint`` config key) converts ZeRO 1-3 shards into per-param files, but
 not a ZeRO 0 checkpoint (no shards), and loads only into ZeRO 1-3 engines. So the conversion is
-ours, through the two places that know DeepSpeed's layout: ``zero_io.saved_optimizer_state``
+ours, through the two places that know DeepSpeed's layout: ``zero_checkpoint.saved_optimizer_state``
 rebuilds each trainable param's full fp32 master and Adam moments from the saved files (any
 stage, any rank count), and the fresh engine of this run takes them with the setters every
 method's edits already use (``zero_io.set_param``, ``set_optimizer_state``), so each rank keeps
@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from lowrank_pt import checkpoint, dist, methods, zero_io
+from lowrank_pt import checkpoint, dist, methods, zero_checkpoint, zero_io
 from lowrank_pt.errors import ConfigError
 
 DEEPSPEED_KEYS = {
@@ -88,7 +88,7 @@ def load(engine, path: str, method, say=print) -> dict:
     module = engine.module
     names_of = {id(p): name for name, p in module.named_parameters()}
     order = [names_of[id(p)] for group in method.param_groups(module) for p in group["params"]]
-    optimizer_state, step = zero_io.saved_optimizer_state(path, order)
+    optimizer_state, step = zero_checkpoint.saved_optimizer_state(path, order)
     weights = checkpoint.load_weights(path)
     zero_io.seed_optimizer_state(engine, step)
     for name, p in module.named_parameters():

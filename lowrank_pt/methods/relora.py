@@ -32,7 +32,7 @@ from lowrank_pt.lowrank import (WEIGHT_INITS, init_factors, init_lora_A, lowrank
 from lowrank_pt.methods.lora import LoRA, LoRAOptions
 
 RESET_MODES = ("none", "zero", "random", "magnitude")
-MOMENTS = ("exp_avg", "exp_avg_sq")
+MOMENTS = zero_io.MOMENTS
 
 
 @dataclass
