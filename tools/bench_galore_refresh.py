@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_methods import Contender, init_single_process, machine  # noqa: E402
+from bench_methods import Contender, embedded_corpus, init_single_process, machine, model_description  # noqa: E402
 
 TRAIN_MODES = {  # label: GaLore options (one micro-batch per step, so refresh: backward applies)
     "step, exact": {"svd": "exact"},
@@ -274,22 +274,12 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     init_single_process()
-    from lowrank_pt.data import DataConfig, TokenShard, Tokenizer, prepare_data, validation_batches
-    from lowrank_pt.model import ModelConfig, count_parameters, resolve
-
-    data = DataConfig(source="embedded", vocab_size=args.vocab, max_documents=args.max_documents,
-                      cache_dir=args.cache_dir)
-    prepared = prepare_data(data, progress=False)
-    vocab = Tokenizer(prepared.tokenizer_path).vocab_size
-    model_cfg = resolve(ModelConfig(size=args.size, seq_len=args.seq_len), vocab_size=vocab)
-    shard = TokenShard(prepared.train_shard)
-    val = validation_batches(TokenShard(prepared.val_shard), args.seq_len, args.micro_batch, args.eval_sequences, 0, 1)
+    model_cfg, shard, val, vocab = embedded_corpus(args)
     parts = args.parts.split(",")
     results = {"memory": memory_part(args) if "memory" in parts else {},
                "solve": solve(args) if "solve" in parts else {},
                "train": train(args, model_cfg, shard, val) if "train" in parts else {}}
-    results["model"] = (f"LLaMA {args.size} (d {model_cfg.hidden_size}, {model_cfg.num_layers} layers, "
-                        f"{count_parameters(model_cfg):,} params), seq {args.seq_len}, micro-batch {args.micro_batch}")
+    results["model"] = model_description(args, model_cfg, vocab)
     results["machine"] = machine()
     results["seconds"] = time.perf_counter() - started
     command = "python tools/bench_galore_refresh.py " + " ".join(sys.argv[1:] if argv is None else argv)

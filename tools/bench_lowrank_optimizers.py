@@ -35,7 +35,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_methods import Contender, init_single_process, machine, mib  # noqa: E402
+from bench_methods import (Contender, embedded_corpus, init_single_process, machine,  # noqa: E402
+                           mib, model_description)
 
 FULL_LRS = (2e-3, 5e-3, 1e-2)
 LOWRANK_LR = 1e-2
@@ -155,19 +156,9 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     init_single_process()
-    from lowrank_pt.data import DataConfig, TokenShard, Tokenizer, prepare_data, validation_batches
-    from lowrank_pt.model import ModelConfig, count_parameters, resolve
-
-    data = DataConfig(source="embedded", vocab_size=args.vocab, max_documents=args.max_documents,
-                      cache_dir=args.cache_dir)
-    prepared = prepare_data(data, progress=False)
-    vocab = Tokenizer(prepared.tokenizer_path).vocab_size
-    model_cfg = resolve(ModelConfig(size=args.size, seq_len=args.seq_len), vocab_size=vocab)
-    shard = TokenShard(prepared.train_shard)
-    val = validation_batches(TokenShard(prepared.val_shard), args.seq_len, args.micro_batch, args.eval_sequences, 0, 1)
+    model_cfg, shard, val, vocab = embedded_corpus(args)
     results = run(args, model_cfg, shard, val)
-    results["model"] = (f"LLaMA {args.size} (d {model_cfg.hidden_size}, {model_cfg.num_layers} layers, vocab {vocab}, "
-                        f"{count_parameters(model_cfg):,} params), seq {args.seq_len}, micro-batch {args.micro_batch}")
+    results["model"] = model_description(args, model_cfg, vocab)
     results["tokens_per_step"] = args.micro_batch * args.seq_len
     results["machine"] = machine()
     results["seconds"] = time.perf_counter() - started

@@ -84,6 +84,28 @@ def parse_args(argv=None):
     return args
 
 
+def embedded_corpus(args):
+    """``(model_cfg, train shard, validation batches, vocabulary size)`` of the embedded corpus for
+    ``args`` (vocab, max_documents, cache_dir, size, seq_len, micro_batch, eval_sequences)."""
+    from lowrank_pt.data import DataConfig, TokenShard, Tokenizer, prepare_data, validation_batches
+    from lowrank_pt.model import ModelConfig, resolve
+
+    data = DataConfig(source="embedded", vocab_size=args.vocab, max_documents=args.max_documents,
+                      cache_dir=args.cache_dir)
+    prepared = prepare_data(data, progress=False)
+    vocab = Tokenizer(prepared.tokenizer_path).vocab_size
+    model_cfg = resolve(ModelConfig(size=args.size, seq_len=args.seq_len), vocab_size=vocab)
+    val = validation_batches(TokenShard(prepared.val_shard), args.seq_len, args.micro_batch, args.eval_sequences, 0, 1)
+    return model_cfg, TokenShard(prepared.train_shard), val, vocab
+
+
+def model_description(args, model_cfg, vocab: int) -> str:
+    from lowrank_pt.model import count_parameters
+
+    return (f"LLaMA {args.size} (d {model_cfg.hidden_size}, {model_cfg.num_layers} layers, vocab {vocab}, "
+            f"{count_parameters(model_cfg):,} params), seq {args.seq_len}, micro-batch {args.micro_batch}")
+
+
 def init_single_process():
     from lowrank_pt import dist
 
@@ -428,21 +450,9 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     init_single_process()
-    from lowrank_pt.data import DataConfig, TokenShard, Tokenizer, prepare_data, validation_batches
-    from lowrank_pt.model import ModelConfig, resolve
-
-    data = DataConfig(source="embedded", vocab_size=args.vocab, max_documents=args.max_documents,
-                      cache_dir=args.cache_dir)
-    prepared = prepare_data(data, progress=False)
-    vocab = Tokenizer(prepared.tokenizer_path).vocab_size
-    model_cfg = resolve(ModelConfig(size=args.size, seq_len=args.seq_len), vocab_size=vocab)
-    shard = TokenShard(prepared.train_shard)
-    val = validation_batches(TokenShard(prepared.val_shard), args.seq_len, args.micro_batch, args.eval_sequences, 0, 1)
+    model_cfg, shard, val, vocab = embedded_corpus(args)
     results = train_and_compare(args, model_cfg, shard, val)
-    from lowrank_pt.model import count_parameters
-
-    results["model"] = (f"LLaMA {args.size} (d {model_cfg.hidden_size}, {model_cfg.num_layers} layers, vocab {vocab}, "
-                        f"{count_parameters(model_cfg):,} params), seq {args.seq_len}, micro-batch {args.micro_batch}")
+    results["model"] = model_description(args, model_cfg, vocab)
     results["tokens_per_step"] = args.micro_batch * args.seq_len
     results["machine"] = machine()
     worlds = [int(w) for w in args.worlds.split(",") if w]

@@ -92,6 +92,8 @@ class GaLoreLinear(nn.Module):
         self.scale = float(scale)
         self.use_decay = False
         self.capture = None  # a GradientCapture or SketchCapture, set by the method for a refresh step
+        self.capture_kind = "gradient"
+        """What a refresh captures (set by the method): gradient, sketch, or backward (refreshed in it)."""
         self.capture_numel = self.out_features * self.in_features
         """fp32 elements the owner holds at a refresh (the full gradient, or the sketches: set by the method)."""
         self.refresh_held: tuple[int, int, int] | None = None

@@ -89,8 +89,8 @@ class SketchCapture:
         averaged over ranks; ``old_basis`` is the basis the backward saw (Ψ is rebuilt from it)."""
         if self.y is None or self.rank != self.owner:
             return None, None, "no gradient reached this matrix"
-        _, psi = sketch.random_matrices(old_basis.to(self.y.device), self.side, self.r, self.oversample,
-                                        self.seed, self.shape)
+        psi = sketch.co_range_matrix(old_basis.to(self.y.device), self.side, self.r, self.oversample,
+                                     self.seed, self.shape)
         return sketch.basis_from_sketch(self.y.div_(self.world), self.w.div_(self.world), psi, self.r,
                                         self.side, sign_rule)
 

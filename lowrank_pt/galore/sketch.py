@@ -95,20 +95,23 @@ def basis_rows(basis: torch.Tensor, side: str) -> torch.Tensor:
 
 
 def random_matrices(basis: torch.Tensor, side: str, rank: int, oversample: int, seed: int,
-                  shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Ω, Ψ)`` of one matrix for one refresh: Ω (cols × k) Gaussian; Ψ (l × rows) the current
-    basis rows when one is set, topped up (or all) Gaussian. The same on every rank and call."""
-    rows, cols = a_shape(shape, side)
-    k, l = widths(rank, oversample, shape)
-    device = basis.device
-    omega = seeded_gaussian(cols, k, seed, device)
-    if projector.is_set(basis):
-        warm = basis_rows(basis, side)
-        extra = seeded_gaussian(l - warm.shape[0], rows, seed + 1, device)
-        psi = torch.cat([warm, extra], dim=0)
-    else:
-        psi = seeded_gaussian(l, rows, seed + 1, device)
-    return omega, psi
+                    shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Ω, Ψ)`` of one matrix for one refresh: Ω (cols × k) Gaussian, and ``co_range_matrix``'s
+    Ψ. The same on every rank and call."""
+    cols = a_shape(shape, side)[1]
+    k, _ = widths(rank, oversample, shape)
+    return seeded_gaussian(cols, k, seed, basis.device), co_range_matrix(basis, side, rank, oversample, seed, shape)
+
+
+def co_range_matrix(basis: torch.Tensor, side: str, rank: int, oversample: int, seed: int,
+                    shape: tuple[int, int]) -> torch.Tensor:
+    """Ψ (l × rows): the current basis rows when one is set, topped up (or all) Gaussian."""
+    rows = a_shape(shape, side)[0]
+    _, l = widths(rank, oversample, shape)
+    if not projector.is_set(basis):
+        return seeded_gaussian(l, rows, seed + 1, basis.device)
+    warm = basis_rows(basis, side)
+    return torch.cat([warm, seeded_gaussian(l - warm.shape[0], rows, seed + 1, basis.device)], dim=0)
 
 
 def sketch(u: torch.Tensor, v: torch.Tensor, omega: torch.Tensor, psi: torch.Tensor):

@@ -25,7 +25,9 @@ leaves the step as computed (``after_step`` reports it). Non-targeted params tra
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import List
@@ -132,6 +134,12 @@ class GaLoreOptions:
             raise ValueError(f"projector_dtype={self.projector_dtype!r}: allowed {list(PROJECTOR_DTYPES)}")
 
 
+def _kept_on_host(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """What a rank keeps of a new basis ``value`` for the frozen ``p`` until the step: its part
+    (``zero_io.frozen_part``), in host memory, so the device holds nothing of it meanwhile."""
+    return zero_io.frozen_part(p, value).cpu()
+
+
 class GaLore(Method):
     """GaLore-AdamW on the targeted linears through frozen projectors; AdamW on the rest."""
 
@@ -174,7 +182,8 @@ class GaLore(Method):
         for adapter in self.adapters.values():
             adapter.use_decay = decay
             m, n = adapter.shape
-            if o.refresh == "backward":  # kept until the step: the new basis (its ZeRO-3 shard) and C
+            adapter.capture_kind = self._capture_kind(adapter)
+            if adapter.capture_kind == "backward":  # kept until the step: the new basis (its ZeRO-3 shard) and C
                 adapter.capture_numel = 0
                 adapter.refresh_held = (adapter.galore_basis.numel(), adapter.galore_basis.element_size(),
                                         adapter.rank if o.moments_on_refresh == "reproject" else 0)
@@ -183,16 +192,18 @@ class GaLore(Method):
                 # exact: the gradient, then its SVD's factors; randomized: the iteration's blocks and the basis
                 adapter.refresh_working = (m * n + min(m, n) * (m + n) if o.svd == "exact"
                                            else 2 * (rows + cols) * k + 2 * adapter.rank * rows)
-            elif self.sketches(adapter):
+            elif adapter.capture_kind == "sketch":
                 adapter.capture_numel = sketch.sketch_numel(adapter.shape, adapter.rank, o.svd_oversample,
                                                             adapter.side)
 
-    def sketches(self, adapter: GaLoreLinear) -> bool:
-        """Whether ``adapter`` is refreshed from sketches: svd=sketch and its sketches smaller than
-        its gradient."""
+    def _capture_kind(self, adapter: GaLoreLinear) -> str:
+        """How ``adapter``'s refresh captures its gradient: ``backward`` (refresh=backward),
+        ``sketch`` (svd=sketch and its sketches smaller than its gradient) or ``gradient``."""
         o = self.options
-        return o.svd == "sketch" and (sketch.sketch_numel(adapter.shape, adapter.rank, o.svd_oversample, adapter.side)
-                                      < adapter.out_features * adapter.in_features)
+        if o.refresh == "backward":
+            return "backward"
+        small = sketch.sketch_numel(adapter.shape, adapter.rank, o.svd_oversample, adapter.side) < math.prod(adapter.shape)
+        return "sketch" if o.svd == "sketch" and small else "gradient"
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         """B of every adapter in group 0 (eps scaled by alpha); then full-rank AdamW groups."""
@@ -225,19 +236,18 @@ class GaLore(Method):
             world, rank = dist.world_size(), dist.rank()
             o = self.options
             for index, (adapter, owner) in enumerate(zip(self.adapters.values(), self.owners(world))):
-                if o.refresh == "backward":
+                if adapter.capture_kind == "backward":
                     if len(micro_batches) != 1:
                         raise ValueError(f"galore refresh=backward needs one micro-batch per step, got "
                                          f"{len(micro_batches)}")
-                    keep = (lambda p: lambda value: zero_io.frozen_part(p, value).cpu())(adapter.galore_basis)
+                    keep = functools.partial(_kept_on_host, adapter.galore_basis)
                     adapter.capture = BackwardRefresh(adapter.shape, adapter.side, adapter.rank, o.svd, o.svd_niter,
                                                       o.svd_oversample, self.seed(step, index), o.sign_rule,
                                                       PROJECTOR_DTYPES[o.projector_dtype], keep,
                                                       reproject=o.moments_on_refresh == "reproject", owner=owner,
                                                       world=world, rank=rank)
-                elif self.sketches(adapter):
-                    adapter.capture = SketchCapture(adapter.shape, adapter.side, adapter.rank,
-                                                    self.options.svd_oversample, self.seed(step, index),
+                elif adapter.capture_kind == "sketch":
+                    adapter.capture = SketchCapture(adapter.shape, adapter.side, adapter.rank, o.svd_oversample, self.seed(step, index),
                                                     owner=owner, world=world, rank=rank)
                 else:
                     adapter.capture = GradientCapture(owner=owner, world=world, rank=rank)
@@ -302,13 +312,14 @@ class GaLore(Method):
         for index, (name, adapter) in enumerate(self.adapters.items()):
             owner = owners[index]
             capture, adapter.capture = adapter.capture, None  # on the owner: summed over micro-batches and ranks
-            old = zero_io.full_param(engine, adapter.galore_basis)  # collective at ZeRO-3 (a gather)
             if isinstance(capture, BackwardRefresh):  # solved in the backward; B's gradient is already in it
-                if capture.held is None:
+                if capture.held is None:  # the same on every rank (the owner's verdict was broadcast)
                     kept[name] = capture.why
                 else:
+                    old = zero_io.full_param(engine, adapter.galore_basis)  # collective at ZeRO-3 (a gather)
                     self._install(engine, adapter, old, capture.held, None, reproject, change=capture.change)
                 continue
+            old = zero_io.full_param(engine, adapter.galore_basis)  # collective at ZeRO-3 (a gather)
             device = adapter.galore_decay.device  # the module's device (dist stages CPU tensors)
             basis = torch.zeros(old.shape, dtype=torch.float32, device=device)
             low = torch.zeros(projector.low_rank_shape(adapter.shape, adapter.rank, adapter.side),

@@ -211,13 +211,18 @@ def _adamw_formula(lay: Layout):
 
 
 def capture_bytes(lay: Layout, world: int, rank: int = 0, zero_stage: int = 0) -> int:
-    """What a rank holds at a GaLore refresh's step. From the backward, summed onto each matrix's
-    owner (``owners.balanced_owners`` over their sizes, module order), which computes its
-    subspace: fp32 full gradients or sketches (the others keep nothing). From a refresh in
-    backward, on every rank: each new basis (``⌈n/W⌉`` of it at ZeRO-3) and its r×r fp32 change of basis."""
+    """What a rank holds at a GaLore refresh's step (the tracker's ``method_transient``): what it
+    owns (``owned_capture_bytes``) and what a refresh in backward kept (``kept_bytes``)."""
+    return owned_capture_bytes(lay, world, rank) + kept_bytes(lay, world, zero_stage)
+
+
+def owned_capture_bytes(lay: Layout, world: int, rank: int = 0) -> int:
+    """fp32 full gradients or sketches summed in the backward onto each matrix's owner
+    (``owners.balanced_owners`` over their sizes, module order), which computes its subspace;
+    the other ranks keep nothing of that matrix. On the device."""
     from lowrank_pt.owners import owned_bytes
 
-    return 4 * owned_bytes(lay.captures, world)[rank] + kept_bytes(lay, world, zero_stage)
+    return 4 * owned_bytes(lay.captures, world)[rank]
 
 
 def kept_bytes(lay: Layout, world: int, zero_stage: int = 0) -> int:
@@ -278,11 +283,10 @@ def plan(model_cfg, method: str = "full", options: dict | None = None, zero_stag
     out = state_bytes(lay, zero_stage, world, precision, rank, reduce_bucket_size)
     act = activation_bytes(model_cfg, micro_batch, seq_len, precision, activation_checkpointing)
     out["activations"] = act["saved"] + act["working"]
-    kept = kept_bytes(lay, world, zero_stage)
-    out["method_transient"] = capture_bytes(lay, world, rank, zero_stage) - kept  # on the device
+    out["method_transient"] = owned_capture_bytes(lay, world, rank)  # on the device
     tokens = micro_batch * seq_len
     out["refresh_working"] = 4 * (lay.working + (tokens * lay.working_per_token if precision != "fp32" else 0))
-    out["refresh_kept_on_host"] = kept
+    out["refresh_kept_on_host"] = kept_bytes(lay, world, zero_stage)
     out["zero_transient"] = reduce_bucket_size * DTYPE_BYTES[precision] if zero_stage in (1, 2) else 0
     resident = sum(out[c] for c in (*STATE_CATEGORIES, "zero_buffers"))
     out["resident"] = resident
