@@ -38,6 +38,8 @@ from deepspeed.utils import (
     safe_set_local_optimizer_state,
 )
 
+from lowrank_pt import dist as collectives
+
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 """The moments Adam keeps per param, by their state keys (torch's and DeepSpeed's)."""
@@ -125,6 +127,45 @@ def add_low_rank_product(engine, p: torch.Tensor, left: torch.Tensor, right: tor
         if not _resident_full(p):
             return
     _scaled_add(p.data, (_on(left, p) @ _on(right, p)).view_as(p), scale, base_scale)
+
+
+def normalise_rows_of_sum(engine, p: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float,
+                          magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's merge: ``p ← m ⊙ V / ‖V‖_row`` with ``V = p + scale·left·right``, in place, for a
+    frozen m×n ``p`` and full factors and magnitude ``m``; returns the row norms of ``p`` as now
+    stored (fp32, full, the same on every rank: DoRA's next magnitude). A ZeRO-3 ``p`` is never
+    gathered: each rank forms the rows of ``V`` that overlap its flat slice, the per-row sums of
+    squares of the pieces are summed over the ranks (m floats each, twice), and each rank scales
+    its own piece. Collective at ZeRO-3 only."""
+    if p.requires_grad:
+        raise ValueError("normalise_rows_of_sum edits frozen bases only (a trainable param has masters)")
+    if not _sharded_only(p):  # whole here (a persistent ZeRO-3 param: its full copy, then its shard)
+        full = p.data if p.data.numel() == getattr(p, "ds_numel", p.numel()) else None
+        if full is not None:
+            full = full.view(getattr(p, "ds_shape", p.shape))
+            v = full.float() + scale * (_on(left, full) @ _on(right, full))
+            full.copy_((v * (_on(magnitude, full) / torch.linalg.vector_norm(v, dim=1))[:, None]).to(full.dtype))
+            if is_partitioned(p):
+                p.ds_tensor.data.copy_(_local_shard(p, full).to(p.ds_tensor.dtype))
+            return torch.linalg.vector_norm(full.float(), dim=1).cpu()
+    shard, (m, n) = p.ds_tensor, p.ds_shape
+    lo = dist.get_rank(group=p.ds_process_group) * shard.ds_numel
+    hi = min(lo + shard.ds_numel, p.ds_numel)
+    piece = shard.data[: max(hi - lo, 0)]
+    rows = torch.arange(lo, max(hi, lo), device=shard.device) // n  # the output row of each element held
+    v = piece.float()
+    if hi > lo:
+        first, last = lo // n, (hi - 1) // n
+        product = _on(left[first : last + 1], shard) @ _on(right, shard)
+        v = v + scale * product.reshape(-1)[lo - first * n : hi - first * n]
+
+    def row_norms_of(values):
+        squares = torch.zeros(m, dtype=torch.float32, device=shard.device)
+        squares.index_add_(0, rows, values * values)
+        return collectives.all_reduce_sum_(squares).sqrt()
+
+    piece.copy_((v * (_on(magnitude, shard) / row_norms_of(v))[rows]).to(piece.dtype))
+    return row_norms_of(piece.float()).cpu()
 
 
 def frozen_part(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

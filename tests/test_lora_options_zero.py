@@ -25,8 +25,11 @@ OPTIONS = {
     "pissa+dora": dict(COMMON, init="pissa", dora=True, scaling="alpha/sqrt(r)", lr_ratio=4.0,
                        precondition="riemannian"),
     "lora_ga": dict(COMMON, init="lora_ga"),
+    # DoRA's restart without a weight init: the merge rescales rows by norms summed over the shards.
+    "dora": dict(COMMON, init="kaiming", dora=True),
 }
-CASES = [(stage, "fp32", name) for stage in (0, 1, 2, 3) for name in OPTIONS] + [(3, "bf16", "pissa+dora")]
+CASES = ([(stage, "fp32", name) for stage in (0, 1, 2, 3) for name in OPTIONS]
+         + [(3, "bf16", "pissa+dora"), (3, "bf16", "dora")])
 # Logit changes: fp32 absolute (measured <= 2.4e-7 at init, restarts and export, |logits| ~0.8); bf16
 # relative to max |logit| (the residual base is stored in bf16, as any frozen bf16 base is; measured
 # 2.4e-3 at init, 3.9e-3 at a restart: one bf16 ulp at |logit| 0.5-1).

@@ -157,24 +157,25 @@ class ReLoRA(LoRA):
         o = self.options
         for index, (_, m) in enumerate(lowrank_modules(engine.module)):
             A, B = zero_io.full_param(engine, m.lora_A), zero_io.full_param(engine, m.lora_B)
-            if m.dora or o.init in WEIGHT_INITS:  # these need the whole merged matrix (norms, SVD/QR)
-                magnitude = zero_io.full_param(engine, m.lora_magnitude) if m.dora else None
+            magnitude = zero_io.full_param(engine, m.lora_magnitude) if m.dora else None
+            stored_norms = None
+            if o.init in WEIGHT_INITS:  # the SVD/QR of the whole merged matrix
                 merged = merged_weight(zero_io.full_param(engine, m.weight), A, B, m.scale, magnitude)
-            if o.init in WEIGHT_INITS:
                 new_A, new_B, base = init_factors(o.init, merged, m.rank, m.scale)
                 zero_io.set_param(engine, m.weight, base)
-            else:
+            else:  # on W0's device, each ZeRO-3 rank its own shard only
                 new_A = init_lora_A(m.rank, m.in_features, seeded_generator(o.seed, self.restarts, index))
                 new_B = torch.zeros_like(B)
-                if m.dora:
-                    zero_io.set_param(engine, m.weight, merged)
-                else:  # on W0's device, each ZeRO-3 rank its own shard only
+                if m.dora:  # the row norms of the merged matrix summed over the shards
+                    stored_norms = zero_io.normalise_rows_of_sum(engine, m.weight, B, A, m.scale, magnitude)
+                else:
                     zero_io.add_low_rank_product(engine, m.weight, B, A, m.scale)
             zero_io.set_param(engine, m.lora_A, new_A)
             zero_io.set_param(engine, m.lora_B, new_B)
             if m.dora:  # the base's row norms as stored: m/‖V‖ = 1, the function kept
-                stored = zero_io.full_param(engine, m.weight)
-                zero_io.set_param(engine, m.lora_magnitude, row_norms(stored, new_A, new_B, m.scale))
+                if stored_norms is None:
+                    stored_norms = row_norms(zero_io.full_param(engine, m.weight), new_A, new_B, m.scale)
+                zero_io.set_param(engine, m.lora_magnitude, stored_norms)
             for factor, p, shape in (("A", m.lora_A, A.shape), ("B", m.lora_B, B.shape)):
                 self._reset_moments(engine, p, shape, (o.seed, self.restarts, index, factor))
 
