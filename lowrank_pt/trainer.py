@@ -274,9 +274,12 @@ class Trainer:
         self.say(f"stage {index + 1}/{len(run.stages)} {stage.name!r}: method {stage.method}, {total} steps, "
                  f"{tokens_per_step} tokens/step, ZeRO {run.engine.zero_stage}, {run.engine.precision}, "
                  f"{self.world_size} rank(s)")
+        if method.describe():
+            self.say(f"  {method.describe()}")
         tracker = StageTracker(engine=engine, stage=stage, index=index, model_cfg=self.model_cfg,
                                tokens_per_step=tokens_per_step, precision=run.engine.precision,
-                               zero_stage=run.engine.zero_stage, start_step=start, cache_dir=run.data.cache_dir)
+                               zero_stage=run.engine.zero_stage, micro_tokens=micro * run.model.seq_len,
+                               accum=accum, start_step=start, cache_dir=run.data.cache_dir)
         method.on_engine_ready(StageContext(engine=engine, total_steps=total, timer=tracker.timer,
                                             guard=self.guard, objective=objective))
         return StageRun(index=index, stage=stage, engine=engine, method=method, tracker=tracker,

@@ -137,6 +137,31 @@ def record_held(method) -> list[int]:
     return held
 
 
+def record_step_cache(method) -> list[int]:
+    """Bytes of the weights kept for the step (the tracker's ``step_cache``) as each step's
+    backwards end, before the optimizer step."""
+    from lowrank_pt.tracking.memory import step_cache_bytes
+
+    kept, before = [], method.before_optimizer_step
+
+    def recording(engine, step):
+        kept.append(step_cache_bytes(engine.module))
+        before(engine, step)
+
+    method.before_optimizer_step = recording
+    return kept
+
+
+def planned_step_cache(method, stage) -> int:
+    from lowrank_pt.model import ModelConfig, resolve
+    from lowrank_pt.tracking import planner
+
+    cfg = resolve(ModelConfig(size="tiny", seq_len=16), vocab_size=64)
+    options = {k: getattr(method.options, k) for k in ("rank", "update_proj_gap", "forward")}
+    return planner.plan(cfg, "galore", options, zero_stage=stage, micro_batch=1, seq_len=16, precision="fp32",
+                        grad_accum=2).bytes["step_cache"]
+
+
 def planned_held(method, stage, world, rank) -> int:
     from lowrank_pt.model import ModelConfig, resolve
     from lowrank_pt.tracking import planner
@@ -260,6 +285,17 @@ def single_rank(rank, world):
             out[f"backward_{svd}{stage}"] = weights(engine, method)
             out[f"backward_events_{svd}{stage}"] = sorted(s for s, e in log.items() if e.get("galore/refresh"))
             out[f"backward_held_{svd}{stage}"] = (held, planned_held(method, stage, 1, 0))
+    # The forward paths: W_eff kept through each step (ZeRO 0 and 2), or never formed (ZeRO 0
+    # and 3, and with weight decay's lazy factor); the step path's kept bytes against the planner.
+    for stage, path in ((0, "step"), (2, "step"), (0, "factored"), (3, "factored")):
+        engine, method = build(stage, forward=path)
+        kept = record_step_cache(method)
+        run(engine, method, STEPS)
+        out[f"forward_{path}{stage}"] = max_diff(weights(engine, method), ref)
+        out[f"forward_kept_{path}{stage}"] = (max(kept), planned_step_cache(method, stage))
+    engine, method = build(0, weight_decay=0.1, moments_on_refresh="reproject", forward="factored")
+    run(engine, method, STEPS)
+    out["forward_factored_wd"] = max_diff(weights(engine, method), want)
     # The streaming refresh (sketches instead of gradients), at ZeRO 0 and 3.
     for stage in (0, 3):
         engine, method = build(stage, svd="sketch")
@@ -317,6 +353,21 @@ def test_sketch_refresh_runs_its_own_solver_and_zero3_follows_zero0(single):
     change = max(((sketched[k] - exact[k]).norm() / (exact[k] - init[k]).norm()).item()
                  for k in exact if k.endswith("_proj.weight"))
     assert change > 1e-4
+
+
+@pytest.mark.parametrize("path,stage", [("step", 0), ("step", 2), ("factored", 0), ("factored", 3)])
+def test_every_forward_path_follows_galore_torch(single, path, stage):
+    """W_eff kept through each step's two micro-batches, or never formed: the same training as
+    galore-torch to rounding; what the step path keeps is one fp32 copy of each projected
+    matrix, the planner's ``step_cache``, and the factored path keeps nothing."""
+    assert single[f"forward_{path}{stage}"] < TOL
+    kept, planned = single[f"forward_kept_{path}{stage}"]
+    assert kept == planned
+    assert (kept > 0) == (path == "step")
+
+
+def test_the_factored_path_carries_lazy_weight_decay(single):
+    assert single["forward_factored_wd"] < TOL
 
 
 def test_weight_decay_and_reprojected_moments_follow_galore_adamw(single):

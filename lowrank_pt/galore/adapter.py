@@ -13,13 +13,14 @@ A targeted linear becomes ``W = d·W0 + α·B·Q`` (right side) or ``d·W0 + α�
   lazily (``d *= 1 - lr·wd`` each step, folded into ``W0`` at the next merge) so no step rewrites
   the full base.
 
-Forward and ``dx`` run at full-rank cost on ``W_eff`` materialised once per call; the backward
-never forms the m×n weight gradient: ``dB = α·dyᵀ·(x·Qᵀ)`` (or ``α·(dy·P)ᵀ·x``). Only at a
-refresh, when ``capture`` holds a ``lowrank_pt.galore.capture`` object, does it also hand
-each micro-batch's ``dy`` and ``x`` over: the capture forms the full gradient ``dyᵀ·x`` or only
-its two sketches, summed onto one owner rank.
-``W_eff`` is recomputed in backward instead of saved: one m×n·r product per call, and under
-ZeRO-3 nothing full-size outlives the layer's gather.
+Forward and ``dx`` run at full-rank cost on ``W_eff`` or on W0 and the factors, by the layer's
+``forward_path`` (``lowrank_pt.galore.cost``: built per call, built once per optimizer step and
+kept through its micro-batches, or never built); the backward never forms the m×n weight
+gradient: ``dB = α·dyᵀ·(x·Qᵀ)`` (or ``α·(dy·P)ᵀ·x``). Only at a refresh, when ``capture`` holds a
+``lowrank_pt.galore.capture`` object, does it also hand each micro-batch's ``dy`` and ``x``
+over: the capture forms the full gradient ``dyᵀ·x`` or only its two sketches, summed onto one
+owner rank. On the ``call`` path ``W_eff`` is recomputed in backward instead of saved: one
+m×n·r product per call, and under ZeRO-3 nothing full-size outlives the layer's gather.
 """
 
 from __future__ import annotations
@@ -48,35 +49,61 @@ class _GaLoreLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w0, b, basis, decay, layer):
         ctx.layer = layer
-        ctx.save_for_backward(x, w0, b, basis, decay)
-        w = effective_weight(w0, b, basis, decay, layer.scale, layer.side, x.dtype, layer.use_decay)
-        return F.linear(x, w)
+        xq = None  # the factored path's α·x·Qᵀ (right side), reused by B's gradient
+        if layer.forward_path == "factored":
+            x2 = x.reshape(-1, x.shape[-1])
+            y = _scaled_base(F.linear(x2, w0.to(x2.dtype)), decay, layer)
+            if layer.side == "right":  # d·x·W0ᵀ + (α·x·Qᵀ)·Bᵀ
+                xq = x2 @ (basis.t() * layer.scale).to(x2.dtype)
+                y = y + xq @ b.t().to(x2.dtype)
+            else:  # d·x·W0ᵀ + (α·x·Bᵀ)·Pᵀ
+                y = y + (x2 @ (b.t() * layer.scale).to(x2.dtype)) @ basis.t().to(x2.dtype)
+            y = y.reshape(*x.shape[:-1], layer.out_features)
+        else:
+            y = F.linear(x, layer.weight_for(w0, b, basis, decay, x.dtype))
+        ctx.save_for_backward(x, w0, b, basis, decay, xq)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, w0, b, basis, decay = ctx.saved_tensors
+        x, w0, b, basis, decay, xq = ctx.saved_tensors
         layer = ctx.layer
-        dx = db = None
-        if ctx.needs_input_grad[0]:
-            w = effective_weight(w0, b, basis, decay, layer.scale, layer.side, dy.dtype, layer.use_decay)
-            dx = dy @ w
+        dx = db = dyp = None
         dy2 = dy.reshape(-1, dy.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[0]:
+            if layer.forward_path == "factored":  # d·dy·W0 + (α·dy·B)·Q  (or (α·dy·P)·B)
+                dx = _scaled_base(dy2 @ w0.to(dy2.dtype), decay, layer)
+                if layer.side == "right":
+                    dx = dx + (dy2 @ (b * layer.scale).to(dy2.dtype)) @ basis.to(dy2.dtype)
+                else:
+                    dyp = dy2 @ (basis * layer.scale).to(dy2.dtype)
+                    dx = dx + dyp @ b.to(dy2.dtype)
+                dx = dx.reshape(x.shape)
+            else:
+                dx = dy @ layer.weight_for(w0, b, basis, decay, dy.dtype)
         capture = layer.capture
         if capture is not None and getattr(capture, "in_backward", False):
             new = capture.refresh(dy2, x2, basis)  # a refresh inside this backward: B's gradient in the new basis
             if new is not None:
-                basis = new
+                basis, xq, dyp = new, None, None
             capture = None
         if ctx.needs_input_grad[2]:
             if layer.side == "right":  # dB = α·dyᵀ·(x·Qᵀ): m×r
-                db = dy2.t() @ (x2 @ (basis.t() * layer.scale).to(x2.dtype))
+                xq = xq if xq is not None else x2 @ (basis.t() * layer.scale).to(x2.dtype)
+                db = dy2.t() @ xq
             else:  # dB = α·(dy·P)ᵀ·x: r×n
-                db = (dy2 @ (basis * layer.scale).to(dy2.dtype)).t() @ x2
+                dyp = dyp if dyp is not None else dy2 @ (basis * layer.scale).to(dy2.dtype)
+                db = dyp.t() @ x2
             db = db.to(b.dtype)
         if capture is not None:  # a refresh step: the full gradient or its sketches
             capture.add_factors(dy2, x2, basis)
         return dx, None, db, None, None, None
+
+
+def _scaled_base(y, decay, layer):
+    """``d·y`` where the layer carries decoupled weight decay of W0, else ``y``."""
+    return y * decay.to(y.dtype) if layer.use_decay else y
 
 
 class GaLoreLinear(nn.Module):
@@ -101,6 +128,11 @@ class GaLoreLinear(nn.Module):
         r where the r×r change of basis is kept too (else 0)."""
         self.refresh_working = 0
         """A refresh in backward: fp32 elements alive while this matrix's subspace is computed."""
+        self.forward_path = "call"
+        """How forward and backward use W (``lowrank_pt.galore.cost``; set by the method): call, step or factored."""
+        self.w_eff: torch.Tensor | None = None
+        """The ``step`` path's W_eff, kept from the step's first forward until ``close_step``."""
+        self._step_open = False
         w0 = linear.weight
         if base_in_fp32:
             with whole(w0):  # a buffer is never partitioned: it takes the full value
@@ -120,6 +152,25 @@ class GaLoreLinear(nn.Module):
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
 
+    def open_step(self) -> None:
+        """An optimizer step's micro-batches start: on the ``step`` path, W_eff is built at the
+        first forward and reused until ``close_step`` (B, Q, d and W0 do not change meanwhile)."""
+        self._step_open = self.forward_path == "step"
+        self.w_eff = None
+
+    def close_step(self) -> None:
+        """Before anything moves the weights (the optimizer step, a refresh's install): drop W_eff."""
+        self._step_open = False
+        self.w_eff = None
+
+    def weight_for(self, w0, b, basis, decay, dtype) -> torch.Tensor:
+        """W_eff in ``dtype``: the step's kept copy inside an open step, else built now."""
+        if not self._step_open:
+            return effective_weight(w0, b, basis, decay, self.scale, self.side, dtype, self.use_decay)
+        if self.w_eff is None or self.w_eff.dtype != dtype:
+            self.w_eff = effective_weight(w0, b, basis, decay, self.scale, self.side, dtype, self.use_decay)
+        return self.w_eff
+
     def forward(self, x):
         y = _GaLoreLinearFn.apply(x, self.weight, self.galore_b, self.galore_basis, self.galore_decay, self)
         return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -130,7 +181,7 @@ class GaLoreLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, side={self.side}, "
-                f"scale={self.scale}")
+                f"scale={self.scale}, forward={self.forward_path}")
 
 
 def merged_state_dict(state: dict[str, torch.Tensor], scale: float, proj_type: str) -> dict[str, torch.Tensor]:

@@ -164,6 +164,16 @@ class Method:
         parts = [[-(-n // world) for n in g] for g in numels]
         return sum(8 * sum(p) + 4 * len(fragments.stage3_sub_groups(p, sub_group_size)) for p in parts)
 
+    def describe(self) -> str:
+        """A line on what the method decided for this stage (printed at the stage's start), or ""."""
+        return ""
+
+    def step_cache_bytes(self, tokens: int, accum: int, zero_stage: int, precision: str) -> int:
+        """Bytes of weights the method keeps for the length of each optimizer step with ``tokens``
+        per micro-batch and ``accum`` micro-batches (the tracker's ``step_cache``); the planner
+        calls it on a model prepared on the meta device."""
+        return 0
+
     # --- with the engine ----------------------------------------------------------------------
     def on_engine_ready(self, context: StageContext) -> None:
         """Called once after ``deepspeed.initialize`` with what the method needs from its stage."""

@@ -37,7 +37,7 @@ from torch import nn
 
 from lowrank_pt import dist, zero_io
 from lowrank_pt.owners import balanced_owners
-from lowrank_pt.galore import projector
+from lowrank_pt.galore import cost, projector
 from lowrank_pt.galore import sketch
 from lowrank_pt.galore.adapter import GaLoreLinear, merged_state_dict, wrap_linears
 from lowrank_pt.galore.capture import BackwardRefresh, GradientCapture, SketchCapture
@@ -106,6 +106,17 @@ class GaLoreOptions:
     rounded once per refresh, and the merge and B's gradient use the rounded basis the forward
     uses."""
 
+    forward: str = "auto"
+    """How each linear's forward and backward use W = d·W0 + α·B·Q (``lowrank_pt.galore.cost``):
+    call (W_eff built in forward and again in backward), step (built once per optimizer step and
+    kept through its micro-batches: one m×n copy per matrix while a step runs; not at ZeRO-3),
+    factored (never built: x·W0ᵀ + α·(x·Qᵀ)·Bᵀ), or auto: per matrix the fewest FLOPs for the
+    stage's tokens per micro-batch, accumulation and ZeRO stage. The choice is printed at the
+    stage's start."""
+    forward_cache_gb: float = 1.0
+    """auto: GiB per rank the step path's W_eff copies may take together (matrices past it get
+    their cheapest other path)."""
+
     def check(self) -> None:
         if self.rank < 1:
             raise ValueError(f"rank={self.rank} must be >= 1")
@@ -130,6 +141,10 @@ class GaLoreOptions:
             raise ValueError(f"sign_rule={self.sign_rule!r}: allowed {list(projector.SIGN_RULES)}")
         if not self.target_modules:
             raise ValueError("target_modules must name at least one module")
+        if self.forward not in cost.FORWARD_CHOICES:
+            raise ValueError(f"forward={self.forward!r}: allowed {list(cost.FORWARD_CHOICES)}")
+        if not self.forward_cache_gb >= 0:
+            raise ValueError(f"forward_cache_gb={self.forward_cache_gb} must be >= 0")
         if self.projector_dtype not in PROJECTOR_DTYPES:
             raise ValueError(f"projector_dtype={self.projector_dtype!r}: allowed {list(PROJECTOR_DTYPES)}")
 
@@ -155,6 +170,9 @@ class GaLore(Method):
         """The base checks, and every target_modules pattern matching a linear of the model."""
         super().check_stage(options, stage, run, model_cfg, total_steps)
         check_targets(model_cfg, options.target_modules)
+        if options.forward == "step" and run is not None and run.engine.zero_stage == 3:
+            raise ValueError("options.forward=step keeps a full W_eff per matrix through each step, which "
+                             "ZeRO-3 exists to avoid: use call, factored or auto at ZeRO-3")
         if options.refresh == "backward" and run is not None:
             accum = stage.grad_accum or run.train.grad_accum  # config.micro_and_accum's rule
             if accum != 1:
@@ -170,6 +188,8 @@ class GaLore(Method):
         self.last_refresh_step = -1
         self.last_refresh: dict = {}
         """The latest refresh's report (seconds, kept subspaces), logged after its step."""
+        self.workload: tuple[int, int] | None = None
+        """(tokens per micro-batch, micro-batches per step) the forward paths were chosen for."""
 
     # --- before the engine exists -------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> None:
@@ -195,6 +215,45 @@ class GaLore(Method):
             elif adapter.capture_kind == "sketch":
                 adapter.capture_numel = sketch.sketch_numel(adapter.shape, adapter.rank, o.svd_oversample,
                                                             adapter.side)
+        if self.run is not None:  # the paths follow the run's workload (without one: call, or the option's)
+            micro = self.stage.micro_batch_size or self.run.train.micro_batch_size  # config.micro_and_accum's rule
+            accum = self.stage.grad_accum or self.run.train.grad_accum
+            self.workload = (micro * self.run.model.seq_len, accum)
+            paths = self.forward_paths(*self.workload, self.run.engine.zero_stage, self.run.engine.precision)
+        else:
+            paths = [o.forward if o.forward != "auto" else "call"] * len(self.adapters)
+        for adapter, path in zip(self.adapters.values(), paths):
+            adapter.forward_path = path
+
+    def forward_paths(self, tokens: int, accum: int, zero_stage: int, precision: str) -> list[str]:
+        """Each adapter's forward path (``cost.assign``) for ``tokens`` per micro-batch and ``accum``
+        micro-batches per step: the run's choice, and the planner's."""
+        o = self.options
+        adapters = list(self.adapters.values())
+        return cost.assign([a.shape for a in adapters], [a.rank for a in adapters], [a.side for a in adapters],
+                           tokens, accum, zero_stage, o.forward, int(o.forward_cache_gb * 2**30),
+                           4 if precision == "fp32" else 2)
+
+    def step_cache_bytes(self, tokens: int, accum: int, zero_stage: int, precision: str) -> int:
+        """The W_eff copies of the adapters on the ``step`` path, in the training dtype."""
+        adapters = list(self.adapters.values())
+        return cost.cache_bytes([a.shape for a in adapters], self.forward_paths(tokens, accum, zero_stage, precision),
+                                4 if precision == "fp32" else 2)
+
+    def describe(self) -> str:
+        """The forward paths chosen and their FLOPs against full rank on the targeted linears."""
+        if not self.adapters or self.workload is None:
+            return ""
+        tokens, accum = self.workload
+        adapters = list(self.adapters.values())
+        counts: dict[str, int] = {}
+        for a in adapters:
+            counts[a.forward_path] = counts.get(a.forward_path, 0) + 1
+        ours = sum(cost.flops(a.forward_path, a.shape, a.rank, a.side, tokens, accum) for a in adapters)
+        full = sum(cost.full_rank_flops(a.shape, tokens, accum) for a in adapters)
+        chosen = ", ".join(f"{p} x{n}" for p, n in counts.items())
+        return (f"galore forward ({self.options.forward}, {tokens} tokens/micro-batch, accum {accum}): {chosen}; "
+                f"{ours / full:.3f}x full-rank FLOPs on the {len(adapters)} targeted linears")
 
     def _capture_kind(self, adapter: GaLoreLinear) -> str:
         """How ``adapter``'s refresh captures its gradient: ``backward`` (refresh=backward),
@@ -251,11 +310,14 @@ class GaLore(Method):
                                                     owner=owner, world=world, rank=rank)
                 else:
                     adapter.capture = GradientCapture(owner=owner, world=world, rank=rank)
+        for adapter in self.adapters.values():
+            adapter.open_step()
         try:
             loss = super().train_step(engine, micro_batches, step)
         finally:
             for adapter in self.adapters.values():
                 adapter.capture = None
+                adapter.close_step()
         wd = self.stage.optimizer.weight_decay
         if wd > 0:  # W0's share of decoupled decay, folded into W0 at the next merge
             for adapter in self.adapters.values():
@@ -265,6 +327,8 @@ class GaLore(Method):
     def before_optimizer_step(self, engine, step: int) -> None:
         """At refresh steps the backward also captured each matrix's full gradient: refresh now."""
         if self.is_refresh_step(step):
+            for adapter in self.adapters.values():  # the install moves W0, B and Q
+                adapter.close_step()
             with self.timer.phase("refresh"):
                 self._refresh(engine, step)
 

@@ -21,6 +21,7 @@ PLAN_ROWS = (
     ("refresh_working", "GaLore refresh in backward: one matrix's working set"),
     ("refresh_kept_on_host", "GaLore refresh in backward: new bases kept in host memory until the step"),
     ("zero_transient", "ZeRO reduce bucket (during backward, stages 1-2)"),
+    ("step_cache", "GaLore W_eff kept through each step (forward path step)"),
     ("total", "peak estimate"),
 )
 
@@ -116,7 +117,7 @@ def _plan(args) -> int:
             p = planner.plan(cfg, args.method, options, zero_stage=args.zero_stage, world=args.gpus,
                              micro_batch=args.micro_batch, seq_len=args.seq_len, precision=args.precision,
                              activation_checkpointing=args.activation_checkpointing, rank=args.rank_index,
-                             reduce_bucket_size=args.reduce_bucket_size)
+                             reduce_bucket_size=args.reduce_bucket_size, grad_accum=args.grad_accum)
         except ValueError as e:  # ConfigError included
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -168,6 +169,7 @@ def register(subparsers) -> None:
     pl.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage")
     pl.add_argument("--gpus", type=at_least(1), default=1, help="data-parallel ranks (ZeRO partitions over them)")
     pl.add_argument("--micro-batch", type=at_least(1), default=1, help="sequences per GPU per micro-batch")
+    pl.add_argument("--grad-accum", type=at_least(1), default=1, help="micro-batches per optimizer step")
     pl.add_argument("--seq-len", type=at_least(1), default=2048, help="tokens per sequence")
     pl.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"), help="training dtype")
     pl.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")

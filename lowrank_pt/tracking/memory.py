@@ -146,6 +146,14 @@ def capture_bytes(module: nn.Module) -> int:
     return ledger.bytes["grads"]
 
 
+def step_cache_bytes(module: nn.Module) -> int:
+    """Bytes of the weights a method keeps for the length of an optimizer step (a GaLore
+    adapter's ``w_eff`` on its ``step`` forward path), alive from the step's first forward."""
+    ledger = Ledger()
+    ledger.add("params", (getattr(m, "w_eff", None) for m in module.modules()))
+    return ledger.bytes["params"]
+
+
 # --- peaks ------------------------------------------------------------------------------------
 
 
@@ -194,18 +202,21 @@ class MemoryTracker:
     counted when the timer opens the ``optimizer`` phase at an accumulation boundary (once per
     stage: the layout does not change); the other categories whenever ``measure`` is called
     (optimizer states exist from the first step on). The full gradients GaLore captures for a
-    refresh are counted when a ``refresh`` phase opens, as ``method_transient``.
+    refresh are counted when a ``refresh`` phase opens, as ``method_transient``; the weights kept
+    for a step (``step_cache_bytes``) at every optimizer phase, their peak as ``step_cache``.
     """
 
     def __init__(self, engine, timer=None):
         self.engine = engine
         self.at_step: dict[str, int] | None = None
         self.capture_peak = 0
+        self.step_cache_peak = 0
         if timer is not None and getattr(timer, "enabled", False):
             timer.on_enter("optimizer", self._on_optimizer)
             timer.on_enter("refresh", self._on_refresh)
 
     def _on_optimizer(self) -> None:
+        self.step_cache_peak = max(self.step_cache_peak, step_cache_bytes(self.engine.module))
         if self.at_step is not None:
             return
         boundary = getattr(self.engine, "is_gradient_accumulation_boundary", None)
@@ -223,6 +234,8 @@ class MemoryTracker:
             now["zero_buffers"] = max(now["zero_buffers"], self.at_step["zero_buffers"])
         if self.capture_peak:
             now["method_transient"] = self.capture_peak
+        if self.step_cache_peak:
+            now["step_cache"] = self.step_cache_peak
         now["total"] = sum(now[c] for c in CATEGORIES)
         return now
 

@@ -47,7 +47,9 @@ What the method changes is N and the frozen and buffer bytes:
   at stage 3 (partitioned like the weights). At refresh steps the full fp32
   gradient of each projected matrix is summed onto one owner rank (balanced by bytes,
   ``lowrank_pt.owners``): ``4·m·n`` for each owned matrix, or with ``svd: sketch`` its two
-  sketches, ``4·(rows·(r+p) + (r+2p)·cols)``; reported as ``method_transient``.
+  sketches, ``4·(rows·(r+p) + (r+2p)·cols)``; reported as ``method_transient``. On the
+  ``step`` forward path (``lowrank_pt.galore.cost``, chosen for the tokens per micro-batch and
+  accumulation given) each such matrix's W_eff is kept through every step, ``m·n·b``: ``step_cache``.
 
 Activations are an estimate (see ``activation_bytes``).
 """
@@ -92,6 +94,9 @@ class Layout:
     optimizer_formula: Optional[Callable[[int, int, int, int], int]] = field(default=None, repr=False)
     """``(zero_stage, world, rank, sub_group_size) -> bytes`` of optimizer state: the method's
     ``optimizer_state_bytes`` over its param groups (AdamW's when unset)."""
+    step_cache: Callable[[int, int, int, str], int] = field(default=lambda *_: 0, repr=False)
+    """``(tokens per micro-batch, accum, zero_stage, precision) -> bytes`` of weights the method keeps
+    for the length of a step (``Method.step_cache_bytes``: GaLore's W_eff on its step path)."""
 
     @property
     def trainable(self) -> int:
@@ -144,7 +149,8 @@ def layout(model_cfg, method: str = "full", options: dict | None = None, weight_
                   method_params=method_params,
                   total_params=sum(p.numel() for p in model.parameters()),
                   optimizer_formula=lambda stage, world, rank, sub: m.optimizer_state_bytes(shapes, stage, world,
-                                                                                            rank, sub))
+                                                                                            rank, sub),
+                  step_cache=m.step_cache_bytes)
 
 
 def _slice_grad_elements(group: list[int], world: int, rank: int) -> int:
@@ -276,7 +282,7 @@ class Plan:
 def plan(model_cfg, method: str = "full", options: dict | None = None, zero_stage: int = 0, world: int = 1,
          micro_batch: int = 1, seq_len: int | None = None, precision: str = "bf16",
          activation_checkpointing: bool = False, rank: int = 0, weight_decay: float = 0.0,
-         reduce_bucket_size: int = DEEPSPEED_REDUCE_BUCKET) -> Plan:
+         reduce_bucket_size: int = DEEPSPEED_REDUCE_BUCKET, grad_accum: int = 1) -> Plan:
     """Per-rank memory of training ``model_cfg`` (resolved) with ``method`` on ``world`` ranks."""
     seq_len = seq_len or model_cfg.seq_len
     lay = layout(model_cfg, method, options, weight_decay)
@@ -288,12 +294,14 @@ def plan(model_cfg, method: str = "full", options: dict | None = None, zero_stag
     out["refresh_working"] = 4 * (lay.working + (tokens * lay.working_per_token if precision != "fp32" else 0))
     out["refresh_kept_on_host"] = kept_bytes(lay, world, zero_stage)
     out["zero_transient"] = reduce_bucket_size * DTYPE_BYTES[precision] if zero_stage in (1, 2) else 0
+    out["step_cache"] = lay.step_cache(tokens, grad_accum, zero_stage, precision)
     resident = sum(out[c] for c in (*STATE_CATEGORIES, "zero_buffers"))
     out["resident"] = resident
-    out["total"] = resident + out["activations"] + max(out["method_transient"] + out["refresh_working"],
+    out["total"] = resident + out["activations"] + out["step_cache"] + max(out["method_transient"] + out["refresh_working"],
                                                          out["zero_transient"])
     inputs = {"size": model_cfg.size, "method": method, "options": dict(options or {}), "zero_stage": zero_stage,
-              "world": world, "micro_batch": micro_batch, "seq_len": seq_len, "precision": precision,
+              "world": world, "micro_batch": micro_batch, "grad_accum": grad_accum, "seq_len": seq_len,
+              "precision": precision,
               "activation_checkpointing": activation_checkpointing, "rank": rank}
     info = {"total_params": lay.total_params, "trainable_params": lay.trainable, "frozen_params": sum(lay.frozen),
             "groups": len(lay.groups)}

@@ -29,7 +29,7 @@ class StageTracker:
     stage's summary entry on every rank."""
 
     def __init__(self, *, engine, stage, index: int, model_cfg, tokens_per_step: int, precision: str,
-                 zero_stage: int, start_step: int = 0, cache_dir: str = ".cache/lowrank_pt",
+                 zero_stage: int, micro_tokens: int = 0, accum: int = 1, start_step: int = 0, cache_dir: str = ".cache/lowrank_pt",
                  sync: bool | None = None, timer: PhaseTimer | None = None):
         self.rank = dist.rank()
         self.world = dist.world_size()
@@ -48,6 +48,9 @@ class StageTracker:
             self.formula = planner.state_bytes(lay, zero_stage, self.world, precision, self.rank,
                                                fp32_grad_accumulation=_accumulates_in_fp32(engine))
             self.formula["method_transient"] = planner.capture_bytes(lay, self.world, self.rank, zero_stage)
+            cache = lay.step_cache(micro_tokens, accum, zero_stage, precision)
+            if cache:
+                self.formula["step_cache"] = cache
             self.params = {"total": lay.total_params, "trainable": lay.trainable, "frozen": sum(lay.frozen)}
         except Exception as e:  # noqa: BLE001
             log.warning("tracking: no memory formula for method %s: %s", stage.method, e)
