@@ -303,6 +303,20 @@ def single_rank(rank, world):
         out[f"sketch{stage}"] = weights(engine, method)
         out[f"sketch_events{stage}"] = sorted(s for s, e in log.items() if e.get("galore/refresh"))
         out[f"sketch_kept{stage}"] = method.kept_bases
+    # A sketch refresh after the first steps in the old subspace and installs the new one after the step.
+    engine, method = build(0, svd="sketch")
+    run(engine, method, GAP)
+    old_bases = bases(engine, method)
+    method.train_step(engine, step_batches(GAP), GAP)
+    stepped = weights(engine, method)
+    out["sketch_pending"] = (torch.equal(bases(engine, method), old_bases), len(method.pending))
+    method.after_step(engine, GAP)
+    from lowrank_pt import zero_io
+
+    out["sketch_installed"] = (float((bases(engine, method) - old_bases).abs().max()), len(method.pending),
+                               max(float(zero_io.full_param(engine, a.galore_b).abs().max())
+                                   for a in method.adapters.values()),
+                               max_diff(weights(engine, method), stepped))
     return out
 
 
@@ -368,6 +382,17 @@ def test_every_forward_path_follows_galore_torch(single, path, stage):
 
 def test_the_factored_path_carries_lazy_weight_decay(single):
     assert single["forward_factored_wd"] < TOL
+
+
+def test_a_sketch_refresh_steps_in_the_old_subspace_then_installs_the_new(single):
+    """At a sketch refresh after the first, the optimizer step runs in the old subspace (the
+    bases are unchanged after it, one pending per matrix); after the step the new bases are in,
+    B is zero and the model's weights are those the step left (the merge keeps the function)."""
+    unchanged, pending = single["sketch_pending"]
+    assert unchanged and pending == 14
+    moved, left, b_max, merged_gap = single["sketch_installed"]
+    assert moved > 1e-3 and left == 0 and b_max == 0.0
+    assert merged_gap < TOL
 
 
 def test_weight_decay_and_reprojected_moments_follow_galore_adamw(single):

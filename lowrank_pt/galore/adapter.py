@@ -124,8 +124,8 @@ class GaLoreLinear(nn.Module):
         self.capture_numel = self.out_features * self.in_features
         """fp32 elements the owner holds at a refresh (the full gradient, or the sketches: set by the method)."""
         self.refresh_held: tuple[int, int, int] | None = None
-        """A refresh in backward: (elements, bytes each) of the new basis kept until the step, and
-        r where the r×r change of basis is kept too (else 0)."""
+        """A refresh in backward (or by sketch): (elements, bytes each) of the new basis kept until
+        the step (until after it), and r where the r×r change of basis is kept too (else 0)."""
         self.refresh_working = 0
         """A refresh in backward: fp32 elements alive while this matrix's subspace is computed."""
         self.forward_path = "call"

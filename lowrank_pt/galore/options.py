@@ -36,7 +36,10 @@ class GaLoreOptions:
     sketch (streaming: the refresh step sums two sketches of each gradient, A·Ω and Ψ·A with
     Ψ warm-started from the current subspace, over its micro-batches and ranks, and never forms
     the m×n gradient; holds (m+n)·(r+p)-ish floats per matrix instead of m·n; a matrix whose
-    sketch would not be smaller than its gradient is refreshed exactly)."""
+    sketch would not be smaller than its gradient is refreshed exactly). After the first, a
+    sketch refresh's step still steps in the old subspace, where its gradient is exact, and the
+    new subspace serves from the next step (the sketches estimate the new subspace's gradient
+    only roughly)."""
     refresh: str = "step"
     """Where a refresh computes the new subspaces. step: at the optimizer step, from what the
     backward captured over the step's micro-batches on each matrix's owner rank (the full

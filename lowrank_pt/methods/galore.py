@@ -15,6 +15,10 @@ runs the refresh between the last micro-batch's backward and the optimizer step:
    (published GaLore) or re-projected, and ``B``'s reduced gradient replaced by ``α·G·Q_newᵀ``;
 4. the optimizer step runs as usual (clipping then sees the low-rank gradient norm).
 
+With ``svd: sketch``, once a subspace exists, the refresh step's own update is made in the old
+subspace (where its gradient is exact) and step 3 runs after the optimizer step: the new
+subspace serves from the next step on.
+
 With ``refresh: backward`` (one micro-batch per step) steps 1-2 happen inside each matrix's own
 backward instead, one matrix at a time (``capture.BackwardRefresh``): its B gradient is formed
 in the new basis there, and step 3 runs at the step from the kept new bases.
@@ -84,6 +88,9 @@ class GaLore(Method):
         self.last_refresh_step = -1
         self.last_refresh: dict = {}
         """The latest refresh's report (seconds, kept subspaces), logged after its step."""
+        self.pending: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        """A sketch refresh's new bases (this rank's part, in host memory) and r×r changes of
+        basis (re-projected moments), installed after the refresh step's optimizer step."""
         self.workload: tuple[int, int] | None = None
         """(tokens per micro-batch, micro-batches per step) the forward paths were chosen for."""
 
@@ -108,9 +115,11 @@ class GaLore(Method):
                 # exact: the gradient, then its SVD's factors; randomized: the iteration's blocks and the basis
                 adapter.refresh_working = (m * n + min(m, n) * (m + n) if o.svd == "exact"
                                            else 2 * (rows + cols) * k + 2 * adapter.rank * rows)
-            elif adapter.capture_kind == "sketch":
+            elif adapter.capture_kind == "sketch":  # and the new basis, kept from the refresh to after the step
                 adapter.capture_numel = sketch.sketch_numel(adapter.shape, adapter.rank, o.svd_oversample,
                                                             adapter.side)
+                adapter.refresh_held = (adapter.galore_basis.numel(), adapter.galore_basis.element_size(),
+                                        adapter.rank if o.moments_on_refresh == "reproject" else 0)
         if self.run is not None:  # the paths follow the run's workload (without one: call, or the option's)
             micro = self.stage.micro_batch_size or self.run.train.micro_batch_size  # config.micro_and_accum's rule
             accum = self.stage.grad_accum or self.run.train.grad_accum
@@ -229,6 +238,14 @@ class GaLore(Method):
                 self._refresh(engine, step)
 
     def after_step(self, engine, step: int) -> dict:
+        if self.pending:  # a sketch refresh: the new subspaces take over from the next step
+            start = time.perf_counter()
+            for name, (part, change) in self.pending.items():
+                adapter = self.adapters[name]
+                old = zero_io.full_param(engine, adapter.galore_basis)  # collective at ZeRO-3 (a gather)
+                self._install(engine, adapter, old, part, None, change is not None, change=change)
+            self.pending = {}
+            self.last_refresh["galore/refresh_s"] += time.perf_counter() - start
         return dict(self.last_refresh) if step == self.last_refresh_step else {}
 
     # --- the refresh --------------------------------------------------------------------------
@@ -286,6 +303,9 @@ class GaLore(Method):
                               dtype=torch.float32, device=device)
             ok = torch.zeros((), dtype=torch.float32, device=device)
             why = ""
+            # A sketch's estimate of the new subspace's gradient is rough (tests/test_galore_sketch.py):
+            # once a subspace exists, the refresh step steps in it, and the new one follows the step.
+            deferred = isinstance(capture, SketchCapture) and projector.is_set(old)
             if rank == owner:
                 new, new_low, why = self._subspace(capture, old, adapter, step, index)
                 if new is not None:
@@ -299,6 +319,10 @@ class GaLore(Method):
                     dist.broadcast_(t, src=owner)
             if ok.item() == 0:
                 kept[name] = why or f"see rank {owner}"
+                continue
+            if deferred:  # this step steps in the old subspace, where its gradient is exact
+                change = projector.change_of_basis(old, basis, adapter.side) if reproject else None
+                self.pending[name] = (_kept_on_host(adapter.galore_basis, basis), change)
                 continue
             self._install(engine, adapter, old, basis, low, reproject)
         self.refreshes += 1
@@ -316,8 +340,9 @@ class GaLore(Method):
         to ``basis``, fix moments and B's gradient. Every copy through ``zero_io``: W0 (a frozen
         param or an fp32 buffer), B (and its master), the basis (a frozen param, sharded at ZeRO-3).
 
-        From a refresh in backward: ``basis`` is what the rank kept (``zero_io.frozen_part``),
-        ``change`` the r×r change of basis, and ``low`` None (B's gradient is already in the new basis)."""
+        From a refresh in backward, or after a sketch refresh's step: ``basis`` is what the rank
+        kept (``zero_io.frozen_part``), ``change`` the r×r change of basis, and ``low`` None (B's
+        gradient is already in the new basis, or already stepped in the old one)."""
         b_param = adapter.galore_b
         b = zero_io.full_param(engine, b_param)
         old = old.cpu()

@@ -19,7 +19,7 @@ PLAN_ROWS = (
     ("activations", "activations (estimate, one micro-batch)"),
     ("method_transient", "method transient (GaLore refresh at the step: owned gradients or sketches)"),
     ("refresh_working", "GaLore refresh in backward: one matrix's working set"),
-    ("refresh_kept_on_host", "GaLore refresh in backward: new bases kept in host memory until the step"),
+    ("refresh_kept_on_host", "GaLore refresh in backward or by sketch: new bases kept in host memory until the step"),
     ("zero_transient", "ZeRO reduce bucket (during backward, stages 1-2)"),
     ("step_cache", "GaLore W_eff kept through each step (forward path step)"),
     ("total", "peak estimate"),

@@ -85,6 +85,8 @@ class Layout:
     held: list[tuple[int, int, int]] = field(default_factory=list)
     """A refresh in backward: per matrix, (elements, bytes each) of the new basis kept until the
     step, and r where its r×r fp32 change of basis is kept too (re-projected moments), else 0."""
+    held_past_step: list[tuple[int, int, int]] = field(default_factory=list)
+    """A sketch refresh: the same, kept from the refresh until after the optimizer step."""
     working: int = 0
     """A refresh in backward: fp32 elements alive while one matrix's subspace is computed (the largest)."""
     working_per_token: int = 0
@@ -131,20 +133,22 @@ def layout(model_cfg, method: str = "full", options: dict | None = None, weight_
             frozen.append(p.numel())
         seen.add(id(p))
     buffer_bytes = 0
-    captures, held, working, per_token = [], [], 0, 0
+    captures, held, past, working, per_token = [], [], [], 0, 0
     for mod in model.modules():
         for name, buf in mod._buffers.items():
             if buf is not None and name not in mod._non_persistent_buffers_set:
                 buffer_bytes += buf.numel() * buf.element_size()
         if hasattr(mod, "capture_numel"):  # GaLore adapter: fp32 gradient or sketches at a refresh
             captures.append(mod.capture_numel)
-            if mod.refresh_held is not None:
+            if mod.refresh_held is not None and mod.capture_kind == "sketch":
+                past.append(mod.refresh_held)
+            elif mod.refresh_held is not None:
                 held.append(mod.refresh_held)
                 working = max(working, mod.refresh_working)
                 per_token = max(per_token, sum(mod.shape))
     shapes = group_shapes(groups)
     return Layout(groups=[[p.numel() for p in g["params"]] for g in groups], frozen=frozen,
-                  buffer_bytes=buffer_bytes, captures=captures, held=held, working=working,
+                  buffer_bytes=buffer_bytes, captures=captures, held=held, held_past_step=past, working=working,
                   working_per_token=per_token,
                   method_params=method_params,
                   total_params=sum(p.numel() for p in model.parameters()),
@@ -231,11 +235,13 @@ def owned_capture_bytes(lay: Layout, world: int, rank: int = 0) -> int:
     return 4 * owned_bytes(lay.captures, world)[rank]
 
 
-def kept_bytes(lay: Layout, world: int, zero_stage: int = 0) -> int:
-    """What a refresh in backward keeps on a rank until the step, in host memory: each new basis
-    (``⌈n/W⌉`` of it at ZeRO-3) and, with re-projected moments, its r×r fp32 change of basis."""
+def kept_bytes(lay: Layout, world: int, zero_stage: int = 0, past_step: bool = False) -> int:
+    """What a refresh in backward keeps on a rank until the step (with ``past_step``, also what a
+    sketch refresh keeps until after it), in host memory: each new basis (``⌈n/W⌉`` of it at
+    ZeRO-3) and, with re-projected moments, its r×r fp32 change of basis."""
     W = world if zero_stage == 3 else 1
-    return sum(-(-n // W) * size + 4 * r * r for n, size, r in lay.held)
+    held = lay.held + (lay.held_past_step if past_step else [])
+    return sum(-(-n // W) * size + 4 * r * r for n, size, r in held)
 
 
 def activation_bytes(model_cfg, micro_batch: int, seq_len: int, precision: str,
@@ -292,7 +298,7 @@ def plan(model_cfg, method: str = "full", options: dict | None = None, zero_stag
     out["method_transient"] = owned_capture_bytes(lay, world, rank)  # on the device
     tokens = micro_batch * seq_len
     out["refresh_working"] = 4 * (lay.working + (tokens * lay.working_per_token if precision != "fp32" else 0))
-    out["refresh_kept_on_host"] = kept_bytes(lay, world, zero_stage)
+    out["refresh_kept_on_host"] = kept_bytes(lay, world, zero_stage, past_step=True)
     out["zero_transient"] = reduce_bucket_size * DTYPE_BYTES[precision] if zero_stage in (1, 2) else 0
     out["step_cache"] = lay.step_cache(tokens, grad_accum, zero_stage, precision)
     resident = sum(out[c] for c in (*STATE_CATEGORIES, "zero_buffers"))
