@@ -17,6 +17,8 @@ Two DeepSpeed 0.19.8 defects are handled here rather than in every method:
 - stages 1/2 link each param to its optimizer-state fragment after the *first* param group's
   step, before later groups have state: we re-link before reading or writing moments.
 
+Merges into frozen bases, shard by shard, are ``lowrank_pt.zero_frozen``'s.
+
 Every function here is called on every rank with identical arguments.
 """
 
@@ -38,7 +40,6 @@ from deepspeed.utils import (
     safe_set_local_optimizer_state,
 )
 
-from lowrank_pt import dist as collectives
 
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -96,7 +97,7 @@ def set_param(engine, p: torch.Tensor, value: torch.Tensor) -> None:
     if not p.requires_grad:
         return  # frozen params have no master: the module copy is all there is
     if stage == 3:
-        safe_set_local_fp32_param(p, _local_shard(p, value))
+        safe_set_local_fp32_param(p, local_shard(p, value))
         return
     if stage >= 1:
         safe_set_full_fp32_param(p, value.to(p.device))
@@ -106,119 +107,7 @@ def set_param(engine, p: torch.Tensor, value: torch.Tensor) -> None:
         master.data.copy_(value.to(master.device).view_as(master))
 
 
-def add_low_rank_product(engine, p: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float,
-                         base_scale: float = 1.0) -> None:
-    """A merge: ``p ← base_scale·p + scale·left·right`` in place, for a frozen m×n ``p`` (base
-    param or fp32 buffer) and full factors ``left`` (m×r), ``right`` (r×n). fp32 on the device
-    holding ``p`` (or its shard), rounded once into its dtype. A ZeRO-3 ``p`` is never gathered:
-    each rank forms only the rows of ``left·right`` that overlap its flat slice and adds them into
-    its ``ds_tensor`` (a persistent param's resident full copy is updated too). Other stages and
-    buffers hold ``p`` whole. Frozen: no master, no moments. No communication."""
-    if p.requires_grad:
-        raise ValueError("add_low_rank_product edits frozen bases only (a trainable param has masters)")
-    if is_partitioned(p):
-        shard, n = p.ds_tensor, p.ds_shape[1]  # p.shape is an empty placeholder here
-        lo = dist.get_rank(group=p.ds_process_group) * shard.ds_numel
-        hi = min(lo + shard.ds_numel, p.ds_numel)
-        if hi > lo:  # rows lo//n .. (hi-1)//n, cut to [lo, hi)
-            first, last = lo // n, (hi - 1) // n
-            rows = _on(left[first : last + 1], shard) @ _on(right, shard)
-            _scaled_add(shard.data[: hi - lo], rows.reshape(-1)[lo - first * n : hi - first * n], scale, base_scale)
-        if not _resident_full(p):
-            return
-    _scaled_add(p.data, (_on(left, p) @ _on(right, p)).view_as(p), scale, base_scale)
-
-
-def normalise_rows_of_sum(engine, p: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float,
-                          magnitude: torch.Tensor) -> torch.Tensor:
-    """DoRA's merge: ``p ← m ⊙ V / ‖V‖_row`` with ``V = p + scale·left·right``, in place, for a
-    frozen m×n ``p`` and full factors and magnitude ``m``; returns the row norms of ``p`` as now
-    stored (fp32, full, the same on every rank: DoRA's next magnitude). A ZeRO-3 ``p`` is never
-    gathered: each rank forms the rows of ``V`` that overlap its flat slice, the per-row sums of
-    squares of the pieces are summed over the ranks (m floats each, twice), and each rank scales
-    its own piece. Collective at ZeRO-3 only."""
-    if p.requires_grad:
-        raise ValueError("normalise_rows_of_sum edits frozen bases only (a trainable param has masters)")
-    if not _sharded_only(p):  # whole here (a persistent ZeRO-3 param: its full copy, then its shard)
-        full = p.data if p.data.numel() == getattr(p, "ds_numel", p.numel()) else None
-        if full is not None:
-            full = full.view(getattr(p, "ds_shape", p.shape))
-            v = full.float() + scale * (_on(left, full) @ _on(right, full))
-            full.copy_((v * (_on(magnitude, full) / torch.linalg.vector_norm(v, dim=1))[:, None]).to(full.dtype))
-            if is_partitioned(p):
-                p.ds_tensor.data.copy_(_local_shard(p, full).to(p.ds_tensor.dtype))
-            return torch.linalg.vector_norm(full.float(), dim=1).cpu()
-    shard, (m, n) = p.ds_tensor, p.ds_shape
-    lo = dist.get_rank(group=p.ds_process_group) * shard.ds_numel
-    hi = min(lo + shard.ds_numel, p.ds_numel)
-    piece = shard.data[: max(hi - lo, 0)]
-    rows = torch.arange(lo, max(hi, lo), device=shard.device) // n  # the output row of each element held
-    v = piece.float()
-    if hi > lo:
-        first, last = lo // n, (hi - 1) // n
-        product = _on(left[first : last + 1], shard) @ _on(right, shard)
-        v = v + scale * product.reshape(-1)[lo - first * n : hi - first * n]
-
-    def row_norms_of(values):
-        squares = torch.zeros(m, dtype=torch.float32, device=shard.device)
-        squares.index_add_(0, rows, values * values)
-        return collectives.all_reduce_sum_(squares).sqrt()
-
-    piece.copy_((v * (_on(magnitude, shard) / row_norms_of(v))[rows]).to(piece.dtype))
-    return row_norms_of(piece.float()).cpu()
-
-
-def frozen_part(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """What this rank must keep of a full ``value`` to write the frozen ``p`` later with
-    ``set_frozen_part``: its ZeRO-3 shard (in the shard's dtype), or the whole value in ``p``'s
-    dtype where ``p`` is not partitioned or keeps a resident full copy (a persistent param).
-    No communication."""
-    if p.requires_grad:
-        raise ValueError("frozen_part holds frozen params only (a trainable param has masters)")
-    if _sharded_only(p):
-        return _local_shard(p, value).to(p.ds_tensor.dtype)
-    return value.detach().to(p.device, p.dtype).reshape(getattr(p, "ds_shape", p.shape))
-
-
-def set_frozen_part(p: torch.Tensor, part: torch.Tensor) -> None:
-    """Write what ``frozen_part`` kept into the frozen ``p`` (its shard, or the whole value and a
-    persistent param's shard with it). No communication; every rank calls it, outside the
-    forward and backward (a gathered non-persistent param would keep its old full copy until released)."""
-    if _sharded_only(p):
-        p.ds_tensor.data.copy_(part)
-        return
-    if not is_partitioned(p):
-        p.data.copy_(part.view_as(p))
-        return
-    # A persistent ZeRO-3 param: its shard, and its full copy where one is resident now (it may
-    # also hold its empty placeholder, until its next gather brings the shards back).
-    p.ds_tensor.data.copy_(_local_shard(p, part).to(p.ds_tensor.dtype))
-    if p.data.numel() == p.ds_numel:
-        p.data.copy_(part.reshape(p.data.shape))
-
-
-def _sharded_only(p) -> bool:
-    """A ZeRO-3 param that lives as its shard between gathers (not a persistent one)."""
-    return is_partitioned(p) and not getattr(p, "ds_persist", False)
-
-
-def _resident_full(p) -> bool:
-    """A ZeRO-3 param whose full value stays resident between gathers (persistent, or gathered now)."""
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    return p.ds_status == ZeroParamStatus.AVAILABLE and p.data.numel() == p.ds_numel
-
-
-def _on(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(like.device, torch.float32)
-
-
-def _scaled_add(target: torch.Tensor, delta: torch.Tensor, scale: float, base_scale: float) -> None:
-    base = target.float() * base_scale if base_scale != 1.0 else target.float()
-    target.copy_(base.add_(delta, alpha=scale).to(target.dtype))
-
-
-def _local_shard(p, value: torch.Tensor) -> torch.Tensor:
+def local_shard(p, value: torch.Tensor) -> torch.Tensor:
     """This rank's piece of ``value`` in ZeRO-3's padded partitioning of ``p`` (fp32, zeros where
     the last rank's piece runs past the end)."""
     part = p.ds_tensor.ds_numel
@@ -243,7 +132,7 @@ def write_before_engine(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     value), which ``restore_master`` puts back into the fp32 master once the engine exists.
     Every rank calls it with the same value; no communication."""
     if is_partitioned(p):
-        local = _local_shard(p, value)
+        local = local_shard(p, value)
         p.ds_tensor.data.copy_(local.to(p.ds_tensor.dtype))
         return local
     p.data.copy_(value.detach().to(p.device, p.dtype).view_as(p))
@@ -286,7 +175,7 @@ def restore_method_buffers(engine, held: list[tuple[torch.Tensor, torch.Tensor]]
             continue
         whole = value.numel() == p.ds_numel
         if whole:
-            p.ds_tensor.data = _local_shard(p, value).to(dtype)
+            p.ds_tensor.data = local_shard(p, value).to(dtype)
         elif p.ds_tensor.dtype != dtype:
             p.ds_tensor.data = p.ds_tensor.data.to(dtype)
         if whole and p.data.numel() == p.ds_numel:  # a persistent param (below ZeRO-3's threshold) stays whole
@@ -328,7 +217,7 @@ def set_optimizer_state(engine, p: torch.Tensor, key: str, value: torch.Tensor) 
     if stage >= 1 and not moments_ready(engine):
         raise RuntimeError(f"optimizer holds no {key!r} for this param yet (no step taken)")
     if stage == 3:
-        safe_set_local_optimizer_state(p, _local_shard(p, value), key)
+        safe_set_local_optimizer_state(p, local_shard(p, value), key)
         return
     if stage >= 1:
         _relink_optimizer_states(engine)
@@ -353,7 +242,7 @@ def full_grad(engine, p: torch.Tensor) -> torch.Tensor | None:
 def set_grad(engine, p: torch.Tensor, value: torch.Tensor) -> None:
     """Replace the reduced gradient of ``p`` (full value) after the boundary backward, before step."""
     if zero_stage(engine) == 3 and p.grad is None:
-        safe_set_local_grad(p, _local_shard(p, value))
+        safe_set_local_grad(p, local_shard(p, value))
         return
     hp_grad = getattr(p, "_hp_grad", None)
     if hp_grad is not None:

@@ -114,7 +114,7 @@ class BackwardRefresh:
 
     The owner's basis is broadcast (one basis on every rank). What is kept until the optimizer
     step, where the method merges ``B`` through the old basis and installs the new one: ``keep``'s
-    part of the new basis (the method keeps ``zero_io.frozen_part``, the rank's shard at ZeRO-3,
+    part of the new basis (the method keeps ``zero_frozen.frozen_part``, the rank's shard at ZeRO-3,
     in host memory: between the backward and the step the device holds nothing of the refresh)
     and, for re-projected moments only, the r×r change of basis.
     """

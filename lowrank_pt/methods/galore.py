@@ -37,7 +37,7 @@ import time
 import torch
 from torch import nn
 
-from lowrank_pt import dist, zero_io
+from lowrank_pt import dist, zero_frozen, zero_io
 from lowrank_pt.owners import balanced_owners
 from lowrank_pt.galore import cost, projector, sketch
 from lowrank_pt.galore.adapter import GaLoreLinear, merged_state_dict, wrap_linears
@@ -51,8 +51,8 @@ log = logging.getLogger(__name__)
 
 def _kept_on_host(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """What a rank keeps of a new basis ``value`` for the frozen ``p`` until the step: its part
-    (``zero_io.frozen_part``), in host memory, so the device holds nothing of it meanwhile."""
-    return zero_io.frozen_part(p, value).cpu()
+    (``zero_frozen.frozen_part``), in host memory, so the device holds nothing of it meanwhile."""
+    return zero_frozen.frozen_part(p, value).cpu()
 
 
 class GaLore(Method):
@@ -341,7 +341,7 @@ class GaLore(Method):
         param or an fp32 buffer), B (and its master), the basis (a frozen param, sharded at ZeRO-3).
 
         From a refresh in backward, or after a sketch refresh's step: ``basis`` is what the rank
-        kept (``zero_io.frozen_part``), ``change`` the r×r change of basis, and ``low`` None (B's
+        kept (``zero_frozen.frozen_part``), ``change`` the r×r change of basis, and ``low`` None (B's
         gradient is already in the new basis, or already stepped in the old one)."""
         b_param = adapter.galore_b
         b = zero_io.full_param(engine, b_param)
@@ -349,7 +349,7 @@ class GaLore(Method):
         if bool(b.abs().amax() > 0) or float(adapter.galore_decay) != 1.0:
             # d·W0 + α·B·Q (or α·P·B) on W0's device, each ZeRO-3 rank its own shard only
             left, right = (b, old) if adapter.side == "right" else (old, b)
-            zero_io.add_low_rank_product(engine, adapter.weight, left, right, adapter.scale,
+            zero_frozen.add_low_rank_product(engine, adapter.weight, left, right, adapter.scale,
                                          base_scale=float(adapter.galore_decay))
             zero_io.set_param(engine, b_param, torch.zeros_like(b))
         if reproject and projector.is_set(old):
@@ -362,7 +362,7 @@ class GaLore(Method):
                 zero_io.set_optimizer_state(engine, b_param, "exp_avg", m)
                 zero_io.set_optimizer_state(engine, b_param, "exp_avg_sq", v)
         if low is None:
-            zero_io.set_frozen_part(adapter.galore_basis, basis)
+            zero_frozen.set_frozen_part(adapter.galore_basis, basis)
         else:
             zero_io.set_param(engine, adapter.galore_basis, basis)
             zero_io.set_grad(engine, b_param, low)

@@ -26,7 +26,7 @@ from typing import List
 import torch
 from torch import nn
 
-from lowrank_pt import dist, zero_io
+from lowrank_pt import dist, zero_frozen, zero_io
 from lowrank_pt.lowrank import (INITS, SCALINGS, WEIGHT_INITS, init_factors, lora_ga_factors, lowrank_modules,
                                 merged_state_dict, read_whole, row_norms, wrap_linears)
 from lowrank_pt.methods.base import Method
@@ -253,7 +253,7 @@ class LoRA(Method):
             # W0's device, each ZeRO-3 rank its own shard only
             left = torch.cat([zero_io.full_param(engine, m.lora_B), B], dim=1)
             right = torch.cat([zero_io.full_param(engine, m.lora_A), -A], dim=0)
-            zero_io.add_low_rank_product(engine, m.weight, left, right, m.scale)
+            zero_frozen.add_low_rank_product(engine, m.weight, left, right, m.scale)
             zero_io.set_param(engine, m.lora_A, A)
             zero_io.set_param(engine, m.lora_B, B)
             zero_io.set_grad(engine, m.lora_A, gA)

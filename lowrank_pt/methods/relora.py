@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-from lowrank_pt import schedule, zero_io
+from lowrank_pt import schedule, zero_frozen, zero_io
 from lowrank_pt.lowrank import (WEIGHT_INITS, init_factors, init_lora_A, lowrank_modules, merged_weight,
                                 row_norms, seeded_generator)
 from lowrank_pt.methods.lora import LoRA, LoRAOptions
@@ -167,9 +167,9 @@ class ReLoRA(LoRA):
                 new_A = init_lora_A(m.rank, m.in_features, seeded_generator(o.seed, self.restarts, index))
                 new_B = torch.zeros_like(B)
                 if m.dora:  # the row norms of the merged matrix summed over the shards
-                    stored_norms = zero_io.normalise_rows_of_sum(engine, m.weight, B, A, m.scale, magnitude)
+                    stored_norms = zero_frozen.normalise_rows_of_sum(engine, m.weight, B, A, m.scale, magnitude)
                 else:
-                    zero_io.add_low_rank_product(engine, m.weight, B, A, m.scale)
+                    zero_frozen.add_low_rank_product(engine, m.weight, B, A, m.scale)
             zero_io.set_param(engine, m.lora_A, new_A)
             zero_io.set_param(engine, m.lora_B, new_B)
             if m.dora:  # the base's row norms as stored: m/‖V‖ = 1, the function kept
