@@ -19,7 +19,6 @@ Writes ``DIR/results.json`` and ``DIR/bench.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_methods import init_single_process, machine  # noqa: E402
+from bench_methods import command_line, init_single_process, machine, save  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -168,14 +167,7 @@ def main(argv=None) -> int:
                "model": (f"LLaMA block d {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
                          f"vocab {args.vocab}, seq {args.seq_len}, accum {args.accum}, fp32, ZeRO 0, 1 process; "
                          f"median of {args.steps - 1} timed steps")}
-    command = "python tools/bench_galore_forward.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    text = markdown(results, command.strip())
-    with open(os.path.join(args.out, "bench.md"), "w") as f:
-        f.write(text)
-    print(text)
-    print(f"done in {results['seconds']:.0f} s; {args.out}/results.json, {args.out}/bench.md")
+    save(args.out, results, markdown(results, command_line("bench_galore_forward.py", argv)))
     return 0
 
 

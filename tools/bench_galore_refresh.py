@@ -36,7 +36,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_methods import Contender, embedded_corpus, init_single_process, machine, model_description  # noqa: E402
+from bench_methods import (Contender, command_line, embedded_corpus, init_single_process, machine,  # noqa: E402
+                           model_description, save)
 
 TRAIN_MODES = {  # label: GaLore options (one micro-batch per step, so refresh: backward applies)
     "step, exact": {"svd": "exact"},
@@ -282,13 +283,7 @@ def main(argv=None) -> int:
     results["model"] = model_description(args, model_cfg, vocab)
     results["machine"] = machine()
     results["seconds"] = time.perf_counter() - started
-    command = "python tools/bench_galore_refresh.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    text = markdown(results, args, command.strip())
-    with open(os.path.join(args.out, "bench.md"), "w") as f:
-        f.write(text)
-    print(text)
+    save(args.out, results, markdown(results, args, command_line("bench_galore_refresh.py", argv)))
     return 0
 
 

@@ -23,7 +23,6 @@ Writes ``DIR/results.json`` and ``DIR/bench.md`` (the table for BENCHMARKS.md).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -35,8 +34,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_methods import (Contender, embedded_corpus, init_single_process, machine,  # noqa: E402
-                           mib, model_description)
+from bench_methods import (Contender, command_line, embedded_corpus, init_single_process, machine,  # noqa: E402
+                           mib, model_description, save)
 
 FULL_LRS = (2e-3, 5e-3, 1e-2)
 LOWRANK_LR = 1e-2
@@ -162,14 +161,7 @@ def main(argv=None) -> int:
     results["tokens_per_step"] = args.micro_batch * args.seq_len
     results["machine"] = machine()
     results["seconds"] = time.perf_counter() - started
-    command = "python tools/bench_lowrank_optimizers.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    text = markdown(results, args, command.strip())
-    with open(os.path.join(args.out, "bench.md"), "w") as f:
-        f.write(text)
-    print(text)
-    print(f"done in {results['seconds']:.0f} s; {args.out}/results.json, {args.out}/bench.md")
+    save(args.out, results, markdown(results, args, command_line("bench_lowrank_optimizers.py", argv)))
     return 0
 
 

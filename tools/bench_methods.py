@@ -443,6 +443,23 @@ def machine() -> str:
             f"deepspeed {importlib.import_module('deepspeed').__version__}, Python {platform.python_version()}")
 
 
+def command_line(script: str, argv=None) -> str:
+    """How a benchmark was run (``tools/<script>`` and its arguments), for its tables."""
+    return f"python tools/{script} {' '.join(sys.argv[1:] if argv is None else argv)}".strip()
+
+
+def save(out_dir: str, results: dict, text: str) -> None:
+    """A benchmark's ``results.json`` and ``bench.md`` (its tables, ``text``) in ``out_dir``; the
+    tables printed, and where the results say how long it took, that too."""
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(out_dir, "bench.md"), "w") as f:
+        f.write(text)
+    print(text)
+    if "seconds" in results:
+        print(f"done in {results['seconds']:.0f} s; {out_dir}/results.json, {out_dir}/bench.md")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -459,14 +476,7 @@ def main(argv=None) -> int:
     kwargs = {"cfg": {"size": args.size, "seq_len": min(args.seq_len, 64)}, "vocab": vocab}
     results["memory"] = memory_sweep(args, kwargs, worlds, args.out)
     results["seconds"] = time.perf_counter() - started
-    command = "python tools/bench_methods.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    text = markdown(results, args, command.strip())
-    with open(os.path.join(args.out, "bench.md"), "w") as f:
-        f.write(text)
-    print(text)
-    print(f"done in {results['seconds']:.0f} s; {args.out}/results.json, {args.out}/bench.md")
+    save(args.out, results, markdown(results, args, command_line("bench_methods.py", argv)))
     return 0
 
 
