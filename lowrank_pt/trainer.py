@@ -274,8 +274,9 @@ class Trainer:
         self.say(f"stage {index + 1}/{len(run.stages)} {stage.name!r}: method {stage.method}, {total} steps, "
                  f"{tokens_per_step} tokens/step, ZeRO {run.engine.zero_stage}, {run.engine.precision}, "
                  f"{self.world_size} rank(s)")
-        if method.describe():
-            self.say(f"  {method.describe()}")
+        decided = method.describe()
+        if decided:
+            self.say(f"  {decided}")
         tracker = StageTracker(engine=engine, stage=stage, index=index, model_cfg=self.model_cfg,
                                tokens_per_step=tokens_per_step, precision=run.engine.precision,
                                zero_stage=run.engine.zero_stage, micro_tokens=micro * run.model.seq_len,

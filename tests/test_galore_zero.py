@@ -123,18 +123,23 @@ def projector_held(method) -> tuple[str, int, int]:
             sum(getattr(q, "ds_tensor", q).numel() for q in qs), sum(getattr(q, "ds_numel", q.numel()) for q in qs))
 
 
+def record_before(method, hook: str, measure) -> list[int]:
+    """``measure(engine.module)`` each time ``method.<hook>(engine, step)`` is entered."""
+    seen, original = [], getattr(method, hook)
+
+    def recording(engine, step):
+        seen.append(measure(engine.module))
+        original(engine, step)
+
+    setattr(method, hook, recording)
+    return seen
+
+
 def record_held(method) -> list[int]:
     """Bytes of the captures the ranks hold as each refresh starts (the tracker's measure)."""
     from lowrank_pt.tracking.memory import capture_bytes
 
-    held, refresh = [], method._refresh
-
-    def recording(engine, step):
-        held.append(capture_bytes(engine.module))
-        refresh(engine, step)
-
-    method._refresh = recording
-    return held
+    return record_before(method, "_refresh", capture_bytes)
 
 
 def record_step_cache(method) -> list[int]:
@@ -142,14 +147,7 @@ def record_step_cache(method) -> list[int]:
     backwards end, before the optimizer step."""
     from lowrank_pt.tracking.memory import step_cache_bytes
 
-    kept, before = [], method.before_optimizer_step
-
-    def recording(engine, step):
-        kept.append(step_cache_bytes(engine.module))
-        before(engine, step)
-
-    method.before_optimizer_step = recording
-    return kept
+    return record_before(method, "before_optimizer_step", step_cache_bytes)
 
 
 def planned_step_cache(method, stage) -> int:

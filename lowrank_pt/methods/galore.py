@@ -49,6 +49,11 @@ from lowrank_pt.targets import check_targets
 log = logging.getLogger(__name__)
 
 
+def _element_bytes(precision: str) -> int:
+    """Bytes of one element of the training dtype (fp32, or bf16/fp16): what a W_eff copy takes."""
+    return 4 if precision == "fp32" else 2
+
+
 def _kept_on_host(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """What a rank keeps of a new basis ``value`` for the frozen ``p`` until the step: its part
     (``zero_frozen.frozen_part``), in host memory, so the device holds nothing of it meanwhile."""
@@ -137,13 +142,13 @@ class GaLore(Method):
         adapters = list(self.adapters.values())
         return cost.assign([a.shape for a in adapters], [a.rank for a in adapters], [a.side for a in adapters],
                            tokens, accum, zero_stage, o.forward, int(o.forward_cache_gb * 2**30),
-                           4 if precision == "fp32" else 2)
+                           _element_bytes(precision))
 
     def step_cache_bytes(self, tokens: int, accum: int, zero_stage: int, precision: str) -> int:
         """The W_eff copies of the adapters on the ``step`` path, in the training dtype."""
         adapters = list(self.adapters.values())
         return cost.cache_bytes([a.shape for a in adapters], self.forward_paths(tokens, accum, zero_stage, precision),
-                                4 if precision == "fp32" else 2)
+                                _element_bytes(precision))
 
     def describe(self) -> str:
         """The forward paths chosen and their FLOPs against full rank on the targeted linears."""

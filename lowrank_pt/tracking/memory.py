@@ -211,12 +211,15 @@ class MemoryTracker:
         self.at_step: dict[str, int] | None = None
         self.capture_peak = 0
         self.step_cache_peak = 0
+        # Only a method whose modules can keep a step's weights pays for looking at every step.
+        self.caches = any(hasattr(m, "w_eff") for m in engine.module.modules())
         if timer is not None and getattr(timer, "enabled", False):
             timer.on_enter("optimizer", self._on_optimizer)
             timer.on_enter("refresh", self._on_refresh)
 
     def _on_optimizer(self) -> None:
-        self.step_cache_peak = max(self.step_cache_peak, step_cache_bytes(self.engine.module))
+        if self.caches:
+            self.step_cache_peak = max(self.step_cache_peak, step_cache_bytes(self.engine.module))
         if self.at_step is not None:
             return
         boundary = getattr(self.engine, "is_gradient_accumulation_boundary", None)
