@@ -6,11 +6,13 @@ scores that say whether the model answers.
   held-out **answer-token accuracy** (``eval/answer_token_accuracy``): the share of answer tokens
   that are the argmax of the model's next-token distribution. Any instruction data has it.
 - DPO: the stage's objective scores its held-out pairs (``lowrank_pt.dpo``).
-- On the embedded instruction or preference set, also **exact match** (``eval/exact_match``): a
-  fixed set of "who says this line" questions of held-out scenes answered by greedy decoding
-  under the chat template, compared with the speaker after ``normalise_answer``. Beside it the
-  score of the best constant answer on the same questions (``eval/exact_match_constant``: what
-  answering every question with one name would get) and how many distinct answers the model gave.
+- Post-training stages also score **exact match** (``eval/exact_match``): a fixed set of held-out
+  questions answered by greedy decoding under the chat template, compared with the reference
+  answer after ``normalise_answer``. On the embedded instruction or preference set they are "who
+  says this line" questions of held-out scenes; on SFT files, the held-out conversations whose
+  final reply is short (at most ``ANSWER_TOKENS`` tokens), asked with the turns before it. Beside
+  it the score of the best constant answer on the same questions (``eval/exact_match_constant``:
+  what answering every question alike would get) and how many distinct answers the model gave.
 
 Every rank runs every forward in step (at ZeRO-3 each layer's forward gathers its params, a
 collective): validation batches are dealt so that every rank has as many, and every rank answers
@@ -38,15 +40,20 @@ def normalise_answer(text: str) -> str:
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, questions: list[tuple[str, str]], max_new_tokens: int = ANSWER_TOKENS) -> dict:
-    """Greedy answers of ``model`` to ``(prompt, answer)`` questions under the chat template.
-    Returns ``eval/exact_match`` (the share answered right), ``eval/exact_match_constant`` (the
+def exact_match(model, tokenizer, questions: list[tuple], max_new_tokens: int = ANSWER_TOKENS) -> dict:
+    """Greedy answers of ``model`` to ``(prompt, answer)`` questions under the chat template (the
+    prompt a user message, or a conversation's template ids up to its reply). Returns ``eval/exact_match`` (the share answered right), ``eval/exact_match_constant`` (the
     best one-name score) and ``eval/distinct_answers``. Collective at ZeRO-3: call on every rank."""
-    from lowrank_pt.generate import chat
+    from lowrank_pt.data.sft import encode_prompt
+    from lowrank_pt.generate import generate
+
+    def prompt_ids(prompt) -> list[int]:
+        # A question's prompt is a user message (text) or the template's ids up to the reply.
+        return encode_prompt(tokenizer, [{"role": "user", "content": prompt}]) if isinstance(prompt, str) else prompt
 
     was_training = model.training
     model.eval()
-    given = [chat(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.0).text
+    given = [generate(model, tokenizer, prompt_ids(prompt), max_new_tokens=max_new_tokens, temperature=0.0).text
              for prompt, _ in questions]
     model.train(was_training)
     wanted = [normalise_answer(answer) for _, answer in questions]

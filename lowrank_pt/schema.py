@@ -121,8 +121,10 @@ class TrainConfig:
     eval_sequences: int = 64
     """Validation sequences per evaluation: the first N of the held-out split, fixed across runs."""
     eval_questions: int = 32
-    """SFT and DPO stages on the shakespeare set: held-out "who says this line" questions answered
-    greedily at every evaluation and at the stage's start, scored by exact match; 0 = off."""
+    """Held-out questions a post-training stage answers greedily at its start and at every
+    evaluation, scored by exact match: on the shakespeare set (SFT or DPO) "who says this line";
+    on SFT data files the held-out conversations whose final reply takes at most 12 tokens
+    (short answers). 0 = off."""
     save_every: int = 0
     """Optimizer steps between checkpoints; 0 = only at the end of each stage."""
     keep_last: int = 2

@@ -3,12 +3,13 @@
 Pre-training stages read token shards, SFT stages instruction data, DPO stages preference pairs;
 the loaders share one interface and save plain-int cursors, so a resumed run sees exactly the
 batches it would have seen. Also what a stage's evaluation reads: its fixed validation batches and,
-on the embedded instruction or preference set, its held-out exact-match questions.
+for post-training, its held-out exact-match questions.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict
 
@@ -17,7 +18,10 @@ from lowrank_pt.data import PackedLoader, TokenShard, Tokenizer, check_tokenizer
 from lowrank_pt.data import validation_batches
 from lowrank_pt.data.preference import (PreferenceLoader, prepare_preferences, preference_batch,
                                         preference_validation_batches, speaker_questions)
-from lowrank_pt.data.sft import SHAKESPEARE, SFTLoader, prepare_sft, sft_validation_batches
+from lowrank_pt.data.sft import SHAKESPEARE, SFTLoader, prepare_sft, reply_questions, sft_validation_batches
+from lowrank_pt.evaluation import ANSWER_TOKENS
+
+logger = logging.getLogger(__name__)
 
 
 def on_local_rank0_first(build):
@@ -101,15 +105,26 @@ class DataStreams:
                                       for i in range(0, len(kept), micro_batch_size)])
         return out
 
-    def questions(self, stage) -> list[tuple[str, str]]:
-        """Held-out "who says this line" questions of a post-training stage on the shakespeare set
-        (``train.eval_questions`` of them), else none."""
+    def questions(self, stage) -> list:
+        """Held-out exact-match questions of a post-training stage (``train.eval_questions`` of
+        them): on the shakespeare set its "who says this line" questions; on SFT data files the
+        held-out conversations whose final reply takes at most ``ANSWER_TOKENS`` tokens (short
+        answers: a name, a label, a number); none for DPO files."""
         section = stage.sft if stage.sft is not None else getattr(stage, "dpo", None)
-        if section is None or section.train != SHAKESPEARE or section.validation is not None:
-            return []
         count = self.run.train.eval_questions
-        return on_local_rank0_first(lambda: speaker_questions(section.cache_dir, section.max_examples,
-                                                              section.seed, count))
+        if section is None or count < 1:
+            return []
+        if section.train == SHAKESPEARE and section.validation is None:
+            return on_local_rank0_first(lambda: speaker_questions(section.cache_dir, section.max_examples,
+                                                                  section.seed, count))
+        if stage.sft is None:
+            return []
+        _, (_, val) = self._prepared(stage)
+        questions = reply_questions(val, self.tokenizer, ANSWER_TOKENS, self.seq_len, count)
+        if not questions:
+            logger.warning("stage %r: no exact match: none of the %d held-out conversations of %s ends with a "
+                           "reply of at most %d tokens", stage.name, len(val), val.path, ANSWER_TOKENS)
+        return questions
 
     def state_dict(self) -> dict:
         return {**self.saved, **{k: v.state_dict() for k, v in self.loaders.items()}}

@@ -61,7 +61,7 @@ class StageRun:
     objective: Any = None
     """The stage's loss when not the LM loss (DPO), else None."""
     questions: list = None
-    """Held-out exact-match questions of the stage (shakespeare post-training), else none."""
+    """Held-out exact-match questions of a post-training stage (``DataStreams.questions``)."""
 
 
 class Trainer:

@@ -13,7 +13,7 @@ import torch
 
 from lowrank_pt.data import DataConfig, DataError, Tokenizer, iter_speeches, prepare_data
 from lowrank_pt.data.sft import (SFTData, SFTDataConfig, SFTLoader, build_shakespeare_sft, encode_conversations,
-                            encode_prompt, prepare_sft, sft_validation_batches)
+                            encode_prompt, prepare_sft, reply_questions, sft_validation_batches)
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Who says: to be, or not to be?"}, {"role": "assistant", "content": "HAMLET"}],
@@ -87,6 +87,24 @@ def test_prompt_template_is_the_training_template_up_to_the_reply(tokenizer):
     assert full[:len(prompt)].tolist() == prompt
     assert prompt[-1] == tokenizer.piece_id("<|assistant|>")
     assert trained[len(prompt):].tolist() == [True] * (len(full) - len(prompt) - 1) + [False]
+
+
+def test_exact_match_questions_ask_for_the_final_short_reply(tokenizer):
+    """A question is the template up to the final reply (``encode_prompt`` of the turns before it,
+    earlier replies included) and that reply; long final replies, and prompts leaving no room for
+    an answer within seq_len, give none."""
+    long_reply = [{"role": "user", "content": "Say it all."},
+                  {"role": "assistant", "content": "Now is the winter of our discontent made glorious summer"}]
+    data = SFTData.from_conversations(CONVERSATIONS + [long_reply], tokenizer)
+    reply_tokens = [len(tokenizer.encode(c[-1]["content"])) for c in CONVERSATIONS + [long_reply]]
+    limit = max(reply_tokens[:2])
+    assert reply_tokens[2] > limit
+    questions = reply_questions(data, tokenizer, limit, seq_len=256, count=10)
+    assert questions == [(encode_prompt(tokenizer, c[:-1]), c[-1]["content"]) for c in CONVERSATIONS]
+    assert reply_questions(data, tokenizer, limit, seq_len=256, count=1) == questions[:1]
+    shortest_room = len(questions[0][0]) + limit
+    assert reply_questions(data, tokenizer, limit, seq_len=shortest_room, count=10) == questions[:1]
+    assert reply_questions(data, tokenizer, limit, seq_len=shortest_room - 1, count=10) == []
 
 
 def test_long_conversations_are_cut_and_counted(tmp_path, tokenizer, caplog):

@@ -27,7 +27,7 @@ import torch
 from .errors import DataError
 from .loader import ShuffledLoader, check_rank
 from .sft import (SHAKESPEARE, _chat_ids, _write_jsonl, build_shakespeare_sft, check_files_and_split, held_out,
-                  read_jsonl, shakespeare_key)
+                  read_jsonl, shakespeare_key, spread)
 from .tokenizer import Tokenizer
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
@@ -261,6 +261,4 @@ def speaker_questions(cache_dir: str, max_examples: Optional[int], seed: int, co
     _, val = shakespeare_sft_paths(cache_dir, max_examples, seed)
     with open(val, encoding="utf-8") as f:
         who = [(r["prompt"], r["response"]) for r in map(json.loads, f) if r.get("task") == "who"]
-    if len(who) <= count:
-        return who
-    return [who[int(i)] for i in np.linspace(0, len(who) - 1, count).round()]
+    return spread(who, count)
