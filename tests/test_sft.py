@@ -221,6 +221,16 @@ def test_shakespeare_set_is_derived_from_the_corpus_with_scenes_held_out(tmp_pat
         else:
             assert any(given == ls[i] and r["response"] == ls[i + 1] for ls in lines for i in range(len(ls) - 1))
 
+    # The reading probe: a "who" line's last word, asked about that line; held out only the probes.
+    assert make_sft_data.main(["--out", str(out), "--max-examples", "3000", "--seed", "1", "--last-word"]) == 0
+    probe_train, probe_val = ([json.loads(line) for line in open(out / f"{split}_last_word.jsonl")]
+                              for split in ("train", "val"))
+    assert probe_train[:len(train)] == train and {r["task"] for r in probe_val} == {"last_word"}
+    for r in probe_train[len(train):] + probe_val:
+        line = r["prompt"].split("\n", 1)[1]
+        assert r["task"] == "last_word" and line.rstrip(" .,;:!?'\"-)").endswith(r["response"])
+    assert len(probe_val) >= 0.9 * sum(r["task"] == "who" for r in val)
+
     other = build_shakespeare_sft(out, 3000, seed=2)[0]
     assert [json.loads(line) for line in open(other)] != train, "another seed draws other records"
 
