@@ -25,10 +25,12 @@ import collections
 import math
 import re
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lowrank_pt import dist
+from lowrank_pt.data.sft import SFTData, _chat_ids, encode_prompt, spread
 
 ANSWER_TOKENS = 12
 """Tokens a greedy answer may take at most (speaker names take 1-6 of the demo's tokenizer)."""
@@ -39,12 +41,33 @@ def normalise_answer(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip(" \t\n.,;:!?'\"").casefold()
 
 
+def reply_questions(data: SFTData, tokenizer, seq_len: int, count: int,
+                    max_answer_tokens: int = ANSWER_TOKENS) -> list[tuple[list[int], str]]:
+    """Exact-match questions from held-out conversations that end with a short reply: ``(prompt
+    ids, reply)``. The prompt is the template up to the final ``<|assistant|>`` (what
+    ``encode_prompt`` gives for the turns before the reply, earlier replies included); the reply
+    is its tokens without ``<|end|>``, decoded. Kept: final replies of 1 to ``max_answer_tokens``
+    tokens whose prompt leaves room for that many within ``seq_len``; ``count`` of them, spread
+    evenly over the set."""
+    if count < 1:
+        return []
+    role_ids, _ = _chat_ids(tokenizer)
+    roles = np.asarray(list(role_ids.values()))
+    kept = []
+    for ids, _ in data.examples:
+        last_role = int(np.flatnonzero(np.isin(ids, roles))[-1])
+        reply = ids[last_role + 1:-2]  # [<|assistant|>, reply..., <|end|>, EOS]
+        if (ids[last_role] == role_ids["assistant"] and 1 <= len(reply) <= max_answer_tokens
+                and last_role + 1 + max_answer_tokens <= seq_len):
+            kept.append((ids[:last_role + 1].tolist(), tokenizer.decode(reply.tolist())))
+    return spread(kept, count)
+
+
 @torch.no_grad()
 def exact_match(model, tokenizer, questions: list[tuple], max_new_tokens: int = ANSWER_TOKENS) -> dict:
     """Greedy answers of ``model`` to ``(prompt, answer)`` questions under the chat template (the
     prompt a user message, or a conversation's template ids up to its reply). Returns ``eval/exact_match`` (the share answered right), ``eval/exact_match_constant`` (the
     best one-name score) and ``eval/distinct_answers``. Collective at ZeRO-3: call on every rank."""
-    from lowrank_pt.data.sft import encode_prompt
     from lowrank_pt.generate import generate
 
     def prompt_ids(prompt) -> list[int]:

@@ -18,8 +18,8 @@ from lowrank_pt.data import PackedLoader, TokenShard, Tokenizer, check_tokenizer
 from lowrank_pt.data import validation_batches
 from lowrank_pt.data.preference import (PreferenceLoader, prepare_preferences, preference_batch,
                                         preference_validation_batches, speaker_questions)
-from lowrank_pt.data.sft import SHAKESPEARE, SFTLoader, prepare_sft, reply_questions, sft_validation_batches
-from lowrank_pt.evaluation import ANSWER_TOKENS
+from lowrank_pt.data.sft import SHAKESPEARE, SFTLoader, prepare_sft, sft_validation_batches
+from lowrank_pt.evaluation import ANSWER_TOKENS, reply_questions
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class DataStreams:
         if stage.sft is None:
             return []
         _, (_, val) = self._prepared(stage)
-        questions = reply_questions(val, self.tokenizer, ANSWER_TOKENS, self.seq_len, count)
+        questions = reply_questions(val, self.tokenizer, self.seq_len, count)
         if not questions:
             logger.warning("stage %r: no exact match: none of the %d held-out conversations of %s ends with a "
                            "reply of at most %d tokens", stage.name, len(val), val.path, ANSWER_TOKENS)

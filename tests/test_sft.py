@@ -13,7 +13,8 @@ import torch
 
 from lowrank_pt.data import DataConfig, DataError, Tokenizer, iter_speeches, prepare_data
 from lowrank_pt.data.sft import (SFTData, SFTDataConfig, SFTLoader, build_shakespeare_sft, encode_conversations,
-                            encode_prompt, prepare_sft, reply_questions, sft_validation_batches)
+                            encode_prompt, prepare_sft, sft_validation_batches)
+from lowrank_pt.evaluation import reply_questions
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Who says: to be, or not to be?"}, {"role": "assistant", "content": "HAMLET"}],
@@ -99,12 +100,12 @@ def test_exact_match_questions_ask_for_the_final_short_reply(tokenizer):
     reply_tokens = [len(tokenizer.encode(c[-1]["content"])) for c in CONVERSATIONS + [long_reply]]
     limit = max(reply_tokens[:2])
     assert reply_tokens[2] > limit
-    questions = reply_questions(data, tokenizer, limit, seq_len=256, count=10)
+    questions = reply_questions(data, tokenizer, seq_len=256, count=10, max_answer_tokens=limit)
     assert questions == [(encode_prompt(tokenizer, c[:-1]), c[-1]["content"]) for c in CONVERSATIONS]
-    assert reply_questions(data, tokenizer, limit, seq_len=256, count=1) == questions[:1]
+    assert reply_questions(data, tokenizer, seq_len=256, count=1, max_answer_tokens=limit) == questions[:1]
     shortest_room = len(questions[0][0]) + limit
-    assert reply_questions(data, tokenizer, limit, seq_len=shortest_room, count=10) == questions[:1]
-    assert reply_questions(data, tokenizer, limit, seq_len=shortest_room - 1, count=10) == []
+    assert reply_questions(data, tokenizer, seq_len=shortest_room, count=10, max_answer_tokens=limit) == questions[:1]
+    assert reply_questions(data, tokenizer, seq_len=shortest_room - 1, count=10, max_answer_tokens=limit) == []
 
 
 def test_long_conversations_are_cut_and_counted(tmp_path, tokenizer, caplog):

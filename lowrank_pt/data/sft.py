@@ -353,28 +353,6 @@ def spread(items: list, count: int) -> list:
     return [items[int(i)] for i in np.linspace(0, len(items) - 1, count).round()]
 
 
-def reply_questions(data: SFTData, tokenizer: Tokenizer, max_answer_tokens: int, seq_len: int,
-                    count: int) -> list[tuple[list[int], str]]:
-    """Exact-match questions from held-out conversations that end with a short reply: ``(prompt
-    ids, reply)``. The prompt is the template up to the final ``<|assistant|>`` (what
-    ``encode_prompt`` gives for the turns before the reply, earlier replies included); the reply
-    is its tokens without ``<|end|>``, decoded. Kept: final replies of 1 to ``max_answer_tokens``
-    tokens whose prompt leaves room for that many within ``seq_len``; ``count`` of them, spread
-    evenly over the set."""
-    if count < 1:
-        return []
-    role_ids, end_id = _chat_ids(tokenizer)
-    roles = np.asarray(list(role_ids.values()))
-    kept = []
-    for ids, _ in data.examples:
-        last_role = int(np.flatnonzero(np.isin(ids, roles))[-1])
-        reply = ids[last_role + 1:-2]  # [<|assistant|>, reply..., <|end|>, EOS]
-        if (ids[last_role] == role_ids["assistant"] and 1 <= len(reply) <= max_answer_tokens
-                and last_role + 1 + max_answer_tokens <= seq_len):
-            kept.append((ids[:last_role + 1].tolist(), tokenizer.decode(reply.tolist())))
-    return spread(kept, count)
-
-
 # --- the instruction set derived from the embedded corpus ---------------------------------------
 
 SHAKESPEARE_VAL_FRACTION = 0.05
