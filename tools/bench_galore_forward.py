@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_methods import command_line, init_single_process, machine, save  # noqa: E402
+from bench_methods import begin, command_line, machine, save  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -155,11 +155,7 @@ def markdown(results: dict, command: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    os.makedirs(args.out, exist_ok=True)
-    init_single_process()
+    started = begin(args)
     rows = []
     for tokens in (int(t) for t in args.tokens.split(",")):
         rows += point(args, tokens)

@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_methods import (Contender, command_line, embedded_corpus, init_single_process, machine,  # noqa: E402
+from bench_methods import (Contender, begin, command_line, embedded_corpus, init_single_process, machine,  # noqa: E402
                            model_description, save)
 
 TRAIN_MODES = {  # label: GaLore options (one micro-batch per step, so refresh: backward applies)
@@ -272,9 +272,7 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "memory_worker.json"), "w") as f:
             json.dump(result, f)
         return 0
-    started = time.perf_counter()
-    os.makedirs(args.out, exist_ok=True)
-    init_single_process()
+    started = begin(args)
     model_cfg, shard, val, vocab = embedded_corpus(args)
     parts = args.parts.split(",")
     results = {"memory": memory_part(args) if "memory" in parts else {},

@@ -29,12 +29,10 @@ import statistics
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_methods import (Contender, command_line, embedded_corpus, init_single_process, machine,  # noqa: E402
+from bench_methods import (Contender, begin, command_line, embedded_corpus, machine,  # noqa: E402
                            mib, model_description, save)
 
 FULL_LRS = (2e-3, 5e-3, 1e-2)
@@ -150,11 +148,7 @@ def markdown(results: dict, args, command: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    os.makedirs(args.out, exist_ok=True)
-    init_single_process()
+    started = begin(args)
     model_cfg, shard, val, vocab = embedded_corpus(args)
     results = run(args, model_cfg, shard, val)
     results["model"] = model_description(args, model_cfg, vocab)

@@ -114,6 +114,16 @@ def init_single_process():
     dist.init()
 
 
+def begin(args) -> float:
+    """The start of a benchmark's main: ``--threads`` torch threads (when given), the ``--out``
+    directory, the one-rank process group; returns the start time (``time.perf_counter``)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    init_single_process()
+    return time.perf_counter()
+
+
 def stage_for(name: str, args):
     """The StageConfig each contender trains with: LR 2e-3 for full, LoRA and ReLoRA (the demo
     recipe's); 1e-2, the GaLore paper's, for GaLore and the optimizer-side peers."""
@@ -462,11 +472,7 @@ def save(out_dir: str, results: dict, text: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    os.makedirs(args.out, exist_ok=True)
-    init_single_process()
+    started = begin(args)
     model_cfg, shard, val, vocab = embedded_corpus(args)
     results = train_and_compare(args, model_cfg, shard, val)
     results["model"] = model_description(args, model_cfg, vocab)
