@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from lowrank_pt import dist
-from lowrank_pt.data.sft import SFTData, _chat_ids, encode_prompt, spread
+from lowrank_pt.data.sft import SFTData, _chat_ids, spread
 
 ANSWER_TOKENS = 12
 """Tokens a greedy answer may take at most (speaker names take 1-6 of the demo's tokenizer)."""
@@ -64,19 +64,17 @@ def reply_questions(data: SFTData, tokenizer, seq_len: int, count: int,
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, questions: list[tuple], max_new_tokens: int = ANSWER_TOKENS) -> dict:
-    """Greedy answers of ``model`` to ``(prompt, answer)`` questions under the chat template (the
-    prompt a user message, or a conversation's template ids up to its reply). Returns ``eval/exact_match`` (the share answered right), ``eval/exact_match_constant`` (the
-    best one-name score) and ``eval/distinct_answers``. Collective at ZeRO-3: call on every rank."""
+def exact_match(model, tokenizer, questions: list[tuple[list[int], str]],
+                max_new_tokens: int = ANSWER_TOKENS) -> dict:
+    """Greedy answers of ``model`` to ``(prompt ids, answer)`` questions, the prompt the chat
+    template up to the reply (``encode_prompt``). Returns ``eval/exact_match`` (the share answered
+    right), ``eval/exact_match_constant`` (the best one-answer score) and ``eval/distinct_answers``.
+    Collective at ZeRO-3: call on every rank."""
     from lowrank_pt.generate import generate
-
-    def prompt_ids(prompt) -> list[int]:
-        # A question's prompt is a user message (text) or the template's ids up to the reply.
-        return encode_prompt(tokenizer, [{"role": "user", "content": prompt}]) if isinstance(prompt, str) else prompt
 
     was_training = model.training
     model.eval()
-    given = [generate(model, tokenizer, prompt_ids(prompt), max_new_tokens=max_new_tokens, temperature=0.0).text
+    given = [generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.0).text
              for prompt, _ in questions]
     model.train(was_training)
     wanted = [normalise_answer(answer) for _, answer in questions]

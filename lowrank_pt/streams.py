@@ -18,7 +18,7 @@ from lowrank_pt.data import PackedLoader, TokenShard, Tokenizer, check_tokenizer
 from lowrank_pt.data import validation_batches
 from lowrank_pt.data.preference import (PreferenceLoader, prepare_preferences, preference_batch,
                                         preference_validation_batches, speaker_questions)
-from lowrank_pt.data.sft import SHAKESPEARE, SFTLoader, prepare_sft, sft_validation_batches
+from lowrank_pt.data.sft import SHAKESPEARE, SFTLoader, encode_prompt, prepare_sft, sft_validation_batches
 from lowrank_pt.evaluation import ANSWER_TOKENS, reply_questions
 
 logger = logging.getLogger(__name__)
@@ -106,17 +106,20 @@ class DataStreams:
         return out
 
     def questions(self, stage) -> list:
-        """Held-out exact-match questions of a post-training stage (``train.eval_questions`` of
-        them): on the shakespeare set its "who says this line" questions; on SFT data files the
-        held-out conversations whose final reply takes at most ``ANSWER_TOKENS`` tokens (short
-        answers: a name, a label, a number); none for DPO files."""
+        """Held-out exact-match questions ``(prompt ids, answer)`` of a post-training stage
+        (``train.eval_questions`` of them): on the shakespeare set its "who says this line"
+        questions, asked as one user message; on SFT data files the held-out conversations whose
+        final reply takes at most ``ANSWER_TOKENS`` tokens (short answers: a name, a label, a
+        number); none for DPO files."""
         section = stage.sft if stage.sft is not None else getattr(stage, "dpo", None)
         count = self.run.train.eval_questions
         if section is None or count < 1:
             return []
         if section.train == SHAKESPEARE and section.validation is None:
-            return on_local_rank0_first(lambda: speaker_questions(section.cache_dir, section.max_examples,
-                                                                  section.seed, count))
+            asked = on_local_rank0_first(lambda: speaker_questions(section.cache_dir, section.max_examples,
+                                                                   section.seed, count))
+            return [(encode_prompt(self.tokenizer, [{"role": "user", "content": prompt}]), speaker)
+                    for prompt, speaker in asked]
         if stage.sft is None:
             return []
         _, (_, val) = self._prepared(stage)
