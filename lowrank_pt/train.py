@@ -1,7 +1,7 @@
 """Training entry point for one rank: ``lowrank-pt train``, ``python -m lowrank_pt.train``, and
 the same under ``torchrun`` or ``deepspeed`` (which pass ``--local_rank``).
 
-Both go through the CLI's one error handler (``lowrank_pt.failures.run_guarded``): an expected
+Both go through the CLI's one error handler (``lowrank_pt.core.failures.run_guarded``): an expected
 failure is one ``error: ...`` line and exit code 2 (config, data) or 3 (while training);
 ``--debug`` or ``LOWRANK_PT_DEBUG=1`` adds the traceback.
 """
@@ -12,7 +12,10 @@ import argparse
 import os
 import sys
 
-from lowrank_pt.config import ConfigError, load  # noqa: F401 - ConfigError re-exported for callers
+from lowrank_pt.config.recipe import ConfigError, load  # noqa: F401 - ConfigError re-exported for callers
+from lowrank_pt.core import dist
+from lowrank_pt.core.failures import debug_from_env, run_guarded
+from lowrank_pt.trainer.trainer import Trainer
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -30,17 +33,12 @@ def run(config: str, overrides: list[str]) -> int:
     expected failures (ConfigError, DataError, CheckpointError, OSError, ...) for the handler."""
     # Everything checkable is checked before the process group or the run dir exist.
     run_cfg = load(config, overrides)
-    from lowrank_pt import dist
-    from lowrank_pt.trainer import Trainer
-
     dist.init(run_cfg.engine.backend, timeout_s=run_cfg.engine.collective_timeout_s)
     Trainer(run_cfg).run_all()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lowrank_pt.failures import debug_from_env, run_guarded
-
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))

@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from helpers import THREADS  # noqa: E402
+from fixtures import THREADS  # noqa: E402
 
 # Tests run on 2 cores: 2 torch threads, or 1 under pytest-xdist's 2 workers (two processes with
 # 2 OpenMP threads each on 2 cores spin-wait and run ~10x slower). Subprocesses (launchers, the

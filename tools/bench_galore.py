@@ -45,14 +45,14 @@ def parse_args():
 
 def init_dist():
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-    from lowrank_pt import dist
+    from lowrank_pt.core import dist
 
     os.environ.setdefault("MASTER_PORT", str(dist.free_port()))
     dist.init()
 
 
 def make_model(args):
-    from lowrank_pt.model import LlamaModel, ModelConfig, resolve
+    from lowrank_pt.model.llama import LlamaModel, ModelConfig, resolve
 
     torch.manual_seed(0)
     cfg = ModelConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_layers=args.layers,
@@ -61,7 +61,7 @@ def make_model(args):
 
 
 def stage_config(lr=1e-3):
-    from lowrank_pt.config import OptimizerConfig, ScheduleConfig, StageConfig
+    from lowrank_pt.config.recipe import OptimizerConfig, ScheduleConfig, StageConfig
 
     return StageConfig(steps=10**6, optimizer=OptimizerConfig(lr=lr, weight_decay=0.0, grad_clip=0.0),
                        schedule=ScheduleConfig(kind="constant"))
@@ -71,9 +71,9 @@ class Runner:
     """One optimizer's engine and its step function."""
 
     def __init__(self, name, args, init_state):
-        from lowrank_pt import engine as E
-        from lowrank_pt.config import EngineConfig
+        from lowrank_pt.config.recipe import EngineConfig
         from lowrank_pt.methods.base import StageContext
+        from lowrank_pt.zero import engine as E
 
         self.name, self.args, self.step_index = name, args, 0
         model = make_model(args)
@@ -81,7 +81,7 @@ class Runner:
         stage = stage_config()
         self.method = None
         if name == "galore (ours)":
-            from lowrank_pt.methods.galore import GaLore, GaLoreOptions
+            from lowrank_pt.methods.galore.method import GaLore, GaLoreOptions
 
             self.method = GaLore(GaLoreOptions(rank=args.rank, update_proj_gap=args.gap), stage, None)
             self.method.prepare_model(model)
@@ -146,7 +146,7 @@ def batch_for(args, i):
 def refresh_costs(args, runner):
     """Exact vs randomized (cold, and warm-started from the current basis) SVD of each captured
     gradient shape; and the extra time of a whole refresh step."""
-    from lowrank_pt.galore import projector
+    from lowrank_pt.optim import projector
 
     shapes = {}
     for adapter in runner.method.adapters.values():
@@ -174,7 +174,8 @@ def layer_costs(args):
     (dB through the basis, W_eff materialised in forward and again in backward)."""
     from torch import nn
 
-    from lowrank_pt.galore import GaLoreLinear, projector
+    from lowrank_pt.methods.galore.adapter import GaLoreLinear
+    from lowrank_pt.optim import projector
 
     rows = []
     for shape in sorted({(args.hidden, args.hidden), (args.intermediate, args.hidden), (args.hidden, args.intermediate)}):

@@ -1,5 +1,5 @@
 """Benchmark: GaLore's step time against full-rank AdamW over tokens per micro-batch × rank, with
-the forward path the cost model chose (``lowrank_pt.galore.cost``) and each path forced.
+the forward path the cost model chose (``lowrank_pt.methods.galore.cost``) and each path forced.
 
 A d = 1024 LLaMA (350m's block: intermediate 2736, 16 heads; ``--layers`` blocks, a small
 vocabulary so that the blocks dominate), ZeRO 0 on one process, random tokens. For each
@@ -56,8 +56,15 @@ def parse_args(argv=None):
 
 
 def run_config(args, micro: int, method: str, options: dict):
-    from lowrank_pt.config import (EngineConfig, ModelConfig, OptimizerConfig, RunConfig, ScheduleConfig,
-                                   StageConfig, TrainConfig)
+    from lowrank_pt.config.recipe import (
+        EngineConfig,
+        ModelConfig,
+        OptimizerConfig,
+        RunConfig,
+        ScheduleConfig,
+        StageConfig,
+        TrainConfig,
+    )
 
     model = ModelConfig(size="350m", hidden_size=args.hidden, intermediate_size=args.intermediate,
                         num_heads=args.heads, num_layers=args.layers, seq_len=args.seq_len, vocab_size=args.vocab)
@@ -71,10 +78,10 @@ class Contender:
     """One configuration's engine, method and step times."""
 
     def __init__(self, label: str, args, micro: int, method: str, options: dict):
-        from lowrank_pt import engine as E
         from lowrank_pt import methods
         from lowrank_pt.methods.base import StageContext
-        from lowrank_pt.model import LlamaModel, resolve
+        from lowrank_pt.model.llama import LlamaModel, resolve
+        from lowrank_pt.zero import engine as E
 
         self.label = label
         run = run_config(args, micro, method, options)
@@ -103,7 +110,7 @@ class Contender:
 
     def flop_ratio(self) -> float | None:
         """The cost model's FLOPs over full rank's on the targeted linears, at the paths in use."""
-        from lowrank_pt.galore import cost
+        from lowrank_pt.methods.galore import cost
 
         adapters = list(getattr(self.method, "adapters", {}).values())
         if not adapters:

@@ -36,8 +36,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_methods import (Contender, begin, command_line, embedded_corpus, init_single_process, machine,  # noqa: E402
-                           model_description, save)
+from bench_methods import (  # noqa: E402
+    Contender,
+    begin,
+    command_line,
+    embedded_corpus,
+    init_single_process,
+    machine,
+    model_description,
+    save,
+)
 
 TRAIN_MODES = {  # label: GaLore options (one micro-batch per step, so refresh: backward applies)
     "step, exact": {"svd": "exact"},
@@ -87,7 +95,7 @@ def parse_args(argv=None):
 
 
 def train(args, model_cfg, shard, val_batches) -> dict:
-    from lowrank_pt.config import OptimizerConfig, ScheduleConfig, StageConfig
+    from lowrank_pt.config.recipe import OptimizerConfig, ScheduleConfig, StageConfig
 
     def stage(label):
         options = {"rank": args.rank, "update_proj_gap": args.gap, "scale": 0.25, **TRAIN_MODES[label]}
@@ -138,12 +146,13 @@ MEMORY_MODES = {  # label: GaLore options
 
 def memory_worker(args, label: str) -> dict:
     """One refresh mode in this fresh process: peak RSS of steps 0-3 (refreshes at 0 and 2)."""
-    from lowrank_pt import engine as E
-    from lowrank_pt.config import EngineConfig, OptimizerConfig, StageConfig
+    from lowrank_pt.config.recipe import EngineConfig, OptimizerConfig, StageConfig
+    from lowrank_pt.core.host import release_host_heap
     from lowrank_pt.methods.base import StageContext
-    from lowrank_pt.methods.galore import GaLore, GaLoreOptions
-    from lowrank_pt.model import LlamaModel, ModelConfig, resolve
+    from lowrank_pt.methods.galore.method import GaLore, GaLoreOptions
+    from lowrank_pt.model.llama import LlamaModel, ModelConfig, resolve
     from lowrank_pt.tracking import memory
+    from lowrank_pt.zero import engine as E
 
     init_single_process()
     cfg = resolve(ModelConfig(size=args.memory_size, seq_len=args.memory_seq_len), vocab_size=32000)
@@ -160,7 +169,7 @@ def memory_worker(args, label: str) -> dict:
     peaks, seconds = [], []
     for step in range(4):
         ids = torch.randint(0, cfg.vocab_size, (1, cfg.seq_len), generator=gen)
-        memory.release_host_heap()
+        release_host_heap()
         memory.reset_peaks()
         start = time.perf_counter()
         method.train_step(engine, [{"input_ids": ids, "labels": ids}], step)
@@ -189,8 +198,9 @@ def memory_part(args) -> dict:
 def solve(args) -> dict:
     """Exact SVD vs the sketch solve on gradients shaped like ``--solve-size``'s matrices: one of
     each distinct shape of a block, from a random-feature model of dy and x (a decaying spectrum)."""
-    from lowrank_pt.galore import projector, sketch
-    from lowrank_pt.model import ModelConfig, resolve
+    from lowrank_pt.methods.galore import sketch
+    from lowrank_pt.model.llama import ModelConfig, resolve
+    from lowrank_pt.optim import projector
 
     cfg = resolve(ModelConfig(size=args.solve_size), vocab_size=32000)
     d, f = cfg.hidden_size, cfg.intermediate_size

@@ -43,8 +43,8 @@ def flow(d: dict) -> str:
 
 
 def run(config: str, run_dir: str, stages: list[dict], extra: list[str]) -> dict:
-    from lowrank_pt.config import load
-    from lowrank_pt.trainer import Trainer
+    from lowrank_pt.config.recipe import load
+    from lowrank_pt.trainer.trainer import Trainer
 
     overrides = [f"run_dir={run_dir}", "resume=never", "train.save_every=0", "train.keep_last=1",
                  "train.tensorboard=false", "train.progress=false", "train.sample_prompts=[]",
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from lowrank_pt import dist
+    from lowrank_pt.core import dist
 
     torch.set_num_threads(args.threads)
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):

@@ -32,8 +32,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_methods import (Contender, begin, command_line, embedded_corpus, machine,  # noqa: E402
-                           mib, model_description, save)
+from bench_methods import Contender, begin, command_line, embedded_corpus, machine, mib, model_description, save  # noqa: E402
 
 FULL_LRS = (2e-3, 5e-3, 1e-2)
 LOWRANK_LR = 1e-2
@@ -43,7 +42,7 @@ BASELINE = "full (lr 2e-3)"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny model, a few steps: a smoke test")
-    p.add_argument("--size", default="demo", help="model size (lowrank_pt.model.MODEL_SIZES)")
+    p.add_argument("--size", default="demo", help="model size (lowrank_pt.model.llama.MODEL_SIZES)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per contender (equal token budget)")
@@ -70,7 +69,7 @@ def parse_args(argv=None):
 
 def stages(args) -> dict:
     """name -> StageConfig of every contender."""
-    from lowrank_pt.config import OptimizerConfig, ScheduleConfig, StageConfig
+    from lowrank_pt.config.recipe import OptimizerConfig, ScheduleConfig, StageConfig
 
     warmup = max(1, args.steps // 10)
 

@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="130m", help="model size (lowrank_pt.model.MODEL_SIZES)")
+    p.add_argument("--size", default="130m", help="model size (lowrank_pt.model.llama.MODEL_SIZES)")
     p.add_argument("--rank", type=int, default=128, help="ReLoRA rank r")
     p.add_argument("--vocab", type=int, default=8000)
     p.add_argument("--seq-len", type=int, default=32)
@@ -47,8 +47,8 @@ def worker(args) -> None:
     """One tree: build, one step, time restarts; rank 0 prints a JSON line."""
     import torch
 
-    from lowrank_pt import dist
-    from lowrank_pt.config import OptimizerConfig, ScheduleConfig, StageConfig
+    from lowrank_pt.config.recipe import OptimizerConfig, ScheduleConfig, StageConfig
+    from lowrank_pt.core import dist
     from lowrank_pt.methods import parse_options
     from lowrank_pt.methods.relora import ReLoRA
 
@@ -79,11 +79,11 @@ def worker(args) -> None:
 
 def build_engine(args, method, stage, clip: float):
     """The method's ZeRO-3 fp32 engine on the model of ``args``, built partitioned."""
-    from lowrank_pt import dist
-    from lowrank_pt import engine as E
-    from lowrank_pt.config import EngineConfig
+    from lowrank_pt.config.recipe import EngineConfig
+    from lowrank_pt.core import dist
     from lowrank_pt.methods.base import StageContext
-    from lowrank_pt.model import LlamaModel, ModelConfig, resolve
+    from lowrank_pt.model.llama import LlamaModel, ModelConfig, resolve
+    from lowrank_pt.zero import engine as E
 
     ds = E.deepspeed_config(EngineConfig(zero_stage=3, precision="fp32"), 1, 1, clip, dist.world_size())
     with E.partitioned_build(ds):
@@ -99,10 +99,10 @@ def galore_worker(args) -> None:
     """Steps 0-3 of GaLore at ZeRO-3 (refreshes at 0 and 2): each refresh's extra seconds."""
     import torch
 
-    from lowrank_pt import dist
-    from lowrank_pt.config import OptimizerConfig, ScheduleConfig, StageConfig
+    from lowrank_pt.config.recipe import OptimizerConfig, ScheduleConfig, StageConfig
+    from lowrank_pt.core import dist
     from lowrank_pt.methods import parse_options
-    from lowrank_pt.methods.galore import GaLore
+    from lowrank_pt.methods.galore.method import GaLore
 
     stage = StageConfig(steps=10**6, optimizer=OptimizerConfig(lr=1e-3), schedule=ScheduleConfig(kind="constant"))
     options = parse_options("galore", {"rank": args.rank, "update_proj_gap": 2, **json.loads(args.galore_options)})

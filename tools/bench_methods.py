@@ -17,7 +17,7 @@ Peers (plain PyTorch optimizers, ZeRO 0 only): galore-torch ``GaLoreAdamW``, apo
 ``APOLLOAdamW``, fira ``FiraAdamW``, each where importable.
 
     python tools/bench_methods.py                    # demo model (7M), 60 steps each, ~10 min on 2 cores
-    python tools/bench_methods.py --quick --out DIR  # seconds: a smoke test (tests/test_tracking_bench.py)
+    python tools/bench_methods.py --quick --out DIR  # seconds: a smoke test (tests/e2e/test_tracking_bench.py)
 
 Writes ``DIR/results.json`` and ``DIR/bench.md`` (the tables for BENCHMARKS.md).
 """
@@ -56,7 +56,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny model, a few steps, 1 rank: a smoke test")
-    p.add_argument("--size", default="demo", help="model size (lowrank_pt.model.MODEL_SIZES)")
+    p.add_argument("--size", default="demo", help="model size (lowrank_pt.model.llama.MODEL_SIZES)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per contender (equal token budget)")
@@ -87,8 +87,8 @@ def parse_args(argv=None):
 def embedded_corpus(args):
     """``(model_cfg, train shard, validation batches, vocabulary size)`` of the embedded corpus for
     ``args`` (vocab, max_documents, cache_dir, size, seq_len, micro_batch, eval_sequences)."""
-    from lowrank_pt.data import DataConfig, TokenShard, Tokenizer, prepare_data, validation_batches
-    from lowrank_pt.model import ModelConfig, resolve
+    from lowrank_pt.data import DataConfig, Tokenizer, TokenShard, prepare_data, validation_batches
+    from lowrank_pt.model.llama import ModelConfig, resolve
 
     data = DataConfig(source="embedded", vocab_size=args.vocab, max_documents=args.max_documents,
                       cache_dir=args.cache_dir)
@@ -100,14 +100,14 @@ def embedded_corpus(args):
 
 
 def model_description(args, model_cfg, vocab: int) -> str:
-    from lowrank_pt.model import count_parameters
+    from lowrank_pt.model.llama import count_parameters
 
     return (f"LLaMA {args.size} (d {model_cfg.hidden_size}, {model_cfg.num_layers} layers, vocab {vocab}, "
             f"{count_parameters(model_cfg):,} params), seq {args.seq_len}, micro-batch {args.micro_batch}")
 
 
 def init_single_process():
-    from lowrank_pt import dist
+    from lowrank_pt.core import dist
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(dist.free_port()))
@@ -127,7 +127,7 @@ def begin(args) -> float:
 def stage_for(name: str, args):
     """The StageConfig each contender trains with: LR 2e-3 for full, LoRA and ReLoRA (the demo
     recipe's); 1e-2, the GaLore paper's, for GaLore and the optimizer-side peers."""
-    from lowrank_pt.config import OptimizerConfig, ScheduleConfig, StageConfig
+    from lowrank_pt.config.recipe import OptimizerConfig, ScheduleConfig, StageConfig
 
     method, options, lr = "full", {}, 2e-3
     if name == FULL_HIGH_LR:
@@ -149,13 +149,13 @@ class Contender:
     """One method (or peer optimizer) with its engine, data stream and tracker."""
 
     def __init__(self, name, args, model_cfg, shard, tracked=True, precision="fp32", stage=None):
-        from lowrank_pt import engine as E
         from lowrank_pt import methods
-        from lowrank_pt.config import EngineConfig
+        from lowrank_pt.config.recipe import EngineConfig
         from lowrank_pt.data import PackedLoader
-        from lowrank_pt.model import LlamaModel
         from lowrank_pt.methods.base import StageContext
+        from lowrank_pt.model.llama import LlamaModel
         from lowrank_pt.tracking import NULL_TIMER, StageTracker
+        from lowrank_pt.zero import engine as E
 
         self.name = name
         self.stage = stage or stage_for("full" if name == "full (untracked)" else name, args)
@@ -301,7 +301,7 @@ def memory_worker(rank, world, port, args, model_kwargs, out_path):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from lowrank_pt import dist
+    from lowrank_pt.core import dist
 
     dist.init()
     rows = sweep(rank, world, args, model_kwargs)
@@ -310,12 +310,12 @@ def memory_worker(rank, world, port, args, model_kwargs, out_path):
 
 
 def sweep(rank, world, args, model_kwargs) -> list[dict]:
-    from lowrank_pt import engine as E
     from lowrank_pt import methods
-    from lowrank_pt.config import EngineConfig
-    from lowrank_pt.model import LlamaModel, ModelConfig, resolve
+    from lowrank_pt.config.recipe import EngineConfig
     from lowrank_pt.methods.base import StageContext
+    from lowrank_pt.model.llama import LlamaModel, ModelConfig, resolve
     from lowrank_pt.tracking import MemoryTracker, PhaseTimer, planner
+    from lowrank_pt.zero import engine as E
 
     cfg = resolve(ModelConfig(**model_kwargs["cfg"]), vocab_size=model_kwargs["vocab"])
     rows = []
@@ -353,7 +353,7 @@ def sweep(rank, world, args, model_kwargs) -> list[dict]:
 def memory_sweep(args, model_kwargs, worlds, out_dir) -> list[dict]:
     import multiprocessing as mp
 
-    from lowrank_pt import dist
+    from lowrank_pt.core import dist
 
     rows = []
     for world in worlds:

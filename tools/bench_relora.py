@@ -19,14 +19,15 @@ import time
 
 import torch
 
-from lowrank_pt import dist
-from lowrank_pt import engine as E
-from lowrank_pt.config import EngineConfig, OptimizerConfig, ScheduleConfig, StageConfig
-from lowrank_pt.lowrank import lowrank_modules
+from lowrank_pt.config.recipe import EngineConfig, OptimizerConfig, ScheduleConfig, StageConfig
+from lowrank_pt.core import dist
 from lowrank_pt.methods import Method, parse_options
 from lowrank_pt.methods.base import StageContext
 from lowrank_pt.methods.relora import ReLoRA
-from lowrank_pt.model import LlamaModel, ModelConfig, count_parameters, resolve
+from lowrank_pt.model.llama import LlamaModel, ModelConfig, count_parameters, resolve
+from lowrank_pt.model.lowrank_linear import lowrank_modules
+from lowrank_pt.zero import engine as E
+from lowrank_pt.zero.params import full_numel
 
 
 def parse_args():
@@ -65,7 +66,7 @@ def state_bytes(engine) -> int:
 
 
 def trainable(engine, skip: tuple[str, ...] = ()) -> int:
-    return sum(getattr(p, "ds_numel", p.numel()) for n, p in engine.module.named_parameters()
+    return sum(full_numel(p) for n, p in engine.module.named_parameters()
                if p.requires_grad and not n.startswith(skip))
 
 

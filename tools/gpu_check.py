@@ -107,8 +107,8 @@ def free_memory() -> None:
 
 
 def train(overrides: list[str]) -> dict:
-    from lowrank_pt.config import load
-    from lowrank_pt.trainer import Trainer
+    from lowrank_pt.config.recipe import load
+    from lowrank_pt.trainer.trainer import Trainer
 
     try:
         return Trainer(load(TINY, overrides)).run_all()
@@ -117,13 +117,13 @@ def train(overrides: list[str]) -> dict:
 
 
 def logged_losses(run_dir: str) -> list[tuple[int, float]]:
-    from lowrank_pt import metrics
+    from lowrank_pt.tracking import metrics
 
     return [(r["step"], r["loss"]) for r in metrics.read(run_dir) if "loss" in r]
 
 
 def final_weights(run_dir: str) -> dict:
-    from lowrank_pt import checkpoint
+    from lowrank_pt.checkpoint import store as checkpoint
 
     return checkpoint.load_weights(checkpoint.newest(run_dir))
 
@@ -139,11 +139,11 @@ def ready(method, engine, total_steps: int = 100) -> None:
 
 
 def tiny_engine(method, zero_stage: int, precision: str, lr: float = 1e-2):
-    from lowrank_pt import engine as E
-    from lowrank_pt.config import EngineConfig
-    from lowrank_pt.model import LlamaModel, ModelConfig, resolve
-
     import torch
+
+    from lowrank_pt.config.recipe import EngineConfig
+    from lowrank_pt.model.llama import LlamaModel, ModelConfig, resolve
+    from lowrank_pt.zero import engine as E
 
     torch.manual_seed(0)
     model = LlamaModel(resolve(ModelConfig(size="tiny", seq_len=16), vocab_size=64))
@@ -178,11 +178,11 @@ def masters_relora(zero_stage: int, precision: str) -> str:
     """After a restart: A re-initialised and B zeroed in masters and module, W0 merged."""
     import torch
 
-    from lowrank_pt import zero_io
-    from lowrank_pt.config import OptimizerConfig, StageConfig
-    from lowrank_pt.lowrank import lowrank_modules, merged_weight
+    from lowrank_pt.config.recipe import OptimizerConfig, StageConfig
     from lowrank_pt.methods import parse_options
     from lowrank_pt.methods.relora import ReLoRA
+    from lowrank_pt.model.lowrank_linear import lowrank_modules, merged_weight
+    from lowrank_pt.zero import state as zero_io
 
     options = parse_options("relora", dict(rank=4, alpha=8, restart_every=2, restart_warmup_steps=1,
                                            reset_mode="zero", seed=5))
@@ -201,7 +201,7 @@ def masters_relora(zero_stage: int, precision: str) -> str:
             for name, m in mods:
                 W0, A0, B0 = before[name]
                 W1, A1, B1 = (zero_io.full_param(engine, getattr(m, leaf)) for leaf in ("weight", "lora_A", "lora_B"))
-                with zero_io.gathered(engine, [m.lora_A, m.lora_B]):
+                with zero_io.gathered([m.lora_A, m.lora_B]):
                     module_A, module_B = (m.lora_A.detach().float().cpu().clone(),
                                           m.lora_B.detach().float().cpu().clone())
                 if not B0.abs().max() > 0:
@@ -223,9 +223,9 @@ def masters_galore(zero_stage: int, precision: str) -> str:
     """At the refresh of step 2: B zeroed in master and module, B·Q merged into W0."""
     import torch
 
-    from lowrank_pt import zero_io
-    from lowrank_pt.config import OptimizerConfig, StageConfig
-    from lowrank_pt.methods.galore import GaLore, GaLoreOptions
+    from lowrank_pt.config.recipe import OptimizerConfig, StageConfig
+    from lowrank_pt.methods.galore.method import GaLore, GaLoreOptions
+    from lowrank_pt.zero import state as zero_io
 
     method = GaLore(GaLoreOptions(rank=4, update_proj_gap=2),
                     StageConfig(steps=100, optimizer=OptimizerConfig(lr=1e-2)), None)
@@ -244,7 +244,7 @@ def masters_galore(zero_stage: int, precision: str) -> str:
         for name, a in method.adapters.items():
             w0, b0, q0, d0 = before[name]
             b1 = zero_io.full_param(engine_, a.galore_b)
-            with zero_io.gathered(engine_, [a.galore_b]):
+            with zero_io.gathered([a.galore_b]):
                 module_b = a.galore_b.detach().float().cpu().clone()
             w1 = base_weight(engine_, a)
             if not b0.abs().max() > 0:
@@ -322,7 +322,7 @@ def check_cell(method: str, zero_stage: int, precision: str, args, data_cache: s
 def bench(size: str, method: str, args, data_cache: str) -> dict:
     import torch
 
-    from lowrank_pt.model import ModelConfig, resolve
+    from lowrank_pt.model.llama import ModelConfig, resolve
     from lowrank_pt.tracking import planner, read_summary
 
     options = dict(BENCH_OPTIONS[method])
@@ -470,7 +470,7 @@ def main(argv=None) -> int:
         print("gpu_check: fp16 needs a GPU", file=sys.stderr)
         return 2
 
-    from lowrank_pt import dist
+    from lowrank_pt.core import dist
 
     os.makedirs(args.out, exist_ok=True)
     data_cache = os.path.join(args.out, "data_cache")

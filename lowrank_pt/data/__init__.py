@@ -11,9 +11,10 @@ Typical use by a trainer::
     cursor = loader.state_dict()                     # plain ints, saved in the checkpoint
 """
 
+from lowrank_pt.core.errors import DataError
+
 from .config import DataConfig, validate
 from .embedded import SceneDocument, Speech, iter_scene_documents, iter_speeches
-from .errors import DataError
 from .loader import PackedLoader, validation_batches
 from .prepare import PreparedData, prepare_data
 from .shards import TokenShard, check_tokenizer

@@ -12,13 +12,13 @@ import sys
 import typing
 from dataclasses import MISSING, fields
 
+from lowrank_pt.core.errors import DataError
+
 from .config import SAMPLE_BY, TOKENIZER_TYPES, DataConfig, field_docs, validate
-from .errors import DataError
 from .prepare import prepare_data
 from .shards import TokenShard
 from .sources import iter_split_documents
 from .tokenizer import Tokenizer, train_tokenizer
-
 
 _CHOICES = {"tokenizer_type": TOKENIZER_TYPES, "txt_sample_by": SAMPLE_BY}
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
-from .errors import DataError
+from lowrank_pt.core.errors import DataError
 
 SOURCE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 TOKENIZER_TYPES = ("bpe", "unigram")

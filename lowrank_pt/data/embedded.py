@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .errors import DataError
+from lowrank_pt.core.errors import DataError
 
 CLEANING_VERSION = 2
 """Bump when the cleaning below changes: it is part of every cache key built on this corpus."""

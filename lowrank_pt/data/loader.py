@@ -18,7 +18,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .errors import DataError
+from lowrank_pt.core.errors import DataError
+
 from .shards import TokenShard
 
 

@@ -24,10 +24,20 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from .errors import DataError
+from lowrank_pt.core.errors import DataError
+
 from .loader import ShuffledLoader, check_rank
-from .sft import (SHAKESPEARE, _chat_ids, _write_jsonl, build_shakespeare_sft, check_files_and_split, held_out,
-                  read_jsonl, shakespeare_key, spread)
+from .sft import (
+    SHAKESPEARE,
+    _write_jsonl,
+    build_shakespeare_sft,
+    chat_ids,
+    check_files_and_split,
+    held_out,
+    read_jsonl,
+    shakespeare_key,
+    spread,
+)
 from .tokenizer import Tokenizer
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
@@ -118,7 +128,7 @@ class PreferenceData:
     def __init__(self, pairs: list[dict], tokenizer: Tokenizer, path: str = "<memory>"):
         if not pairs:
             raise DataError(f"{path}: no preference pairs")
-        role_ids, end_id = _chat_ids(tokenizer)
+        role_ids, end_id = chat_ids(tokenizer)
         texts = [t for p in pairs for t in (p["prompt"], p["chosen"], p["rejected"])]
         ids = tokenizer.encode_many(texts)
         self.prompts, self.chosen, self.rejected = [], [], []

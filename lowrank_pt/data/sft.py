@@ -46,7 +46,9 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import torch
 
-from .errors import DataError
+from lowrank_pt.core.errors import DataError
+from lowrank_pt.data.embedded import CLEANING_VERSION, iter_speeches, package_version
+
 from .loader import ShuffledLoader, check_rank
 from .tokenizer import Tokenizer
 
@@ -190,13 +192,14 @@ def held_out(text: str, fraction: float) -> bool:
 # --- template -----------------------------------------------------------------------------------
 
 
-def _chat_ids(tokenizer: Tokenizer) -> tuple[dict[str, int], int]:
+def chat_ids(tokenizer: Tokenizer) -> tuple[dict[str, int], int]:
+    """``({role: its piece id}, id of the end piece)`` of the chat template in ``tokenizer``."""
     return {role: tokenizer.piece_id(p) for role, p in ROLE_PIECES.items()}, tokenizer.piece_id(END_PIECE)
 
 
 def encode_conversations(tokenizer: Tokenizer, conversations: list[list[dict]]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Token ids and target flags (True: trained) of whole conversations, per the module's template."""
-    role_ids, end_id = _chat_ids(tokenizer)
+    role_ids, end_id = chat_ids(tokenizer)
     contents = tokenizer.encode_many([m["content"] for conv in conversations for m in conv])
     out, k = [], 0
     for conv in conversations:
@@ -217,7 +220,7 @@ def encode_conversations(tokenizer: Tokenizer, conversations: list[list[dict]]) 
 def encode_prompt(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
     """Ids that ask the model for the next assistant turn: the template of ``messages`` followed by
     ``<|assistant|>`` (no EOS). What ``generate.chat`` feeds the model."""
-    role_ids, end_id = _chat_ids(tokenizer)
+    role_ids, end_id = chat_ids(tokenizer)
     contents = tokenizer.encode_many([m["content"] for m in messages])
     ids: list[int] = []
     for m, body in zip(messages, contents):
@@ -367,8 +370,6 @@ def shakespeare_key(max_examples: Optional[int], seed: int) -> str:
 
 
 def _corpus_version() -> str:
-    from .embedded import CLEANING_VERSION, package_version
-
     return f"{package_version()}/{CLEANING_VERSION}"
 
 
@@ -409,8 +410,6 @@ def build_shakespeare_sft(out_dir: str | Path, max_examples: Optional[int] = Non
     Cached: if ``out_dir`` already holds the files of the same parameters, nothing is done. Files
     appear atomically (params.json last), so concurrent callers are safe.
     """
-    from .embedded import iter_speeches
-
     out = Path(out_dir)
     train_path, val_path, params_path = out / "train.jsonl", out / "val.jsonl", out / "params.json"
     params = {"key": shakespeare_key(max_examples, seed), "max_examples": max_examples, "seed": seed}

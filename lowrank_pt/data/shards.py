@@ -29,7 +29,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from .errors import DataError
+from lowrank_pt.core.errors import DataError
+
 from .tokenizer import Tokenizer, token_dtype
 
 FORMAT_VERSION = 1

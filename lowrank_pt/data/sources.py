@@ -23,9 +23,10 @@ from typing import Any, Iterable, Iterator
 
 import datasets
 
+from lowrank_pt.core.errors import DataError
+
 from . import embedded
 from .config import HUB_PREFIX, SOURCE_SUFFIXES, DataConfig, is_hub_source
-from .errors import DataError
 
 logger = logging.getLogger(__name__)
 

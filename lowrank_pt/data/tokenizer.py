@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import sentencepiece as spm
 
-from .errors import DataError
+from lowrank_pt.core.errors import DataError
 
 logger = logging.getLogger(__name__)
 

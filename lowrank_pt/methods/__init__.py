@@ -7,12 +7,12 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lowrank_pt.errors import ConfigError
+from lowrank_pt.core.errors import ConfigError
 from lowrank_pt.methods.apollo import APOLLO
 from lowrank_pt.methods.apollo_mini import APOLLOMini
 from lowrank_pt.methods.base import Method
 from lowrank_pt.methods.fira import Fira
-from lowrank_pt.methods.galore import GaLore
+from lowrank_pt.methods.galore.method import GaLore
 from lowrank_pt.methods.lora import LoRA
 from lowrank_pt.methods.relora import ReLoRA
 
@@ -37,12 +37,10 @@ def parse_options(method: str, options: dict) -> Any:
     except OmegaConfBaseException as e:
         raise ConfigError(f"{method}: {str(e).splitlines()[0]}") from None
     parsed = OmegaConf.to_object(merged)
-    check = getattr(parsed, "check", None)
-    if check is not None:
-        try:
-            check()
-        except ValueError as e:
-            raise ConfigError(f"{method}: {e}") from None
+    try:
+        parsed.check()
+    except ValueError as e:
+        raise ConfigError(f"{method}: {e}") from None
     return parsed
 
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
+from lowrank_pt.methods.base import MethodOptions
 from lowrank_pt.methods.projected import ProjectedMethod
+from lowrank_pt.model.targets import DEFAULT_TARGETS
 from lowrank_pt.optim import APOLLOAdamW
-from lowrank_pt.targets import DEFAULT_TARGETS
 
 
 @dataclass
-class APOLLOOptions:
+class APOLLOOptions(MethodOptions):
     rank: int = 256
     """Rank r of the projection of each targeted matrix's gradient (capped at the matrix's smaller
     side). The APOLLO paper's LLaMA 60M-350M runs use 256, 1B 512."""

@@ -25,21 +25,36 @@ state formula in ``optimizer_state_bytes``, which the planner and the memory tra
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Optional
+from typing import Any, Callable, ClassVar, ContextManager, Iterator, Optional
 
 import torch
 from torch import nn
 
-from lowrank_pt import dist, schedule, zero_io
-from lowrank_pt.guard import NonFiniteGuard
-from lowrank_pt.optim import fragments
-from lowrank_pt.tracking.timer import NULL_TIMER, NullTimer, PhaseTimer
+from lowrank_pt.core.timer import NULL_TIMER, NullTimer, PhaseTimer
+from lowrank_pt.model.llama import flops_per_token
+from lowrank_pt.objectives.base import LMObjective
+from lowrank_pt.optim import schedule
+from lowrank_pt.zero import engine as E
+from lowrank_pt.zero import partition as fragments
+from lowrank_pt.zero import state as zero_io
+from lowrank_pt.zero.guard import NonFiniteGuard
 
 
 @dataclass
-class NoOptions:
+class MethodOptions:
+    """The base of every method's options dataclass (its fields carry docstrings, which become
+    the config reference)."""
+
+    def check(self) -> None:
+        """Refuse combinations of options that cannot work, with a ValueError naming the keys;
+        called once the options are parsed, before any work."""
+
+
+@dataclass
+class NoOptions(MethodOptions):
     """This method takes no options."""
 
 
@@ -56,8 +71,8 @@ class StageContext:
     own merge / refresh work) on it."""
     guard: NonFiniteGuard = field(default_factory=NonFiniteGuard)
     """The run's non-finite guard: ``train_step`` asks it whether each optimizer step is skipped."""
-    objective: Any = None
-    """The stage's loss when it is not the LM loss (``lowrank_pt.dpo.DPOObjective``), else None."""
+    objective: LMObjective = field(default_factory=LMObjective)
+    """The stage's objective (``lowrank_pt.objectives``): the loss of each micro-batch and its weight."""
 
 
 class Method:
@@ -68,6 +83,15 @@ class Method:
     default_grad_clip: ClassVar[float] = 1.0
     """Gradient-norm clipping when the stage's ``optimizer.grad_clip`` is null. DeepSpeed clips the
     global norm of the gradients of the trainable params, whatever they are for this method."""
+    reshardable: ClassVar[bool] = True
+    """Whether a checkpoint of this method resumes on another world size or ZeRO stage: its state
+    is the engine's (masters, Adam's moments) plus its own ``state_dict``. False for a method
+    whose optimizer keeps state laid out by the saving ZeRO partitions (APOLLO, Fira)."""
+    has_dense_form: ClassVar[bool] = True
+    """Whether the trained model is a dense Llama (``to_plain`` gives its weights): what export,
+    a following stage and generation take. A method whose model has another architecture says
+    False, and config validation refuses what needs the dense form."""
+
 
     def __init__(self, options: Any, stage: Any, run: Any):
         self.options = options
@@ -98,7 +122,7 @@ class Method:
         """Checks of a stage that need more than its options, made by config validation before any
         work starts: the schedule, the stage's length (``total_steps``), and where needed the
         model's shapes (``model_cfg`` is resolved: build it on the meta device,
-        ``lowrank_pt.targets.check_targets``). Raise ValueError naming the key below the stage
+        ``lowrank_pt.model.targets.check_targets``). Raise ValueError naming the key below the stage
         (``schedule.kind=...``, ``options.target_modules: ...``); validation names the stage."""
         sched = stage.schedule
         if sched.kind == "jagged_cosine" and sched.restart_every < 1:
@@ -117,7 +141,7 @@ class Method:
         previous stage, ``init_from``, or the fresh init), before the engine exists; not called
         when a stage resumes from a checkpoint. Where weight-dependent initialisation belongs
         (LoRA's pissa: an SVD of each base). A ZeRO-3 model is partitioned here
-        (``lowrank_pt.model.whole`` reads a param whole). Returns, by param id, the fp32 value each
+        (``lowrank_pt.zero.params.read_whole`` reads a param whole). Returns, by param id, the fp32 value each
         trainable param it wrote holds on this rank (``zero_io.write_before_engine``'s), which
         become a bf16 engine's masters."""
         return {}
@@ -141,8 +165,6 @@ class Method:
         """The client optimizer DeepSpeed wraps, over ``param_groups`` (this method's): the stage's
         AdamW (``engine.build_optimizer``; ``stage.optimizer`` its hyperparameters, ``engine_cfg``
         the run's engine section: offload, ZeRO stage), unless a method brings its own."""
-        from lowrank_pt import engine as E
-
         return E.build_optimizer(param_groups, stage.optimizer, offload=engine_cfg.offload_optimizer,
                                  zero_stage=engine_cfg.zero_stage)
 
@@ -164,6 +186,12 @@ class Method:
         parts = [[-(-n // world) for n in g] for g in numels]
         return sum(8 * sum(p) + 4 * len(fragments.stage3_sub_groups(p, sub_group_size)) for p in parts)
 
+    def flops_per_token(self, model_cfg) -> int:
+        """Training FLOPs per token of the model this method trains (what MFU divides by): the
+        dense Llama's, whatever a low-rank method saves on its updates (see the formula). A
+        method whose model is not the dense Llama declares its own."""
+        return flops_per_token(model_cfg)
+
     def describe(self) -> str:
         """A line on what the method decided for this stage (printed at the stage's start), or ""."""
         return ""
@@ -183,54 +211,46 @@ class Method:
         """One optimizer step over ``micro_batches`` (gradient accumulation); its mean loss on
         this rank.
 
-        In SFT stages each micro-batch's loss (a mean over its answer tokens) is weighted by its
-        share of the answer tokens of the whole step on all ranks, so every answer token counts
-        the same however the answers are spread over micro-batches and ranks; in pre-training
-        every micro-batch holds the same number of target tokens and weights are 1.
+        Each micro-batch's loss is the stage objective's, weighted as the objective says
+        (``token_weights``: in SFT by its share of the step's answer tokens on all ranks).
         """
-        weights = self.token_weights(micro_batches)
+        weights = self.objective.token_weights(micro_batches)
         total = 0.0
-        for batch, weight in zip(micro_batches, weights):
-            with self.timer.phase("forward"):
-                loss = self.micro_batch_loss(engine, batch)
-                if weight != 1.0:
-                    loss = loss * weight
-            with self.timer.phase("backward"):
-                engine.backward(loss)
-            total += loss.detach().float().item()
-            if engine.is_gradient_accumulation_boundary():
-                # Collective: a non-finite loss or gradient on any rank skips the step on every rank.
-                self.step_skipped = self.guard.check(engine, total, f"stage {self.stage.name!r} step {step + 1}")
-                if not self.step_skipped:
-                    self.before_optimizer_step(engine, step)
-            with self.timer.phase("optimizer"):
-                self.guard.step(engine)
+        with self.step_context(engine, micro_batches, step):
+            for batch, weight in zip(micro_batches, weights):
+                with self.timer.phase("forward"):
+                    loss = self.objective.loss(engine, batch)
+                    if weight != 1.0:
+                        loss = loss * weight
+                with self.timer.phase("backward"):
+                    engine.backward(loss)
+                total += loss.detach().float().item()
+                if engine.is_gradient_accumulation_boundary():
+                    # Collective: a non-finite loss or gradient on any rank skips the step on every rank.
+                    self.step_skipped = self.guard.check(engine, total, f"stage {self.stage.name!r} step {step + 1}")
+                    if not self.step_skipped:
+                        self.before_optimizer_step(engine, step)
+                with self.timer.phase("optimizer"):
+                    self.guard.step(engine)
         return total / len(micro_batches)
 
-    def micro_batch_loss(self, engine, batch: dict) -> torch.Tensor:
-        """The loss of one micro-batch: the stage's objective's (DPO), else the LM loss."""
-        objective = self.context.objective if self.context is not None else None
-        if objective is not None:
-            return objective.loss(engine, batch)
-        return engine(batch["input_ids"].to(engine.device), batch["labels"].to(engine.device))
+    def step_context(self, engine, micro_batches: list[dict], step: int) -> ContextManager:
+        """A context around one optimizer step (every micro-batch's forward and backward, the
+        boundary's ``before_optimizer_step`` and the step): where a method installs what the
+        step's backward must capture (GaLore's refresh, LoRA-GA's gradients) and takes it down
+        however the step ends. Nothing here."""
+        return contextlib.nullcontext()
+
+    @property
+    def objective(self) -> LMObjective:
+        """The stage's objective (the LM loss before the engine's context arrives)."""
+        return self.context.objective if self.context is not None else _LM
 
     def base_is_start_model(self) -> bool:
         """Whether the trained model with its adapters switched off (``lowrank.adapters_disabled``)
         is the stage's starting model throughout the stage: DPO's reference then costs nothing.
         Not for full-rank methods (no adapters), nor for those that merge into the base."""
         return False
-
-    def token_weights(self, micro_batches: list[dict]) -> list[float]:
-        """Per-micro-batch loss weights ``n_i·k·world / N`` (n_i answer tokens of micro-batch i, k
-        micro-batches, N answer tokens of the step on all ranks; collective) for SFT stages;
-        ones otherwise. DeepSpeed divides by k and averages over ranks, so the gradient is that
-        of the mean over all N tokens."""
-        if getattr(self.stage, "sft", None) is None:
-            return [1.0] * len(micro_batches)
-        counts = [int((batch["labels"] != -100).sum()) for batch in micro_batches]
-        step_total = dist.all_reduce_sum(float(sum(counts)))
-        scale = len(micro_batches) * dist.world_size() / max(step_total, 1.0)
-        return [n * scale for n in counts]
 
     def before_optimizer_step(self, engine, step: int) -> None:
         """Between the last micro-batch's backward (gradients reduced) and ``engine.step()``:
@@ -277,3 +297,7 @@ class Method:
         """Turn a full state dict of a model this method prepared into the plain model's
         (adapters merged). Used for stage hand-over, ``init_from`` and export."""
         return state
+
+
+_LM = LMObjective()
+"""The objective of a method used before (or without) a stage context: the LM loss."""

@@ -13,13 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
+from lowrank_pt.methods.base import MethodOptions
 from lowrank_pt.methods.projected import ProjectedMethod
+from lowrank_pt.model.targets import DEFAULT_TARGETS
 from lowrank_pt.optim import FiraAdamW
-from lowrank_pt.targets import DEFAULT_TARGETS
 
 
 @dataclass
-class FiraOptions:
+class FiraOptions(MethodOptions):
     rank: int = 128
     """Rank r of the gradient subspace of each targeted matrix (capped at its smaller side); Fira's
     LLaMA 60M run uses 128, 130M-350M 256, 1B 512."""

@@ -20,23 +20,39 @@ once the engine exists goes through ``zero_io`` (every copy, every ZeRO stage).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import List
+from typing import Iterator, List
 
 import torch
 from torch import nn
 
-from lowrank_pt import dist, zero_frozen, zero_io
-from lowrank_pt.lowrank import (INITS, SCALINGS, WEIGHT_INITS, init_factors, lora_ga_factors, lowrank_modules,
-                                merged_state_dict, read_whole, row_norms, wrap_linears)
-from lowrank_pt.methods.base import Method
-from lowrank_pt.targets import DEFAULT_TARGETS, check_targets, select_linears
+from lowrank_pt.core import dist
+from lowrank_pt.core.owners import balanced_owners
+from lowrank_pt.methods.base import Method, MethodOptions
+from lowrank_pt.methods.galore.capture import GradientCapture
+from lowrank_pt.model.llama import LlamaModel
+from lowrank_pt.model.lowrank_linear import (
+    INITS,
+    SCALINGS,
+    WEIGHT_INITS,
+    init_factors,
+    lora_ga_factors,
+    lowrank_modules,
+    merged_state_dict,
+    row_norms,
+    wrap_linears,
+)
+from lowrank_pt.model.targets import DEFAULT_TARGETS, check_targets, select_linears
+from lowrank_pt.zero import frozen as zero_frozen
+from lowrank_pt.zero import state as zero_io
+from lowrank_pt.zero.params import read_whole
 
 PRECONDITIONERS = ("none", "riemannian")
 
 
 @dataclass
-class LoRAOptions:
+class LoRAOptions(MethodOptions):
     rank: int = 128
     """Rank r of the update B·A of each targeted linear."""
     alpha: float = 32.0
@@ -129,8 +145,6 @@ class LoRA(Method):
     def check_targets(cls, options, model_cfg) -> None:
         """Each target_modules pattern matches an nn.Linear of the model (built on the meta device)."""
         check_targets(model_cfg, options.target_modules)
-        from lowrank_pt.model import LlamaModel
-
         with torch.device("meta"):
             model = LlamaModel(model_cfg)
         shapes = [(n, m.out_features, m.in_features) for n, m in select_linears(model, options.target_modules)]
@@ -196,20 +210,28 @@ class LoRA(Method):
         """Whether the factors are (re)initialised from the full gradient at this step."""
         return self.options.init == "lora_ga" and step == 0
 
-    def train_step(self, engine, micro_batches: list[dict], step: int) -> float:
+    @contextlib.contextmanager
+    def step_context(self, engine, micro_batches: list[dict], step: int) -> Iterator[None]:
+        """At the LoRA-GA step each module captures its full gradient, held by the rank that
+        initialises it (``ga_owners``: balanced by bytes)."""
         if not self.is_lora_ga_step(step):
-            return super().train_step(engine, micro_batches, step)
-        from lowrank_pt.galore.capture import GradientCapture
-
+            yield
+            return
         world, rank = dist.world_size(), dist.rank()
         modules = lowrank_modules(engine.module)
-        for index, (_, m) in enumerate(modules):  # owner i % world: ~1/world of the full gradients each
-            m.capture = GradientCapture(owner=index % world, world=world, rank=rank)
+        for (_, m), owner in zip(modules, self.ga_owners(modules, world)):
+            m.capture = GradientCapture(owner=owner, world=world, rank=rank)
         try:
-            return super().train_step(engine, micro_batches, step)
+            yield
         finally:
             for _, m in modules:
                 m.capture = None
+
+    @staticmethod
+    def ga_owners(modules, world: int) -> list[int]:
+        """The rank that holds each module's full gradient at the LoRA-GA step and computes its
+        factors, balanced by the gradient's bytes (``core.owners``), the same on every rank."""
+        return balanced_owners([m.out_features * m.in_features for _, m in modules], world)
 
     def before_optimizer_step(self, engine, step: int) -> None:
         if self.is_lora_ga_step(step):
@@ -229,8 +251,8 @@ class LoRA(Method):
         keeps its factors. Collective."""
         world, rank = dist.world_size(), dist.rank()
         o = self.options
-        for index, (_, m) in enumerate(lowrank_modules(engine.module)):
-            owner = index % world
+        modules = lowrank_modules(engine.module)
+        for (_, m), owner in zip(modules, self.ga_owners(modules, world)):
             grad = m.capture.mean() if m.capture is not None else None
             m.capture = None
             A = torch.zeros(m.rank, m.in_features)

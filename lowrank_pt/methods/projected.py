@@ -18,12 +18,13 @@ import torch
 from torch import nn
 
 from lowrank_pt.methods.base import Method
+from lowrank_pt.model.targets import check_targets, select_linears
 from lowrank_pt.optim.projected import ProjectedAdam, check_group
-from lowrank_pt.targets import check_targets, select_linears
+from lowrank_pt.zero.params import full_shape
 
 
 def _ndim(p: torch.Tensor) -> int:
-    return len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 param built partitioned holds a placeholder
+    return len(full_shape(p))
 
 
 class ProjectedMethod(Method):

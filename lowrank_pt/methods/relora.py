@@ -14,8 +14,8 @@ After optimizer step ``step`` (0-based) with ``(step + 1) % restart_every == 0``
 
 The LR follows a jagged cosine: step ``k·restart_every`` is the first step after restart ``k`` and
 re-warms from ~0 over ``restart_warmup_steps``. The sum of the updates is of full rank although
-each cycle's is of rank r. Every write goes through ``zero_io``, which reaches the copies each ZeRO
-stage keeps (see shared/DESIGN.md).
+each cycle's is of rank r. Every write goes through ``zero.state`` and ``zero.frozen``, which
+reach the copies each ZeRO stage keeps.
 """
 
 from __future__ import annotations
@@ -26,10 +26,19 @@ from typing import Callable, Optional
 
 import torch
 
-from lowrank_pt import schedule, zero_frozen, zero_io
-from lowrank_pt.lowrank import (WEIGHT_INITS, init_factors, init_lora_A, lowrank_modules, merged_weight,
-                                row_norms, seeded_generator)
 from lowrank_pt.methods.lora import LoRA, LoRAOptions
+from lowrank_pt.model.lowrank_linear import (
+    WEIGHT_INITS,
+    init_factors,
+    init_lora_A,
+    lowrank_modules,
+    merged_weight,
+    row_norms,
+    seeded_generator,
+)
+from lowrank_pt.optim import schedule
+from lowrank_pt.zero import frozen as zero_frozen
+from lowrank_pt.zero import state as zero_io
 
 RESET_MODES = ("none", "zero", "random", "magnitude")
 MOMENTS = zero_io.MOMENTS

@@ -3,7 +3,7 @@ fragments of each matrix a ZeRO partition holds (``fragments``), and their updat
 (``projected``)."""
 
 from lowrank_pt.optim.fragment_optimizer import FragmentOptimizer
-from lowrank_pt.optim.fragments import Fragment, planned_fragments
 from lowrank_pt.optim.projected import APOLLOAdamW, FiraAdamW, ProjectedAdam
+from lowrank_pt.zero.partition import Fragment, planned_fragments
 
 __all__ = ["APOLLOAdamW", "FiraAdamW", "Fragment", "FragmentOptimizer", "ProjectedAdam", "planned_fragments"]

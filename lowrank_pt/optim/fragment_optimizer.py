@@ -1,5 +1,5 @@
 """``FragmentOptimizer``: the optimizer base that steps per fragment of each matrix a ZeRO
-partition holds (the layout it reads is :mod:`lowrank_pt.optim.fragments`; the design is
+partition holds (the layout it reads is :mod:`lowrank_pt.zero.partition`; the design is
 described there)."""
 
 from __future__ import annotations
@@ -9,10 +9,19 @@ import math
 
 import torch
 
-from lowrank_pt import dist
-
-from lowrank_pt.optim.fragments import (FlatLayout, Fragment, Geometry, MatrixPlan, ParamSpec, Piece, live_fragments,
-                                        planned_fragments)
+from lowrank_pt.core import dist
+from lowrank_pt.zero.params import full_shape
+from lowrank_pt.zero.partition import (
+    FlatLayout,
+    Fragment,
+    Geometry,
+    MatrixPlan,
+    ParamSpec,
+    Piece,
+    assign_owners,
+    live_fragments,
+    planned_fragments,
+)
 
 
 class FragmentOptimizer(torch.optim.Optimizer):
@@ -37,7 +46,7 @@ class FragmentOptimizer(torch.optim.Optimizer):
         self._index: dict[int, int] = {}
         for g, group in enumerate(self.param_groups):
             for p in group["params"]:
-                shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 params built partitioned
+                shape = full_shape(p)
                 spec = ParamSpec(len(self.specs), g, names.get(id(p), f"group{g}.param{len(self.specs)}"), shape,
                                  "rank" in group and len(shape) == 2)
                 self._index[id(p)] = spec.index
@@ -117,6 +126,7 @@ class FragmentOptimizer(torch.optim.Optimizer):
             self._plans[spec.index] = plan
             if plan.cut:
                 self._cut_by_key.setdefault(plan.key, []).append(plan)
+        assign_owners(list(self._plans.values()), dist.world_size())
 
     def _ensure_layout(self) -> None:
         if self._pairs is None:
@@ -291,6 +301,7 @@ class FragmentOptimizer(torch.optim.Optimizer):
             if spec.projected:
                 opt._plans[spec.index] = MatrixPlan(spec, keys[spec.index], tuple(sorted(holders[spec.index])),
                                                     opt.matrix_options(spec, opt._group_options[spec.group]))
+        assign_owners(list(opt._plans.values()), max(world, rank + 1))
         total = 0
         for lay in mine:
             geo = opt.flat_geometry(lay, rank)

@@ -56,10 +56,10 @@ import math
 
 import torch
 
-from lowrank_pt import dist
-from lowrank_pt.galore import projector
+from lowrank_pt.core import dist
+from lowrank_pt.optim import projector
 from lowrank_pt.optim.fragment_optimizer import FragmentOptimizer
-from lowrank_pt.optim.fragments import Fragment, MatrixPlan, ParamSpec, Piece, aligned
+from lowrank_pt.zero.partition import Fragment, MatrixPlan, ParamSpec, Piece, aligned
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class ProjectedAdam(FragmentOptimizer):
         return r, hi - lo
 
     def piece_state(self, plan: MatrixPlan, rank: int, frag: Fragment) -> dict[str, int]:
-        o, (m, n) = plan.options, plan.shape
+        o, n = plan.options, plan.shape[1]
         out = {"limiter": 1}
         if o["proj"] == "random":
             out["seed"] = 1

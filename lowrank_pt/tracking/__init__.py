@@ -23,12 +23,12 @@ Methods call ``with self.timer.phase(...)`` around their work; it is ``NULL_TIME
 stage context brings a real one.
 """
 
+from lowrank_pt.core.timer import NULL_TIMER, PHASES, NullTimer, PhaseTimer
 from lowrank_pt.tracking.flops import device_peak, flops_per_token, mfu
 from lowrank_pt.tracking.memory import CATEGORIES, MemoryTracker, state_bytes
 from lowrank_pt.tracking.planner import plan
 from lowrank_pt.tracking.stage import StageTracker
 from lowrank_pt.tracking.summary import SUMMARY_FILE, read_summary, write_stage_summary
-from lowrank_pt.tracking.timer import NULL_TIMER, PHASES, NullTimer, PhaseTimer
 
 __all__ = ["CATEGORIES", "NULL_TIMER", "PHASES", "SUMMARY_FILE", "MemoryTracker", "NullTimer", "PhaseTimer",
            "StageTracker", "device_peak", "flops_per_token", "mfu", "plan", "read_summary", "state_bytes",

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import sys
+
+import yaml
+
+from lowrank_pt.model.llama import MODEL_SIZES, ModelConfig, resolve
+from lowrank_pt.tracking import planner
+from lowrank_pt.tracking.planner import DEEPSPEED_REDUCE_BUCKET
+from lowrank_pt.tracking.report import build_report
 
 GIB = 1024.0**3
 
@@ -33,8 +41,6 @@ PAPER_TABLE = (
 
 
 def _report(args) -> int:
-    from lowrank_pt.tracking.report import build_report
-
     try:
         files = build_report(args.run_dirs, args.out, html=args.html)
     except (FileNotFoundError, RuntimeError) as e:
@@ -46,8 +52,6 @@ def _report(args) -> int:
 
 
 def _parse_options(method: str, rank: int | None, pairs: list[str]) -> dict:
-    import yaml
-
     options: dict = {}
     if rank is not None and method != "full":
         options["rank"] = rank
@@ -78,9 +82,6 @@ def plan_markdown(p) -> str:
 
 def paper_markdown() -> str:
     """Our planner beside the GaLore paper's memory estimates (see the README snippet)."""
-    from lowrank_pt.model import ModelConfig, resolve
-    from lowrank_pt.tracking import planner
-
     lines = ["| model | rank | paper full | ours (paper's accounting) full | paper GaLore | "
              "ours (paper's accounting) GaLore | ours, DeepSpeed bf16 ZeRO-0, 1 GPU: full / GaLore |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -99,9 +100,6 @@ def paper_markdown() -> str:
 
 
 def _plan(args) -> int:
-    from lowrank_pt.model import ModelConfig, resolve
-    from lowrank_pt.tracking import planner
-
     if args.rank_index >= args.gpus:
         print(f"error: plan --rank-index {args.rank_index} must be below --gpus {args.gpus}", file=sys.stderr)
         return 2
@@ -133,8 +131,6 @@ def _plan(args) -> int:
 
 def at_least(low: int):
     """An argparse type: an int >= ``low`` (argparse then names the flag in its one-line error)."""
-    import argparse
-
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -151,9 +147,6 @@ def at_least(low: int):
 def register(subparsers) -> None:
     """Add the ``report`` and ``plan`` subcommands to the main CLI's subparsers."""
     # Nothing here imports DeepSpeed (the methods do): it prints to stdout, which --json keeps clean.
-    from lowrank_pt.model import MODEL_SIZES
-    from lowrank_pt.tracking.planner import DEEPSPEED_REDUCE_BUCKET
-
     rep = subparsers.add_parser("report", help="markdown/HTML report with plots of one or more run dirs")
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (side by side)")
     rep.add_argument("--out", required=True, help="output directory for report.md and the PNGs")

@@ -1,23 +1,7 @@
 """Model FLOPs per token, the device's peak FLOP/s, and MFU.
 
-FLOPs per trained token (forward + backward), the PaLM / torchtitan convention:
-
-    6·N_matmul + 12·L·d·T
-
-- ``N_matmul``: weights that multiply activations: every linear of the blocks plus the output
-  head. The input embedding is a lookup, not a matmul, so it is left out (the head's matmul is
-  counted, tied to the embedding or not). Norm weights are elementwise and negligible.
-  Each such weight costs 2 FLOPs per token forward (multiply-add) and 4 backward (input grad
-  and weight grad): 6·N.
-- ``12·L·d·T``: attention scores ``Q·Kᵀ`` and ``softmax·V`` are 2·2·T·d per token per layer
-  forward, twice that backward. The causal mask is not subtracted (kernels that skip the
-  masked half are counted as if they did not): the usual convention, which makes numbers
-  comparable with published MFU.
-
-The count is the *plain model's*, whatever method trains it: LoRA and GaLore skip part of the
-weight-gradient work (and add the factors' small products), but MFU measures useful model work
-per second, so a cheaper method shows up as more tokens/s at the same FLOPs per token, not as a
-smaller count.
+FLOPs per trained token are the model's (``lowrank_pt.model.llama.flops_per_token``, the PaLM /
+torchtitan convention), as the stage's method declares them (``Method.flops_per_token``).
 """
 
 from __future__ import annotations
@@ -30,6 +14,8 @@ import socket
 import time
 
 import torch
+
+from lowrank_pt.model.llama import flops_per_token  # noqa: F401 - the tracker's count, named here too
 
 # Dense (no structured sparsity) peak TFLOP/s from the vendors' datasheets, by dtype.
 # "fp32" is the non-tensor-core rate, what a float32 matmul gets with TF32 off (PyTorch's
@@ -56,13 +42,6 @@ PEAK_ENV = "LOWRANK_PT_PEAK_TFLOPS"
 """Set to a number (TFLOP/s per device) to override the table or the CPU measurement."""
 
 CPU_PEAK_FILE = "device_peak.json"
-
-
-def flops_per_token(cfg) -> int:
-    """Training FLOPs per token of a resolved ``ModelConfig`` (see the module doc)."""
-    d, f, L, v, t = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size, cfg.seq_len
-    n_matmul = L * (4 * d * d + 3 * d * f) + v * d  # block linears + output head
-    return 6 * n_matmul + 12 * L * d * t
 
 
 def gpu_peak_flops(name: str, dtype: str) -> float | None:

@@ -43,12 +43,12 @@ What the method changes is N and the frozen and buffer bytes:
 - galore: each projected m×n matrix trains B of ``m×r`` (right side, m ≥ n under ``std``) or
   ``r×n`` (left), so Adam holds ``2·r·max(m, n)`` moments; the frozen base stays in params and
   the projector (r×n or m×r, ``projector_dtype``: 4 or 2 bytes) is a method buffer, held as a
-  frozen param (``lowrank_pt.frozen``): whole on every rank at stages 0-2, ``⌈n/W⌉`` per rank
+  frozen param (``lowrank_pt.zero.method_buffers``): whole on every rank at stages 0-2, ``⌈n/W⌉`` per rank
   at stage 3 (partitioned like the weights). At refresh steps the full fp32
   gradient of each projected matrix is summed onto one owner rank (balanced by bytes,
-  ``lowrank_pt.owners``): ``4·m·n`` for each owned matrix, or with ``svd: sketch`` its two
+  ``lowrank_pt.core.owners``): ``4·m·n`` for each owned matrix, or with ``svd: sketch`` its two
   sketches, ``4·(rows·(r+p) + (r+2p)·cols)``; reported as ``method_transient``. On the
-  ``step`` forward path (``lowrank_pt.galore.cost``, chosen for the tokens per micro-batch and
+  ``step`` forward path (``lowrank_pt.methods.galore.cost``, chosen for the tokens per micro-batch and
   accumulation given) each such matrix's W_eff is kept through every step, ``m·n·b``: ``step_cache``.
 
 Activations are an estimate (see ``activation_bytes``).
@@ -61,9 +61,15 @@ from typing import Callable, Optional
 
 import torch
 
-from lowrank_pt.optim.fragments import ALIGN
-from lowrank_pt.optim.fragments import pad as _pad
+from lowrank_pt import methods
+from lowrank_pt.config.recipe import OptimizerConfig, StageConfig
+from lowrank_pt.core.owners import owned_bytes
+from lowrank_pt.methods.base import Method
+from lowrank_pt.model.llama import LlamaModel
 from lowrank_pt.tracking.memory import STATE_CATEGORIES
+from lowrank_pt.zero.method_buffers import is_method_buffer
+from lowrank_pt.zero.partition import ALIGN, group_shapes
+from lowrank_pt.zero.partition import pad as _pad
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DEEPSPEED_REDUCE_BUCKET = 500_000_000
@@ -107,12 +113,6 @@ class Layout:
 
 def layout(model_cfg, method: str = "full", options: dict | None = None, weight_decay: float = 0.0) -> Layout:
     """The layout of ``model_cfg`` trained by ``method`` with ``options``, built on the meta device."""
-    from lowrank_pt import methods
-    from lowrank_pt.config import OptimizerConfig, StageConfig
-    from lowrank_pt.frozen import is_method_buffer
-    from lowrank_pt.model import LlamaModel
-    from lowrank_pt.optim.fragments import group_shapes
-
     stage = StageConfig(method=method, steps=1, options=dict(options or {}),
                         optimizer=OptimizerConfig(weight_decay=weight_decay))
     parsed = methods.parse_options(method, stage.options)  # a ConfigError names the allowed values
@@ -214,8 +214,6 @@ def state_bytes(lay: Layout, zero_stage: int, world: int, precision: str, rank: 
 
 def _adamw_formula(lay: Layout):
     """AdamW's formula (the base method's) for a layout built without a method."""
-    from lowrank_pt.methods.base import Method
-
     shapes = [{"shapes": [(n,) for n in g]} for g in lay.groups]
     return lambda stage, world, rank, sub: Method.optimizer_state_bytes(None, shapes, stage, world, rank, sub)
 
@@ -230,8 +228,6 @@ def owned_capture_bytes(lay: Layout, world: int, rank: int = 0) -> int:
     """fp32 full gradients or sketches summed in the backward onto each matrix's owner
     (``owners.balanced_owners`` over their sizes, module order), which computes its subspace;
     the other ranks keep nothing of that matrix. On the device."""
-    from lowrank_pt.owners import owned_bytes
-
     return 4 * owned_bytes(lay.captures, world)[rank]
 
 
@@ -253,7 +249,7 @@ def activation_bytes(model_cfg, micro_batch: int, seq_len: int, precision: str,
     T×T matrix): a block saves about ``(4f + 6d)·b + 16·d`` bytes (the MLP's four f-wide
     tensors, attention's inputs/q/k/v/output, and the two fp32 vectors each RMSNorm keeps); the
     head keeps the fp32 log-probabilities, ``4·V``. Checked against autograd's saved tensors on
-    CPU (within 12%, tests/test_tracking.py::test_activation_estimate_matches_autograd). With
+    CPU (within 12%, tests/unit/test_tracking.py::test_activation_estimate_matches_autograd). With
     activation checkpointing a block keeps only its input (``d·b``) and one block's activations
     are rebuilt at a time in backward. ``working``: the fp32 logits gradient (``4·V`` per token) during the head's
     backward.

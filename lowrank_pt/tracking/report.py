@@ -134,7 +134,7 @@ def phase_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
 
 def _pyplot():
     try:
-        import matplotlib
+        import matplotlib  # heavy, and only the report draws: imported where it draws
     except ImportError as e:
         raise RuntimeError("lowrank-pt report draws its plots with matplotlib: pip install matplotlib") from e
     matplotlib.use("Agg")

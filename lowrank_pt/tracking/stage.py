@@ -14,9 +14,10 @@ from collections import defaultdict
 
 import torch
 
-from lowrank_pt import dist
+from lowrank_pt.core import dist
+from lowrank_pt.core.timer import PhaseTimer
 from lowrank_pt.tracking import flops, memory, planner
-from lowrank_pt.tracking.timer import PhaseTimer
+from lowrank_pt.tracking.summary import derive_rates
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class StageTracker:
 
     def __init__(self, *, engine, stage, index: int, model_cfg, tokens_per_step: int, precision: str,
                  zero_stage: int, micro_tokens: int = 0, accum: int = 1, start_step: int = 0, cache_dir: str = ".cache/lowrank_pt",
-                 sync: bool | None = None, timer: PhaseTimer | None = None):
+                 sync: bool | None = None, timer: PhaseTimer | None = None, flops_per_token: int | None = None):
         self.rank = dist.rank()
         self.world = dist.world_size()
         self.engine, self.stage, self.index = engine, stage, index
@@ -40,7 +41,8 @@ class StageTracker:
         self.timer = timer or PhaseTimer(sync)
         self.memory = memory.MemoryTracker(engine, self.timer)
         self.host_peak_resettable = memory.reset_peaks()
-        self.flops_per_token = flops.flops_per_token(model_cfg)
+        # The stage's method declares its model's count; without one, the dense Llama's.
+        self.flops_per_token = flops_per_token or flops.flops_per_token(model_cfg)
         self.peak_flops, self.peak_source = self._device_peak(precision, cache_dir)
         # Tracking must never stop a run: a method the planner cannot lay out gets no formula.
         try:
@@ -118,8 +120,6 @@ class StageTracker:
         w = self._window
         out: dict = {}
         if w["losses"]:
-            from lowrank_pt import dist
-
             out["loss"] = dist.all_reduce_mean(w["loss"] / w["losses"])
         steps = max(w["steps"], 1)
         for name, seconds in sorted(w["phases"].items()):
@@ -179,8 +179,6 @@ class StageTracker:
             "peak_source": self.peak_source, "params": self.params, "memory": mem,
             **{k.replace("/", "_"): v for k, v in self.last.items()},
         }
-        from lowrank_pt.tracking.summary import derive_rates
-
         return derive_rates(entry)
 
 

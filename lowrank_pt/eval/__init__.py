@@ -1,0 +1,2 @@
+"""Evaluation: validation loss, answer-token accuracy and exact match (``scores``), and sampling
+from a trained model (``generate``, also the ``lowrank-pt generate`` command)."""

@@ -1,0 +1,157 @@
+"""DeepSpeed engine built from our config: ZeRO stage, precision, batch, clipping, optimizer."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+from torch.optim.lr_scheduler import LambdaLR
+
+from lowrank_pt.core import dist
+from lowrank_pt.zero import state as zero_io
+from lowrank_pt.zero.params import full_numel
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def deepspeed_config(engine_cfg, micro_batch_size: int, grad_accum: int, grad_clip: float,
+                     world_size: int) -> dict:
+    """The DeepSpeed config for one stage; ``engine.deepspeed`` keys are merged over it."""
+    zero = {"stage": engine_cfg.zero_stage}
+    if engine_cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    threshold = getattr(engine_cfg, "stage3_param_persistence_threshold", None)
+    if engine_cfg.zero_stage == 3 and threshold is not None:
+        zero["stage3_param_persistence_threshold"] = int(threshold)
+    cfg = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * world_size,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": engine_cfg.precision == "bf16"},
+        "fp16": {"enabled": engine_cfg.precision == "fp16"},
+        # Our optimizer is a client torch AdamW: no JIT-compiled FusedAdam on CPU machines.
+        "zero_allow_untested_optimizer": True,
+        # With offload on a CPU-only machine our torch AdamW already runs on the CPU; on GPUs
+        # build_optimizer picks DeepSpeedCPUAdam, the fast offload path.
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(cfg, engine_cfg.deepspeed or {})
+
+
+def _deepspeed_persistence_default() -> int:
+    """DeepSpeed's own ``stage3_param_persistence_threshold`` default (1e5 in 0.19.8)."""
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig  # inside the try: a moved module
+
+        return int(DeepSpeedZeroConfig.model_fields["param_persistence_threshold"].default)
+    except Exception:  # noqa: BLE001 - a moved field: the documented value
+        return 100_000
+
+
+def with_persistence_threshold(model, ds_config: dict) -> dict:
+    """``ds_config`` with ZeRO-3's persistence threshold for ``model``: an explicit value (from
+    ``engine.stage3_param_persistence_threshold`` or ``engine.deepspeed``) is kept; otherwise
+    DeepSpeed's default, unless no param of ``model`` reaches it. Such a model (the tiny test
+    sizes) would stay entirely unpartitioned under ZeRO-3, and the tests that check partitioned
+    params, shards and stage-3 gathers would check nothing: there 0 partitions every param.
+    A real model has matrices far above the default and keeps it, so its norm weights stay
+    whole on every rank instead of being gathered at every use."""
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("stage") != 3 or "stage3_param_persistence_threshold" in zero:
+        return ds_config
+    # A param built under deepspeed.zero.Init holds an empty placeholder: its size is ds_numel.
+    largest = max((full_numel(p) for p in model.parameters()), default=0)
+    if largest >= _deepspeed_persistence_default():
+        return ds_config
+    return deep_merge(ds_config, {"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+
+
+def partitioned_build(ds_config: dict):
+    """The context to build (and wrap) the model in. At ZeRO-3 it is ``deepspeed.zero.Init``:
+    each param is partitioned over the ranks as soon as its module is built, so no rank ever
+    holds the whole model (a 7B model is ~27 GB in fp32 on every rank otherwise, before ZeRO
+    partitions anything). Params come out in the run's precision (zero.Init casts them; DeepSpeed
+    does not cast a zero.Init model again). Elsewhere nothing: stages 0-2 hold the whole model
+    on every rank by design."""
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        return contextlib.nullcontext()
+    return deepspeed.zero.Init(config_dict_or_path=ds_config)
+
+
+def build_optimizer(param_groups: list[dict], opt_cfg, offload: bool = False,
+                    zero_stage: int | None = None) -> torch.optim.Optimizer:
+    """The stage's AdamW.
+
+    - offload on a GPU machine: DeepSpeed's CPU Adam (the fast offload path);
+    - CUDA at ZeRO stage 0 (``zero_stage=0``, no offload): torch AdamW with ``fused=True``, one
+      kernel per param group instead of a loop of ~10 kernels per tensor. Same update formula
+      in fp32; the kernel orders the arithmetic differently, so results differ from the
+      single-tensor path by float rounding (a few ulp per step), and they are deterministic
+      (no atomics): a resumed GPU run still equals an uninterrupted one bit for bit.
+      tools/gpu_check.py measures the difference on the GPU.
+    - everywhere else (CPU, and ZeRO 1-3, whose optimizer sees one flat tensor per group, so
+      there is no per-tensor loop to fuse): single-tensor loops (``foreach=False``), the exact
+      path every CPU test checks, with the same numerics on every stage's flat and 2-D views.
+    """
+    if offload and torch.cuda.is_available():
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # compiled once per machine
+
+        return DeepSpeedCPUAdam(param_groups, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps,
+                                weight_decay=opt_cfg.weight_decay, adamw_mode=True)
+    fused = torch.cuda.is_available() and zero_stage == 0 and not offload
+    return torch.optim.AdamW(
+        param_groups,
+        lr=opt_cfg.lr,
+        betas=tuple(opt_cfg.betas),
+        eps=opt_cfg.eps,
+        weight_decay=opt_cfg.weight_decay,
+        foreach=False,
+        fused=fused or None,
+    )
+
+
+def initialize(model, optimizer, lr_lambda, ds_config: dict, masters: dict[int, torch.Tensor] | None = None):
+    """``deepspeed.initialize`` with our optimizer and a LambdaLR over DeepSpeed's wrapper, and
+    what it rounds put back: the method's buffers (a bf16 engine casts GaLore's fp32 projectors)
+    and, from ``masters`` (param id -> the fp32 value this rank wrote before the engine existed,
+    ``state.write_before_engine``), the fp32 masters DeepSpeed made from bf16 params."""
+    dist.check_deepspeed()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    held = zero_io.hold_method_buffers(model)  # a bf16 engine would cast GaLore's fp32 projectors
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda),
+        config=with_persistence_threshold(model, ds_config),
+        dist_init_required=False,
+    )
+    zero_io.restore_method_buffers(engine, held)
+    if masters and (ds_config.get("bf16", {}).get("enabled") or ds_config.get("fp16", {}).get("enabled")):
+        for p in engine.module.parameters():
+            if id(p) in masters:
+                zero_io.restore_master(engine, p, masters[id(p)])
+    return engine
+
+
+def check_precision(precision: str) -> None:
+    """fp16 needs a device that supports it; fail before any work starts."""
+    if precision == "fp16":
+        if not get_accelerator().is_fp16_supported():
+            raise ValueError("engine.precision=fp16 is not supported on this device; use bf16 or fp32")
+

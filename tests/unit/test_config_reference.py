@@ -1,0 +1,51 @@
+"""docs/config.md is the schema's own reference: it must match what the code documents."""
+
+import os
+import subprocess
+import sys
+
+from fixtures import ROOT
+
+DOC = os.path.join(ROOT, "docs", "config.md")
+
+
+def test_config_reference_is_current():
+    out = subprocess.run([sys.executable, "-m", "lowrank_pt.cli", "config-reference"],
+                         capture_output=True, text=True, check=True).stdout
+    with open(DOC) as f:
+        assert f.read() == out, "docs/config.md is stale: run `lowrank-pt config-reference > docs/config.md`"
+
+
+def test_every_field_is_documented():
+    from lowrank_pt.config.recipe import reference
+
+    undocumented = [row for row in reference() if row.rstrip().endswith("|  |")]
+    assert not undocumented, undocumented
+
+
+def _keys(cls, prefix=""):
+    """Every key path of the schema, walked from the dataclass fields themselves."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        yield prefix + f.name
+        hint = hints[f.name]
+        inner = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+        target = hint if dataclasses.is_dataclass(hint) else (inner[0] if inner else None)
+        if target is not None and not (prefix.startswith("stages.N.") and f.name == "data"):
+            listed = typing.get_origin(hint) in (list, typing.List)
+            yield from _keys(target, f"{prefix}{f.name}{'.N' if listed else ''}.")
+
+
+def test_every_key_of_every_section_appears():
+    """Each key of each section, nested ones included (stages.N.sft.*, stages.N.optimizer.*), has
+    its own row; a stage's data section points to the run's data keys."""
+    from lowrank_pt.config.recipe import RunConfig, reference
+
+    rows = "\n".join(reference())
+    missing = [k for k in _keys(RunConfig) if f"| `{k}` |" not in rows]
+    assert not missing, missing
+    assert any(k.startswith("stages.N.sft.") for k in _keys(RunConfig))
+    assert "| `stages.N.data` | (section) |" in rows and "Same keys as `data`." in rows
