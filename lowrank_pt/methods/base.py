@@ -1,26 +1,28 @@
 """The one small interface every training method implements.
 
 The trainer calls a method at fixed points of a recipe stage and never branches on which method
-it runs. Order of calls in one stage:
+it runs. Order of calls in one stage (``zero.materialise`` makes the first six):
 
     method = MethodClass(options, stage, run)         # options: the method's own dataclass
     method.prepare_model(model)                         # wrap / freeze, before DeepSpeed sees it
     held = method.after_weights_loaded(model)           # the stage's weights are in (not at a resume)
     groups = method.param_groups(model)                 # what the optimizer trains
-    lr_fn  = method.lr_lambda(total_steps)              # LR multiplier by optimizer step
     optimizer = method.build_optimizer(groups, stage, run.engine)   # what DeepSpeed wraps
-    engine = deepspeed.initialize(..., gradient_clipping=method.grad_clip())
-    method.on_engine_ready(StageContext(engine, total_steps, timer))   # everything it needs, once
+    engine = initialize(..., method.lr_lambda(total_steps), gradient_clipping=method.grad_clip())
+    method.on_engine_ready(StageContext(engine, total_steps, timer, guard, objective))  # once
     method.load_state_dict(saved) if resuming
     for step in range(start, total_steps):
-        loss = method.train_step(engine, micro_batches, step)   # fwd/bwd/step of one optimizer step
-                                                                 # (calls before_optimizer_step)
+        loss = method.train_step(engine, micro_batches, step)   # inside method.step_context(...):
+                                                                 # the objective's loss per micro-batch,
+                                                                 # backward, before_optimizer_step, step
         events = method.after_step(engine, step)                 # e.g. merge-and-restart
-    weights = method.export_weights(engine)             # plain-model state dict, adapters merged
+    weights = method.plain_weights(engine)              # the dense model's weights, adapters merged
 
-Adding a method means a module with a subclass and one line in ``methods/__init__.py``. A method
-with its own optimizer (APOLLO, Fira) overrides ``build_optimizer`` and declares that optimizer's
-state formula in ``optimizer_state_bytes``, which the planner and the memory tracker follow.
+A method declares what the rest of the project asks of it: ``reshardable``, ``has_dense_form``,
+``flops_per_token``, its ``Options`` (a ``MethodOptions`` with ``check()``). Adding a method means a
+module with a subclass and one line in ``methods/__init__.py`` (CONTRIBUTING.md). A method with its
+own optimizer (APOLLO, Fira) overrides ``build_optimizer`` and declares that optimizer's state
+formula in ``optimizer_state_bytes``, which the planner and the memory tracker follow.
 """
 
 from __future__ import annotations
