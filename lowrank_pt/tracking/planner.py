@@ -25,7 +25,8 @@ zero_buffers    0                    0 resident (a bucket lives  reduce_bucket_s
 
 - ``pad(N)``: DeepSpeed flattens each group and pads it to a multiple of 2·W elements (4-byte
   alignment of every rank's slice), so each rank's slice is ``pad(N)/W``. Stage 3 pads each
-  param to a multiple of W instead (``⌈n/W⌉`` per rank).
+  param to a multiple of W instead (``⌈n/W⌉`` per rank). These layout rules are
+  ``lowrank_pt.zero.partition``'s (``padded_group``, ``piece_of``, ``slice_grad_elements``).
 - stages 1-2 gradients: the rank copies the whole gradient of every param whose flat range
   overlaps its slice, so a param cut by a slice boundary counts on both sides, and the last rank
   also holds the group's padding as zeros: a rank holds a little more than ``pad(N)/W``.
@@ -68,8 +69,7 @@ from lowrank_pt.methods.base import Method
 from lowrank_pt.model.llama import LlamaModel
 from lowrank_pt.tracking.memory import STATE_CATEGORIES
 from lowrank_pt.zero.method_buffers import is_method_buffer
-from lowrank_pt.zero.partition import ALIGN, group_shapes
-from lowrank_pt.zero.partition import pad as _pad
+from lowrank_pt.zero.partition import group_shapes, padded_group, piece_of, slice_grad_elements
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DEEPSPEED_REDUCE_BUCKET = 500_000_000
@@ -157,20 +157,6 @@ def layout(model_cfg, method: str = "full", options: dict | None = None, weight_
                   step_cache=m.step_cache_bytes)
 
 
-def _slice_grad_elements(group: list[int], world: int, rank: int) -> int:
-    """Elements of the params whose flat range overlaps ``rank``'s slice (stages 1-2)."""
-    part = _pad(sum(group), ALIGN * world) // world
-    lo, hi = rank * part, (rank + 1) * part
-    total, offset = 0, 0
-    for n in group:
-        if offset < hi and offset + n > lo:
-            total += n
-        offset += n
-    if rank == world - 1:  # the last slice carries the group's alignment padding as a zero tensor
-        total += part * world - sum(group)
-    return total
-
-
 def state_bytes(lay: Layout, zero_stage: int, world: int, precision: str, rank: int = 0,
                 reduce_bucket_size: int = DEEPSPEED_REDUCE_BUCKET,
                 sub_group_size: int = DEEPSPEED_SUB_GROUP, fp32_grad_accumulation: bool = False) -> dict[str, int]:
@@ -183,7 +169,7 @@ def state_bytes(lay: Layout, zero_stage: int, world: int, precision: str, rank: 
     W = world if zero_stage > 0 else 1
     out = dict.fromkeys((*STATE_CATEGORIES, "zero_buffers"), 0)
     formula = lay.optimizer_formula or _adamw_formula(lay)
-    out["method_buffers"] = lay.buffer_bytes + sum((-(-n // W) if zero_stage == 3 else n) * size
+    out["method_buffers"] = lay.buffer_bytes + sum((piece_of(n, W) if zero_stage == 3 else n) * size
                                                    for n, size in lay.method_params)
     if zero_stage == 0:
         n = lay.trainable
@@ -192,17 +178,17 @@ def state_bytes(lay: Layout, zero_stage: int, world: int, precision: str, rank: 
         out["optimizer_states"] = formula(zero_stage, W, rank, sub_group_size)
         out["grads"] = n * b
     elif zero_stage in (1, 2):
-        padded = [_pad(sum(g), ALIGN * W) for g in lay.groups]
+        padded = [padded_group(sum(g), W) for g in lay.groups]
         out["params"] = (sum(padded) + sum(lay.frozen)) * b
         out["master_params"] = sum(padded) // W * 4
         out["optimizer_states"] = formula(zero_stage, W, rank, sub_group_size)
-        out["grads"] = sum(_slice_grad_elements(g, W, rank) for g in lay.groups) * b
+        out["grads"] = sum(slice_grad_elements(g, W, rank) for g in lay.groups) * b
         if fp32_grad_accumulation and zero_stage == 1 and precision == "bf16":
             out["grads"] = sum(padded) * 4 + lay.trainable * b
     elif zero_stage == 3:
-        parts = [[-(-n // W) for n in g] for g in lay.groups]
+        parts = [[piece_of(n, W) for n in g] for g in lay.groups]
         slice_elems = sum(sum(p) for p in parts)
-        out["params"] = (slice_elems + sum(-(-n // W) for n in lay.frozen)) * b
+        out["params"] = (slice_elems + sum(piece_of(n, W) for n in lay.frozen)) * b
         out["master_params"] = slice_elems * 4
         out["optimizer_states"] = formula(zero_stage, W, rank, sub_group_size)
         out["grads"] = slice_elems * b
@@ -237,7 +223,7 @@ def kept_bytes(lay: Layout, world: int, zero_stage: int = 0, past_step: bool = F
     ZeRO-3) and, with re-projected moments, its r×r fp32 change of basis."""
     W = world if zero_stage == 3 else 1
     held = lay.held + (lay.held_past_step if past_step else [])
-    return sum(-(-n // W) * size + 4 * r * r for n, size, r in held)
+    return sum(piece_of(n, W) * size + 4 * r * r for n, size, r in held)
 
 
 def activation_bytes(model_cfg, micro_batch: int, seq_len: int, precision: str,

@@ -72,6 +72,33 @@ def pad(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def padded_group(numel: int, world: int) -> int:
+    """Elements of a param group's flat buffer at stages 1-2: its params end to end, padded to a
+    multiple of ALIGN·W (each rank's slice is this divided by W)."""
+    return pad(numel, ALIGN * world)
+
+
+def piece_of(numel: int, world: int) -> int:
+    """Elements of each rank's ZeRO-3 piece of a param of ``numel`` elements (the last padded)."""
+    return -(-numel // world)
+
+
+def slice_grad_elements(group: list[int], world: int, rank: int) -> int:
+    """Elements of the gradients ``rank`` holds at stages 1-2 for a param group of ``group``
+    sizes: every param whose flat range overlaps the rank's slice, whole (DeepSpeed keeps the
+    overlapping params' gradients), plus the alignment padding on the last rank."""
+    part = padded_group(sum(group), world) // world
+    lo, hi = rank * part, (rank + 1) * part
+    total, offset = 0, 0
+    for n in group:
+        if offset < hi and offset + n > lo:
+            total += n
+        offset += n
+    if rank == world - 1:  # the last slice carries the group's alignment padding as a zero tensor
+        total += part * world - sum(group)
+    return total
+
+
 def stage3_sub_groups(partition_numels: list[int], size: int | None) -> list[list[int]]:
     """Indices of the params of each stage-3 sub-group (DeepSpeed closes one once its params'
     partitions reach ``size`` elements)."""
