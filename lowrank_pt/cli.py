@@ -14,21 +14,26 @@ import sys
 
 from lowrank_pt.checkpoint import export
 from lowrank_pt.checkpoint.export import load_model
-from lowrank_pt.config.schema import reference
 from lowrank_pt.core.errors import DataError
 from lowrank_pt.core.failures import debug_from_env, run_guarded
 from lowrank_pt.data import cli as data_cli
 from lowrank_pt.eval.generate import chat, generate
-from lowrank_pt.methods import METHODS
 from lowrank_pt.tracking import cli as tracking_cli
-from lowrank_pt.train import run as train_run
+
+# A command imports what it runs: training and the config reference need the methods, which
+# import DeepSpeed (seconds); building the parser, --help and the other commands do not.
 
 
 def _train(args) -> int:
+    from lowrank_pt.train import run as train_run
+
     return train_run(args.config, args.overrides)
 
 
 def _reference(args) -> int:
+    from lowrank_pt.config.schema import reference
+    from lowrank_pt.methods import METHODS
+
     print("# Config reference\n\nEvery key of a recipe, generated from the schema's field docstrings by "
           "`lowrank-pt config-reference`.\n")
     print("| key | default | meaning |\n|---|---|---|")

@@ -10,7 +10,7 @@ from fixtures import THREADS  # noqa: E402
 
 # Tests run on 2 cores: 2 torch threads, or 1 under pytest-xdist's 2 workers (two processes with
 # 2 OpenMP threads each on 2 cores spin-wait and run ~10x slower). Subprocesses (launchers, the
-# CLI) take the same through OMP_NUM_THREADS; the spawned ranks set theirs in helpers.
+# CLI) take the same through OMP_NUM_THREADS; the spawned ranks set theirs in fixtures.
 torch.set_num_threads(THREADS)
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
 

@@ -21,6 +21,7 @@ from lowrank_pt.methods import parse_options
 from lowrank_pt.methods.base import StageContext
 from lowrank_pt.methods.relora import ReLoRA
 from lowrank_pt.model.llama import LlamaModel, ModelConfig, resolve
+from lowrank_pt.optim.adamw import build_optimizer
 from lowrank_pt.tracking import metrics
 from lowrank_pt.trainer.trainer import Trainer
 
@@ -104,7 +105,7 @@ def spawn(fn, world_size: int, *args, timeout: float = 300):
 
 def tiny_engine(zero_stage: int, precision: str, method=None, model=None, micro_batch_size: int = 2,
                 grad_accum: int = 1, lr: float = 1e-2, vocab_size: int = 64, seed: int = 0,
-                grad_clip: float = 1.0):
+                grad_clip: float = 1.0, master_weights: str = "fp32"):
     """A DeepSpeed engine over the tiny LLaMA (or ``model``) with ``method`` (default full-rank).
 
     Call inside a process where ``dist.init()`` ran (e.g. under ``spawn``)."""
@@ -121,10 +122,14 @@ def tiny_engine(zero_stage: int, precision: str, method=None, model=None, micro_
     stage = StageConfig(steps=100, optimizer=OptimizerConfig(lr=lr), schedule=ScheduleConfig(kind="constant"))
     method = method or Method(None, stage, None)
     method.prepare_model(model)
-    optimizer = E.build_optimizer(method.param_groups(model), stage.optimizer)
-    ds = E.deepspeed_config(EngineConfig(zero_stage=zero_stage, precision=precision),
-                            micro_batch_size, grad_accum, grad_clip, dist.world_size())
-    engine = E.initialize(model, optimizer, method.lr_lambda(100), ds)
+    # The method's own stage says how the moments are stored (optimizer.state_dtype).
+    stored = method.stage.optimizer.state_dtype if method.stage is not None else "fp32"
+    optimizer = build_optimizer(method.param_groups(model), OptimizerConfig(lr=lr, state_dtype=stored),
+                                master_weights=master_weights)
+    engine_cfg = EngineConfig(zero_stage=zero_stage, precision=precision, master_weights=master_weights)
+    ds = E.deepspeed_config(engine_cfg, micro_batch_size, grad_accum, grad_clip, dist.world_size())
+    engine = E.initialize(model, optimizer, method.lr_lambda(100), ds,
+                          cast_to=torch.bfloat16 if E.bf16_params(engine_cfg) else None)
     # The method's own stage decides the objective (an SFT stage weights its micro-batches).
     objective = build_objective(method.stage, method) if method.stage is not None else LMObjective()
     method.on_engine_ready(StageContext(engine=engine, total_steps=100, objective=objective))
@@ -243,7 +248,7 @@ def build_galore(zero_stage, precision="fp32", weight_decay=0.0, optimizer=None,
     if optimizer is None:
         method = GaLore(GaLoreOptions(**{"rank": RANK, "update_proj_gap": GAP, **options}), stage, None)
         method.prepare_model(model)
-        optimizer = E.build_optimizer(method.param_groups(model), stage.optimizer, offload=offload)
+        optimizer = build_optimizer(method.param_groups(model), stage.optimizer, offload=offload)
     else:
         optimizer = optimizer(model)
     micro = (2 if world == 1 else 1) * (2 // accum)

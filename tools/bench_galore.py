@@ -73,6 +73,7 @@ class Runner:
     def __init__(self, name, args, init_state):
         from lowrank_pt.config.recipe import EngineConfig
         from lowrank_pt.methods.base import StageContext
+        from lowrank_pt.optim.adamw import build_optimizer
         from lowrank_pt.zero import engine as E
 
         self.name, self.args, self.step_index = name, args, 0
@@ -85,7 +86,7 @@ class Runner:
 
             self.method = GaLore(GaLoreOptions(rank=args.rank, update_proj_gap=args.gap), stage, None)
             self.method.prepare_model(model)
-            optimizer = E.build_optimizer(self.method.param_groups(model), stage.optimizer)
+            optimizer = build_optimizer(self.method.param_groups(model), stage.optimizer)
         elif name == "galore-torch":
             import galore_torch
 
@@ -96,7 +97,7 @@ class Runner:
                        "proj_type": "std"}]
             optimizer = galore_torch.GaLoreAdamW(groups, lr=1e-3, no_deprecation_warning=True)
         else:
-            optimizer = E.build_optimizer([{"params": list(model.parameters())}], stage.optimizer)
+            optimizer = build_optimizer([{"params": list(model.parameters())}], stage.optimizer)
         ds = E.deepspeed_config(EngineConfig(zero_stage=0, precision="fp32"), args.batch, 1, 0.0, 1)
         self.engine = E.initialize(model, optimizer, lambda step: 1.0, ds)
         if self.method is not None:

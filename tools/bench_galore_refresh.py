@@ -151,6 +151,7 @@ def memory_worker(args, label: str) -> dict:
     from lowrank_pt.methods.base import StageContext
     from lowrank_pt.methods.galore.method import GaLore, GaLoreOptions
     from lowrank_pt.model.llama import LlamaModel, ModelConfig, resolve
+    from lowrank_pt.optim.adamw import build_optimizer
     from lowrank_pt.tracking import memory
     from lowrank_pt.zero import engine as E
 
@@ -161,7 +162,7 @@ def memory_worker(args, label: str) -> dict:
     stage = StageConfig(method="galore", steps=8, optimizer=OptimizerConfig(lr=1e-3))
     method = GaLore(GaLoreOptions(rank=args.memory_rank, update_proj_gap=2, **MEMORY_MODES[label]), stage, None)
     method.prepare_model(model)
-    optimizer = E.build_optimizer(method.param_groups(model), stage.optimizer)
+    optimizer = build_optimizer(method.param_groups(model), stage.optimizer)
     engine = E.initialize(model, optimizer, lambda step: 1.0,
                           E.deepspeed_config(EngineConfig(zero_stage=0, precision="fp32"), 1, 1, 0.0, 1))
     method.on_engine_ready(StageContext(engine=engine, total_steps=8))

@@ -83,13 +83,14 @@ def build_engine(args, method, stage, clip: float):
     from lowrank_pt.core import dist
     from lowrank_pt.methods.base import StageContext
     from lowrank_pt.model.llama import LlamaModel, ModelConfig, resolve
+    from lowrank_pt.optim.adamw import build_optimizer
     from lowrank_pt.zero import engine as E
 
     ds = E.deepspeed_config(EngineConfig(zero_stage=3, precision="fp32"), 1, 1, clip, dist.world_size())
     with E.partitioned_build(ds):
         model = LlamaModel(resolve(ModelConfig(size=args.size, seq_len=args.seq_len), vocab_size=args.vocab))
     method.prepare_model(model)
-    optimizer = E.build_optimizer(method.param_groups(model), stage.optimizer)
+    optimizer = build_optimizer(method.param_groups(model), stage.optimizer)
     engine = E.initialize(model, optimizer, method.lr_lambda(10**6), ds)
     method.on_engine_ready(StageContext(engine=engine, total_steps=10**6))
     return engine

@@ -151,10 +151,11 @@ class Contender:
     def __init__(self, name, args, model_cfg, shard, tracked=True, precision="fp32", stage=None):
         from lowrank_pt import methods
         from lowrank_pt.config.recipe import EngineConfig
+        from lowrank_pt.core.timer import NULL_TIMER
         from lowrank_pt.data import PackedLoader
         from lowrank_pt.methods.base import StageContext
         from lowrank_pt.model.llama import LlamaModel
-        from lowrank_pt.tracking import NULL_TIMER, StageTracker
+        from lowrank_pt.tracking.stage import StageTracker
         from lowrank_pt.zero import engine as E
 
         self.name = name
@@ -217,7 +218,7 @@ class Contender:
 
 def span_overhead(n: int = 20000) -> float:
     """Seconds one PhaseTimer span costs (open + close, no device sync)."""
-    from lowrank_pt.tracking import PhaseTimer
+    from lowrank_pt.core.timer import PhaseTimer
 
     timer = PhaseTimer(sync=False)
     start = time.perf_counter()
@@ -274,7 +275,7 @@ def train_and_compare(args, model_cfg, shard, val_batches) -> dict:
             entry["memory"] = done["memory"]["measured"]
             entry["formula"] = done["memory"]["formula"]
         else:
-            from lowrank_pt.tracking import state_bytes
+            from lowrank_pt.zero.held import state_bytes
 
             entry["memory"] = state_bytes(c.engine)
         results[c.name] = entry
@@ -312,9 +313,11 @@ def memory_worker(rank, world, port, args, model_kwargs, out_path):
 def sweep(rank, world, args, model_kwargs) -> list[dict]:
     from lowrank_pt import methods
     from lowrank_pt.config.recipe import EngineConfig
+    from lowrank_pt.core.timer import PhaseTimer
     from lowrank_pt.methods.base import StageContext
     from lowrank_pt.model.llama import LlamaModel, ModelConfig, resolve
-    from lowrank_pt.tracking import MemoryTracker, PhaseTimer, planner
+    from lowrank_pt.tracking import planner
+    from lowrank_pt.tracking.memory import MemoryTracker
     from lowrank_pt.zero import engine as E
 
     cfg = resolve(ModelConfig(**model_kwargs["cfg"]), vocab_size=model_kwargs["vocab"])

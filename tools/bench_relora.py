@@ -26,6 +26,7 @@ from lowrank_pt.methods.base import StageContext
 from lowrank_pt.methods.relora import ReLoRA
 from lowrank_pt.model.llama import LlamaModel, ModelConfig, count_parameters, resolve
 from lowrank_pt.model.lowrank_linear import lowrank_modules
+from lowrank_pt.optim.adamw import build_optimizer
 from lowrank_pt.zero import engine as E
 from lowrank_pt.zero.params import full_numel
 
@@ -50,7 +51,7 @@ def parse_args():
 def build(method: Method, model: LlamaModel, args):
     stage = method.stage
     method.prepare_model(model)
-    optimizer = E.build_optimizer(method.param_groups(model), stage.optimizer)
+    optimizer = build_optimizer(method.param_groups(model), stage.optimizer)
     ds = E.deepspeed_config(EngineConfig(zero_stage=args.zero_stage, precision=args.precision),
                             args.micro_batch, 1, method.grad_clip(), dist.world_size())
     engine = E.initialize(model, optimizer, method.lr_lambda(10**6), ds)

@@ -143,12 +143,13 @@ def tiny_engine(method, zero_stage: int, precision: str, lr: float = 1e-2):
 
     from lowrank_pt.config.recipe import EngineConfig
     from lowrank_pt.model.llama import LlamaModel, ModelConfig, resolve
+    from lowrank_pt.optim.adamw import build_optimizer
     from lowrank_pt.zero import engine as E
 
     torch.manual_seed(0)
     model = LlamaModel(resolve(ModelConfig(size="tiny", seq_len=16), vocab_size=64))
     method.prepare_model(model)
-    optimizer = E.build_optimizer(method.param_groups(model), method.stage.optimizer, zero_stage=zero_stage)
+    optimizer = build_optimizer(method.param_groups(model), method.stage.optimizer, zero_stage=zero_stage)
     ds = E.deepspeed_config(EngineConfig(zero_stage=zero_stage, precision=precision), 2, 1, 0.0, 1)
     engine = E.initialize(model, optimizer, method.lr_lambda(100), ds)
     ready(method, engine)
@@ -323,7 +324,8 @@ def bench(size: str, method: str, args, data_cache: str) -> dict:
     import torch
 
     from lowrank_pt.model.llama import ModelConfig, resolve
-    from lowrank_pt.tracking import planner, read_summary
+    from lowrank_pt.tracking import planner
+    from lowrank_pt.tracking.summary import read_summary
 
     options = dict(BENCH_OPTIONS[method])
     if size == "tiny":

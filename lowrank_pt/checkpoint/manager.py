@@ -35,6 +35,7 @@ class CheckpointManager:
         meta = {**trainer_state, "stage_name": stage.name, "model": asdict(self.model_cfg),
                 "world_size": self.world_size, "zero_stage": run.engine.zero_stage,
                 "precision": run.engine.precision, "method": stage.method, "method_options": dict(stage.options),
+                "state_dtype": stage.optimizer.state_dtype,
                 "tokenizer": os.path.abspath(self.tokenizer.path), "tokenizer_sha256": self.tokenizer.sha256}
         client = {"trainer": {**trainer_state, "stage_name": stage.name},
                   **{key: owner.state_dict() for key, owner in owners.items()}}

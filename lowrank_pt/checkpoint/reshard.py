@@ -56,6 +56,10 @@ def check(meta: dict, path: str, zero_stage: int, world_size: int, precision: st
         raise ConfigError(f"resuming {path} on another world size or ZeRO stage ({what}) is not supported for "
                           f"method {method}: its optimizer keeps state beyond Adam's moments, laid out by the saving "
                           "ZeRO partitions; resume with the checkpoint's world size and engine.zero_stage")
+    if meta.get("state_dtype", "fp32") != "fp32":
+        raise ConfigError(f"resuming {path} on another world size or ZeRO stage ({what}) is supported for fp32 "
+                          f"optimizer states only (the checkpoint's are {meta['state_dtype']}: their blocks follow "
+                          "the saving partitions); resume with the checkpoint's world size and engine.zero_stage")
     if precision != "fp32":
         raise ConfigError(f"resuming {path} on another world size or ZeRO stage ({what}) is supported for fp32 only "
                           f"(engine.precision is {precision}; bf16 conversion is untested); resume with the "

@@ -61,6 +61,9 @@ def check_run(run, world_size: int, meta: dict, path: str) -> None:
                        f"but {meta['method']} in the checkpoint")
     if meta.get("precision") not in (None, run.engine.precision):
         changes.append(f"engine.precision is {run.engine.precision} here but {meta['precision']} in the checkpoint")
+    if index < len(run.stages) and meta.get("state_dtype", "fp32") != run.stages[index].optimizer.state_dtype:
+        changes.append(f"stages.{index}.optimizer.state_dtype is {run.stages[index].optimizer.state_dtype} here but "
+                       f"{meta.get('state_dtype', 'fp32')} in the checkpoint")
     if changes:
         raise ConfigError(f"resuming {path} would change what its state was saved with: {'; '.join(changes)}; "
                           "resume with the checkpoint's settings, or start a new run_dir (init_from takes its weights)")
@@ -70,10 +73,9 @@ def check_run(run, world_size: int, meta: dict, path: str) -> None:
 def check_model(meta: dict, path: str, model_cfg, tokenizer) -> None:
     """The checkpoint's weights fit this model, and its token ids mean this run's pieces (the
     same tokenizer file, by sha256)."""
-    differs = shape_difference(meta.get("model", {}), model_cfg)
+    differs = shape_difference(meta.get("model", {}), model_cfg, there="in the checkpoint")
     if differs:
-        raise ConfigError(f"resuming {path}: the checkpoint holds weights of another model shape: {differs}; "
-                          "use another run_dir or the same model")
+        raise ConfigError(f"checkpoint model shape differs: {differs}; use another run_dir or the same model")
     saved = meta.get("tokenizer_sha256")
     if saved is not None and saved != tokenizer.sha256:
         raise ConfigError(f"resuming {path} would change the tokenizer: the checkpoint was trained with "

@@ -2,7 +2,8 @@
 
 Layout of ``RUN_DIR/checkpoints/step_00000120/``:
     DeepSpeed's files (model states, ZeRO partitions, LR scheduler), with ``client_state`` =
-        {"trainer": plain counters, "method": the method's tensors/counters, "data": cursors}
+        {"trainer": plain counters, "method": the method's tensors/counters, "data": cursors,
+         "objective": the objective's state (DPO's reference tables)}
     rng/rank_N.pt   torch CPU RNG state of rank N (a uint8 tensor)
     rng/cuda_rank_N.pt  where CUDA is present: the CUDA RNG state of every device rank N sees
                     (a list of uint8 tensors, by device index); absent in CPU runs and in
@@ -38,11 +39,9 @@ import zlib
 
 import torch
 
-from lowrank_pt import methods
 from lowrank_pt.core import dist
 from lowrank_pt.core.errors import CheckpointError
 from lowrank_pt.core.failures import disk_full_message, is_write_failure
-from lowrank_pt.zero.saved import saved_weights
 
 CHECKPOINTS = "checkpoints"
 PARTIAL = ".partial"
@@ -302,12 +301,19 @@ def load_rng(rng_dir: str, rank: int) -> None:
 
 def load_weights(path: str) -> dict[str, torch.Tensor]:
     """Full fp32 module state dict from a checkpoint dir of any ZeRO stage and rank count."""
+    # DeepSpeed's file readers import DeepSpeed (seconds): only the commands that read weights pay.
+    from lowrank_pt.zero.saved import saved_weights
+
     return saved_weights(path)
 
 
 def load_plain_weights(path: str) -> dict[str, torch.Tensor]:
     """Plain-model fp32 weights of a checkpoint dir, with the saving stage's adapters merged
     (its method's ``to_plain``), from any ZeRO stage and rank count."""
+    # The methods import DeepSpeed (seconds): reading, verifying and listing checkpoints (the
+    # export and generate commands) must not pay for it, so the registry comes in here.
+    from lowrank_pt import methods
+
     meta = read_meta(path)
     method = meta.get("method", "full")
     return methods.METHODS[method].to_plain(load_weights(path),

@@ -39,7 +39,8 @@ from lowrank_pt.data.tokenizer import Tokenizer
 from lowrank_pt.methods import METHODS, parse_options
 from lowrank_pt.model.llama import MODEL_SIZES, ModelConfig, resolve, shape_difference
 from lowrank_pt.objectives import objective_class
-from lowrank_pt.zero.engine import check_precision
+from lowrank_pt.optim.lowbit import STATE_DTYPES
+from lowrank_pt.zero.engine import bf16_section, check_precision
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -244,14 +245,17 @@ def _generated_keys(run: RunConfig, index: int, world: int) -> list[tuple[str, A
     mkey = f"stages.{index}.micro_batch_size" if stage.micro_batch_size else "train.micro_batch_size"
     akey = f"stages.{index}.grad_accum" if stage.grad_accum else "train.grad_accum"
     precision = f"engine.precision={run.engine.precision}"
+    masters = run.engine.master_weights
     return [
         ("zero_optimization.stage", run.engine.zero_stage, f"engine.zero_stage={run.engine.zero_stage}"),
         ("train_micro_batch_size_per_gpu", micro, f"{mkey}={micro}"),
         ("gradient_accumulation_steps", accum, f"{akey}={accum}"),
         ("train_batch_size", micro * accum * world,
          f"{mkey} x {akey} x ranks = {micro} x {accum} x {world} = {micro * accum * world}"),
-        ("bf16.enabled", run.engine.precision == "bf16", precision),
-        ("bfloat16.enabled", run.engine.precision == "bf16", precision),
+        ("bf16.enabled", bf16_section(run.engine)["enabled"], f"{precision}, engine.master_weights={masters}"),
+        ("bfloat16.enabled", bf16_section(run.engine)["enabled"], f"{precision}, engine.master_weights={masters}"),
+        ("bf16.bf16_master_weights_and_grads", bf16_section(run.engine).get("bf16_master_weights_and_grads", False),
+         f"engine.master_weights={masters}"),
         ("fp16.enabled", run.engine.precision == "fp16", precision),
     ]
 
@@ -274,6 +278,13 @@ def _validate_engine(run: RunConfig, environment: bool) -> None:
     _choice("engine.precision", e.precision, ["fp32", "bf16", "fp16"])
     if e.offload_optimizer and e.zero_stage == 0:
         raise ConfigError("engine.offload_optimizer=true needs engine.zero_stage >= 1")
+    _choice("engine.master_weights", e.master_weights, ["fp32", "bf16"])
+    if e.master_weights == "bf16" and e.precision != "bf16":
+        raise ConfigError(f"engine.master_weights=bf16 with engine.precision={e.precision}: bf16 masters are for "
+                          "bf16 training; set engine.precision=bf16 (or master_weights fp32)")
+    if e.master_weights == "bf16" and e.offload_optimizer:
+        raise ConfigError("engine.master_weights=bf16 with engine.offload_optimizer=true: the offloaded optimizer "
+                          "(DeepSpeed's CPU Adam) keeps fp32 masters; use one or the other")
     if e.stage3_param_persistence_threshold is not None and e.stage3_param_persistence_threshold < 0:
         raise ConfigError(f"engine.stage3_param_persistence_threshold={e.stage3_param_persistence_threshold} "
                           "must be >= 0 (or null)")
@@ -334,6 +345,10 @@ def _validate_stage(run: RunConfig, stage: StageConfig, where: str, model_cfg: M
     _number(f"{where}.optimizer.grad_clip", opt.grad_clip, 0, optional=True)
     if len(opt.betas) != 2 or not all(0 <= b < 1 for b in opt.betas):
         raise ConfigError(f"{where}.optimizer.betas={opt.betas}: two values in [0, 1)")
+    _choice(f"{where}.optimizer.state_dtype", opt.state_dtype, list(STATE_DTYPES))
+    if opt.state_dtype != "fp32" and run.engine.offload_optimizer:
+        raise ConfigError(f"{where}.optimizer.state_dtype={opt.state_dtype} with engine.offload_optimizer=true: the "
+                          "offloaded optimizer (DeepSpeed's CPU Adam) keeps fp32 moments; use one or the other")
     sched = stage.schedule
     if not 0 <= sched.min_lr_ratio <= 1:
         raise ConfigError(f"{where}.schedule.min_lr_ratio must be in [0, 1]")

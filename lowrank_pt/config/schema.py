@@ -36,6 +36,11 @@ class OptimizerConfig:
     """Clip the global norm of the trained params' gradients to this; 0 disables clipping; null
     takes the method's default: 1.0 for full, lora and relora, 0 (off) for galore, whose clipping
     would see the norm of the projected gradient alpha·G·Qᵀ, not of G."""
+    state_dtype: str = "fp32"
+    """How AdamW stores its two moments: fp32 (8 bytes per trained element), bf16 (4), or int8
+    (8-bit blockwise, as 8-bit Adam: about 2.03 bytes); the update is computed in fp32 either way.
+    Methods with their own optimizer (apollo, apollo_mini, fira) keep fp32 states; int8 is refused
+    where a method edits moments (relora's pruning, galore's moments_on_refresh=reproject)."""
 
 
 @dataclass
@@ -95,6 +100,12 @@ class EngineConfig:
     """fp32 | bf16 | fp16 (fp16 only where the device supports it, i.e. on GPUs)."""
     offload_optimizer: bool = False
     """Keep optimizer states on the CPU (ZeRO stages 1-3)."""
+    master_weights: str = "fp32"
+    """The copy of the trained weights the optimizer updates: fp32 (DeepSpeed's fp32 masters beside
+    the bf16 params), or bf16 with precision bf16 (no fp32 copy: at ZeRO 0 the module's bf16 params
+    themselves, at ZeRO 1-3 DeepSpeed's bf16_master_weights_and_grads partitions); each update is
+    computed in fp32 and applied with stochastic rounding, so updates below half a bf16 step are
+    kept in expectation. AdamW methods only (apollo, apollo_mini and fira keep fp32 masters)."""
     deepspeed: Dict[str, Any] = field(default_factory=dict)
     """Raw DeepSpeed config keys, deep-merged over the generated config."""
     backend: Optional[str] = None

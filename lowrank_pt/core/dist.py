@@ -52,7 +52,7 @@ import torch.distributed as _td
 
 SUPPORTED_DEEPSPEED = ((0, 19, 8), (0, 20, 0))
 """DeepSpeed versions lowrank_pt is tested with: at least the first, below the second
-(pyproject.toml pins the same range). zero_io.py reads 0.19.8's ZeRO internals, and older
+(pyproject.toml pins the same range). lowrank_pt/zero reads 0.19.8's ZeRO internals, and older
 DeepSpeed casts buffers to bf16 (GaLore's fp32 projectors, the LoRA scales)."""
 ALLOW_UNTESTED_ENV = "LOWRANK_PT_ALLOW_UNTESTED_DEEPSPEED"
 
@@ -94,7 +94,7 @@ def check_deepspeed(version: str | None = None) -> str:
         return version
     supported = f">={'.'.join(map(str, low))},<{'.'.join(map(str, high[:2]))}"
     message = (f"deepspeed {version} is installed, but lowrank_pt is tested with deepspeed{supported} "
-               f"only: it relies on that version's ZeRO internals (lowrank_pt/zero_io.py), and other "
+               f"only: it relies on that version's ZeRO internals (lowrank_pt/zero/), and other "
                f"versions can fail or silently train wrong (e.g. fp32 projectors cast to bf16). "
                f"Install a tested one (pip install 'deepspeed{supported}'), or set "
                f"{ALLOW_UNTESTED_ENV}=1 to run anyway.")

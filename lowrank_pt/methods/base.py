@@ -38,8 +38,8 @@ from torch import nn
 from lowrank_pt.core.timer import NULL_TIMER, NullTimer, PhaseTimer
 from lowrank_pt.model.llama import flops_per_token
 from lowrank_pt.objectives.base import LMObjective
-from lowrank_pt.optim import schedule
-from lowrank_pt.zero import engine as E
+from lowrank_pt.optim import lowbit, schedule
+from lowrank_pt.optim.adamw import build_optimizer
 from lowrank_pt.zero import partition as fragments
 from lowrank_pt.zero import state as zero_io
 from lowrank_pt.zero.guard import NonFiniteGuard
@@ -165,10 +165,10 @@ class Method:
 
     def build_optimizer(self, param_groups: list[dict], stage: Any, engine_cfg: Any) -> torch.optim.Optimizer:
         """The client optimizer DeepSpeed wraps, over ``param_groups`` (this method's): the stage's
-        AdamW (``engine.build_optimizer``; ``stage.optimizer`` its hyperparameters, ``engine_cfg``
+        AdamW (``optim.adamw.build_optimizer``; ``stage.optimizer`` its hyperparameters, ``engine_cfg``
         the run's engine section: offload, ZeRO stage), unless a method brings its own."""
-        return E.build_optimizer(param_groups, stage.optimizer, offload=engine_cfg.offload_optimizer,
-                                 zero_stage=engine_cfg.zero_stage)
+        return build_optimizer(param_groups, stage.optimizer, offload=engine_cfg.offload_optimizer,
+                               zero_stage=engine_cfg.zero_stage, master_weights=engine_cfg.master_weights)
 
     def optimizer_state_bytes(self, groups: list[dict], zero_stage: int, world: int, rank: int,
                               sub_group_size: int | None = 1_000_000_000) -> int:
@@ -177,16 +177,21 @@ class Method:
         shapes for params (``fragments.group_shapes``). The planner calls it, so a method that
         builds its own optimizer declares that optimizer's formula here.
 
-        AdamW's: two fp32 moments per element it steps and a 4-byte step counter per tensor it
-        steps: each param at stage 0, each group's padded slice (``pad(N, 2·W)/W``) at stages 1-2,
-        each sub-group's pieces (``⌈n/W⌉`` per param) at stage 3."""
+        AdamW's: both moments of every element it steps, in ``optimizer.state_dtype``
+        (``lowbit.state_bytes``: 8 bytes an element in fp32, 4 in bf16, int8 codes plus a scale
+        per block), and a 4-byte step counter per tensor it steps: each param at stage 0, each
+        group's padded slice (``pad(N, 2·W)/W``) at stages 1-2, each sub-group's pieces (``⌈n/W⌉``
+        per param, end to end) at stage 3."""
+        state_dtype = self.stage.optimizer.state_dtype if self is not None and self.stage is not None else "fp32"
         numels = [[math.prod(s) for s in g["shapes"]] for g in groups]
         if zero_stage == 0:
-            return sum(8 * sum(g) + 4 * len(g) for g in numels)
+            return sum(lowbit.state_bytes(n, state_dtype) for g in numels for n in g)
         if zero_stage in (1, 2):
-            return sum(8 * (fragments.pad(sum(g), fragments.ALIGN * world) // world) + 4 for g in numels)
-        parts = [[-(-n // world) for n in g] for g in numels]
-        return sum(8 * sum(p) + 4 * len(fragments.stage3_sub_groups(p, sub_group_size)) for p in parts)
+            return sum(lowbit.state_bytes(fragments.padded_group(sum(g), world) // world, state_dtype)
+                       for g in numels)
+        parts = [[fragments.piece_of(n, world) for n in g] for g in numels]
+        return sum(lowbit.state_bytes(sum(p[i] for i in sub), state_dtype)
+                   for p in parts for sub in fragments.stage3_sub_groups(p, sub_group_size))
 
     def flops_per_token(self, model_cfg) -> int:
         """Training FLOPs per token of the model this method trains (what MFU divides by): the

@@ -33,7 +33,7 @@ class ProjectedMethod(Method):
     Optimizer: ClassVar[type[ProjectedAdam]] = ProjectedAdam
     reshardable: ClassVar[bool] = False
     """Its optimizer state (seeds, bases, limiter norms) is laid out by the saving ZeRO partitions:
-    a resume on another world size or ZeRO stage is refused (``lowrank_pt/reshard.py``)."""
+    a resume on another world size or ZeRO stage is refused (``lowrank_pt/checkpoint/reshard.py``)."""
 
     def __init__(self, options, stage, run):
         super().__init__(options, stage, run)
@@ -42,8 +42,16 @@ class ProjectedMethod(Method):
 
     @classmethod
     def check_stage(cls, options, stage, run, model_cfg, total_steps: int) -> None:
-        """The base checks, and every target_modules pattern matching a linear of the model."""
+        """The base checks, fp32 states (the optimizer keeps its own: moments by channel and
+        projection, not AdamW's), and every target_modules pattern matching a linear of the model."""
         super().check_stage(options, stage, run, model_cfg, total_steps)
+        if run is not None and run.engine.master_weights != "fp32":
+            raise ValueError(f"method={cls.name} with engine.master_weights={run.engine.master_weights}: its "
+                             "optimizer updates fp32 masters (bf16 masters are AdamW's, with stochastic "
+                             "rounding); use master_weights fp32")
+        if stage.optimizer.state_dtype != "fp32":
+            raise ValueError(f"optimizer.state_dtype={stage.optimizer.state_dtype} with method={cls.name}: its "
+                             "optimizer keeps its own fp32 states (low-bit states cover AdamW's); use fp32")
         check_targets(model_cfg, options.target_modules)
 
     @classmethod

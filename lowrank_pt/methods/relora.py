@@ -111,6 +111,9 @@ class ReLoRA(LoRA):
     def check_stage(cls, options, stage, run, model_cfg, total_steps: int) -> None:
         """The targets (as lora), a schedule ReLoRA can restart (cosine or jagged_cosine, no
         schedule.restart_* that disagrees with the options), and a restart inside the stage."""
+        if stage.optimizer.state_dtype == "int8":
+            raise ValueError("optimizer.state_dtype=int8 with method=relora: a restart prunes Adam's moments of "
+                             "the factors, which int8 blocks do not expose to it; use bf16 or fp32")
         cfg = stage.schedule
         if cfg.kind not in ("cosine", "jagged_cosine"):
             raise ValueError(f"schedule.kind={cfg.kind!r}: relora needs cosine or jagged_cosine "

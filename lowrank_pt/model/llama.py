@@ -223,12 +223,12 @@ SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vo
 """The model fields a checkpoint's weights depend on (a resume or init_from must match them)."""
 
 
-def shape_difference(saved: ModelConfig | dict, ours: ModelConfig) -> str | None:
-    """The first shape field that differs, as ``model.KEY is A here but B there``; None if none."""
+def shape_difference(saved: ModelConfig | dict, ours: ModelConfig, there: str = "there") -> str | None:
+    """The first shape field that differs, as ``model.KEY is A here but B <there>``; None if none."""
     saved = saved if isinstance(saved, dict) else asdict(saved)
     for key in SHAPE_KEYS:
         if saved.get(key) != getattr(ours, key):
-            return f"model.{key} is {getattr(ours, key)} here but {saved.get(key)} there"
+            return f"model.{key} is {getattr(ours, key)} here but {saved.get(key)} {there}"
     return None
 
 

@@ -43,9 +43,9 @@ statistics are summed over the holders, phase by phase, in one packed all-reduce
   the two sums of squares of a tensor scale;
 - C (limiter): the sum of squares of ``S`` (one number).
 
-At a refresh of an SVD projection the owner of a cut matrix (its holders take turns) receives the
-matrix's full gradient (``dist.reduce_sum_``, one matrix at a time: the transient is one m×n fp32
-buffer), computes the basis and broadcasts it; holders keep what they use (``Q`` whole, the rows
+At a refresh of an SVD projection the owner of a cut matrix (one of its holders, balanced by
+bytes: ``zero.partition.assign_owners``) receives the matrix's full gradient (``dist.reduce_sum_``,
+one matrix at a time: the transient is one m×n fp32 buffer), computes the basis and broadcasts it; holders keep what they use (``Q`` whole, the rows
 of ``P`` they hold). Refreshes are the only steps that move a whole gradient.
 """
 

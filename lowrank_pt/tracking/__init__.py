@@ -20,16 +20,7 @@ How the trainer uses it, in one stage::
     if rank == 0: write_stage_summary(run_dir, entry)
 
 Methods call ``with self.timer.phase(...)`` around their work; it is ``NULL_TIMER`` until their
-stage context brings a real one.
+stage context brings a real one. The package imports nothing itself: ``stage`` and ``planner``
+build methods (and so import DeepSpeed), which the ``report`` and ``plan`` commands' parser must
+not pay for.
 """
-
-from lowrank_pt.core.timer import NULL_TIMER, PHASES, NullTimer, PhaseTimer
-from lowrank_pt.tracking.flops import device_peak, flops_per_token, mfu
-from lowrank_pt.tracking.memory import CATEGORIES, MemoryTracker, state_bytes
-from lowrank_pt.tracking.planner import plan
-from lowrank_pt.tracking.stage import StageTracker
-from lowrank_pt.tracking.summary import SUMMARY_FILE, read_summary, write_stage_summary
-
-__all__ = ["CATEGORIES", "NULL_TIMER", "PHASES", "SUMMARY_FILE", "MemoryTracker", "NullTimer", "PhaseTimer",
-           "StageTracker", "device_peak", "flops_per_token", "mfu", "plan", "read_summary", "state_bytes",
-           "write_stage_summary"]

@@ -10,15 +10,15 @@ import sys
 import yaml
 
 from lowrank_pt.model.llama import MODEL_SIZES, ModelConfig, resolve
-from lowrank_pt.tracking import planner
-from lowrank_pt.tracking.planner import DEEPSPEED_REDUCE_BUCKET
+from lowrank_pt.optim.lowbit import STATE_DTYPES
 from lowrank_pt.tracking.report import build_report
+from lowrank_pt.zero.partition import DEEPSPEED_REDUCE_BUCKET
 
 GIB = 1024.0**3
 
 PLAN_ROWS = (
     ("params", "parameters (module copy, frozen bases included)"),
-    ("master_params", "fp32 master params"),
+    ("master_params", "master params (fp32, or bf16 with --master-weights bf16)"),
     ("grads", "gradients"),
     ("optimizer_states", "optimizer states (Adam moments)"),
     ("method_buffers", "method buffers (projectors, scales)"),
@@ -82,6 +82,9 @@ def plan_markdown(p) -> str:
 
 def paper_markdown() -> str:
     """Our planner beside the GaLore paper's memory estimates (see the README snippet)."""
+    # The planner builds methods, which import DeepSpeed (seconds): only plan pays for it.
+    from lowrank_pt.tracking import planner
+
     lines = ["| model | rank | paper full | ours (paper's accounting) full | paper GaLore | "
              "ours (paper's accounting) GaLore | ours, DeepSpeed bf16 ZeRO-0, 1 GPU: full / GaLore |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -100,6 +103,9 @@ def paper_markdown() -> str:
 
 
 def _plan(args) -> int:
+    # The planner builds methods, which import DeepSpeed (seconds): only plan pays for it.
+    from lowrank_pt.tracking import planner
+
     if args.rank_index >= args.gpus:
         print(f"error: plan --rank-index {args.rank_index} must be below --gpus {args.gpus}", file=sys.stderr)
         return 2
@@ -115,7 +121,8 @@ def _plan(args) -> int:
             p = planner.plan(cfg, args.method, options, zero_stage=args.zero_stage, world=args.gpus,
                              micro_batch=args.micro_batch, seq_len=args.seq_len, precision=args.precision,
                              activation_checkpointing=args.activation_checkpointing, rank=args.rank_index,
-                             reduce_bucket_size=args.reduce_bucket_size, grad_accum=args.grad_accum)
+                             reduce_bucket_size=args.reduce_bucket_size, grad_accum=args.grad_accum,
+                             state_dtype=args.state_dtype, master_weights=args.master_weights)
         except ValueError as e:  # ConfigError included
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -146,7 +153,7 @@ def at_least(low: int):
 
 def register(subparsers) -> None:
     """Add the ``report`` and ``plan`` subcommands to the main CLI's subparsers."""
-    # Nothing here imports DeepSpeed (the methods do): it prints to stdout, which --json keeps clean.
+    # DeepSpeed (imported with the methods) may print to stdout: plan --json redirects it to stderr.
     rep = subparsers.add_parser("report", help="markdown/HTML report with plots of one or more run dirs")
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (side by side)")
     rep.add_argument("--out", required=True, help="output directory for report.md and the PNGs")
@@ -166,6 +173,10 @@ def register(subparsers) -> None:
     pl.add_argument("--seq-len", type=at_least(1), default=2048, help="tokens per sequence")
     pl.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"), help="training dtype")
     pl.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
+    pl.add_argument("--state-dtype", default="fp32", choices=STATE_DTYPES,
+                    help="how AdamW stores its moments (optimizer.state_dtype)")
+    pl.add_argument("--master-weights", default="fp32", choices=("fp32", "bf16"),
+                    help="the weights the optimizer updates (engine.master_weights; bf16 with --precision bf16)")
     pl.add_argument("--vocab-size", type=at_least(1), default=32000, help="vocabulary size")
     pl.add_argument("--reduce-bucket-size", type=at_least(1), default=DEEPSPEED_REDUCE_BUCKET,
                     help="DeepSpeed zero_optimization.reduce_bucket_size (elements)")

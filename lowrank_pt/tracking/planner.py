@@ -69,14 +69,16 @@ from lowrank_pt.methods.base import Method
 from lowrank_pt.model.llama import LlamaModel
 from lowrank_pt.tracking.memory import STATE_CATEGORIES
 from lowrank_pt.zero.method_buffers import is_method_buffer
-from lowrank_pt.zero.partition import group_shapes, padded_group, piece_of, slice_grad_elements
+from lowrank_pt.zero.partition import (
+    DEEPSPEED_REDUCE_BUCKET,
+    DEEPSPEED_SUB_GROUP,
+    group_shapes,
+    padded_group,
+    piece_of,
+    slice_grad_elements,
+)
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-DEEPSPEED_REDUCE_BUCKET = 500_000_000
-"""DeepSpeed's default ``zero_optimization.reduce_bucket_size`` (elements)."""
-DEEPSPEED_SUB_GROUP = 1_000_000_000
-"""DeepSpeed's default ``zero_optimization.sub_group_size`` (elements, stage 3)."""
-
 
 @dataclass
 class Layout:
@@ -111,10 +113,12 @@ class Layout:
         return sum(sum(g) for g in self.groups)
 
 
-def layout(model_cfg, method: str = "full", options: dict | None = None, weight_decay: float = 0.0) -> Layout:
-    """The layout of ``model_cfg`` trained by ``method`` with ``options``, built on the meta device."""
+def layout(model_cfg, method: str = "full", options: dict | None = None, weight_decay: float = 0.0,
+           state_dtype: str = "fp32") -> Layout:
+    """The layout of ``model_cfg`` trained by ``method`` with ``options`` (its AdamW's moments in
+    ``state_dtype``), built on the meta device."""
     stage = StageConfig(method=method, steps=1, options=dict(options or {}),
-                        optimizer=OptimizerConfig(weight_decay=weight_decay))
+                        optimizer=OptimizerConfig(weight_decay=weight_decay, state_dtype=state_dtype))
     parsed = methods.parse_options(method, stage.options)  # a ConfigError names the allowed values
     # Meta tensors allocate nothing; fork_rng keeps a method's init draws off the global RNG.
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
@@ -159,12 +163,17 @@ def layout(model_cfg, method: str = "full", options: dict | None = None, weight_
 
 def state_bytes(lay: Layout, zero_stage: int, world: int, precision: str, rank: int = 0,
                 reduce_bucket_size: int = DEEPSPEED_REDUCE_BUCKET,
-                sub_group_size: int = DEEPSPEED_SUB_GROUP, fp32_grad_accumulation: bool = False) -> dict[str, int]:
+                sub_group_size: int = DEEPSPEED_SUB_GROUP, fp32_grad_accumulation: bool = False,
+                master_weights: str = "fp32") -> dict[str, int]:
     """Predicted bytes on ``rank`` by category (the categories of ``memory.state_bytes``).
 
     ``fp32_grad_accumulation``: bf16 with ``data_types.grad_accum_dtype: fp32`` at stage 1, where
     DeepSpeed runs its BF16_Optimizer: every rank accumulates the whole padded group in fp32 and
-    the params' bf16 gradients are held beside it until the step."""
+    the params' bf16 gradients are held beside it until the step.
+
+    ``master_weights`` bf16 (``engine.master_weights``): no fp32 copy; at ZeRO 0 the bf16 params are
+    what the optimizer updates, at ZeRO 1-3 DeepSpeed keeps the rank's master partition in bf16."""
+    master = 0 if precision == "fp32" else (2 if master_weights == "bf16" else 4)
     b = DTYPE_BYTES[precision]
     W = world if zero_stage > 0 else 1
     out = dict.fromkeys((*STATE_CATEGORIES, "zero_buffers"), 0)
@@ -174,13 +183,13 @@ def state_bytes(lay: Layout, zero_stage: int, world: int, precision: str, rank: 
     if zero_stage == 0:
         n = lay.trainable
         out["params"] = (n + sum(lay.frozen)) * b
-        out["master_params"] = 0 if precision == "fp32" else n * 4
+        out["master_params"] = 0 if master_weights == "bf16" else n * master
         out["optimizer_states"] = formula(zero_stage, W, rank, sub_group_size)
         out["grads"] = n * b
     elif zero_stage in (1, 2):
         padded = [padded_group(sum(g), W) for g in lay.groups]
         out["params"] = (sum(padded) + sum(lay.frozen)) * b
-        out["master_params"] = sum(padded) // W * 4
+        out["master_params"] = sum(padded) // W * (master or 4)
         out["optimizer_states"] = formula(zero_stage, W, rank, sub_group_size)
         out["grads"] = sum(slice_grad_elements(g, W, rank) for g in lay.groups) * b
         if fp32_grad_accumulation and zero_stage == 1 and precision == "bf16":
@@ -189,7 +198,7 @@ def state_bytes(lay: Layout, zero_stage: int, world: int, precision: str, rank: 
         parts = [[piece_of(n, W) for n in g] for g in lay.groups]
         slice_elems = sum(sum(p) for p in parts)
         out["params"] = (slice_elems + sum(piece_of(n, W) for n in lay.frozen)) * b
-        out["master_params"] = slice_elems * 4
+        out["master_params"] = slice_elems * (master or 4)
         out["optimizer_states"] = formula(zero_stage, W, rank, sub_group_size)
         out["grads"] = slice_elems * b
         out["zero_buffers"] = reduce_bucket_size * b
@@ -270,11 +279,12 @@ class Plan:
 def plan(model_cfg, method: str = "full", options: dict | None = None, zero_stage: int = 0, world: int = 1,
          micro_batch: int = 1, seq_len: int | None = None, precision: str = "bf16",
          activation_checkpointing: bool = False, rank: int = 0, weight_decay: float = 0.0,
-         reduce_bucket_size: int = DEEPSPEED_REDUCE_BUCKET, grad_accum: int = 1) -> Plan:
+         reduce_bucket_size: int = DEEPSPEED_REDUCE_BUCKET, grad_accum: int = 1, state_dtype: str = "fp32",
+         master_weights: str = "fp32") -> Plan:
     """Per-rank memory of training ``model_cfg`` (resolved) with ``method`` on ``world`` ranks."""
     seq_len = seq_len or model_cfg.seq_len
-    lay = layout(model_cfg, method, options, weight_decay)
-    out = state_bytes(lay, zero_stage, world, precision, rank, reduce_bucket_size)
+    lay = layout(model_cfg, method, options, weight_decay, state_dtype)
+    out = state_bytes(lay, zero_stage, world, precision, rank, reduce_bucket_size, master_weights=master_weights)
     act = activation_bytes(model_cfg, micro_batch, seq_len, precision, activation_checkpointing)
     out["activations"] = act["saved"] + act["working"]
     out["method_transient"] = owned_capture_bytes(lay, world, rank)  # on the device

@@ -31,7 +31,8 @@ class StageTracker:
 
     def __init__(self, *, engine, stage, index: int, model_cfg, tokens_per_step: int, precision: str,
                  zero_stage: int, micro_tokens: int = 0, accum: int = 1, start_step: int = 0, cache_dir: str = ".cache/lowrank_pt",
-                 sync: bool | None = None, timer: PhaseTimer | None = None, flops_per_token: int | None = None):
+                 sync: bool | None = None, timer: PhaseTimer | None = None, flops_per_token: int | None = None,
+                 master_weights: str = "fp32"):
         self.rank = dist.rank()
         self.world = dist.world_size()
         self.engine, self.stage, self.index = engine, stage, index
@@ -46,9 +47,11 @@ class StageTracker:
         self.peak_flops, self.peak_source = self._device_peak(precision, cache_dir)
         # Tracking must never stop a run: a method the planner cannot lay out gets no formula.
         try:
-            lay = planner.layout(model_cfg, stage.method, dict(stage.options), stage.optimizer.weight_decay)
+            lay = planner.layout(model_cfg, stage.method, dict(stage.options), stage.optimizer.weight_decay,
+                                 stage.optimizer.state_dtype)
             self.formula = planner.state_bytes(lay, zero_stage, self.world, precision, self.rank,
-                                               fp32_grad_accumulation=_accumulates_in_fp32(engine))
+                                               fp32_grad_accumulation=_accumulates_in_fp32(engine),
+                                               master_weights=master_weights)
             self.formula["method_transient"] = planner.capture_bytes(lay, self.world, self.rank, zero_stage)
             cache = lay.step_cache(micro_tokens, accum, zero_stage, precision)
             if cache:

@@ -36,8 +36,9 @@ from lowrank_pt.eval.scores import describe, evaluate
 from lowrank_pt.methods.base import Method, StageContext
 from lowrank_pt.model.llama import LlamaModel, resolve
 from lowrank_pt.objectives import LMObjective, build_objective, objective_class
-from lowrank_pt.tracking import StageTracker, write_stage_summary
 from lowrank_pt.tracking.metrics import MetricsLogger, truncate_after
+from lowrank_pt.tracking.stage import StageTracker
+from lowrank_pt.tracking.summary import write_stage_summary
 from lowrank_pt.trainer.streams import DataStreams, on_local_rank0_first
 from lowrank_pt.zero import engine as E
 from lowrank_pt.zero import state as zero_io
@@ -172,16 +173,17 @@ class Trainer:
         decided = method.describe()
         if decided:
             self.say(f"  {decided}")
+        # The data is ready before the tracker starts its clock and resets the memory peaks.
+        loader, val_batches = self.streams.train(stage, micro), self.streams.validation(stage, micro)
         tracker = StageTracker(engine=engine, stage=stage, index=index, model_cfg=self.model_cfg,
                                tokens_per_step=step_tokens, precision=run.engine.precision,
-                               zero_stage=run.engine.zero_stage, micro_tokens=micro * run.model.seq_len,
-                               accum=accum, start_step=start, cache_dir=run.data.cache_dir,
-                               flops_per_token=method.flops_per_token(self.model_cfg))
+                               master_weights=run.engine.master_weights, zero_stage=run.engine.zero_stage,
+                               micro_tokens=micro * run.model.seq_len, accum=accum, start_step=start,
+                               cache_dir=run.data.cache_dir, flops_per_token=method.flops_per_token(self.model_cfg))
         method.on_engine_ready(StageContext(engine=engine, total_steps=total, timer=tracker.timer,
                                             guard=self.guard, objective=objective))
         return StageRun(index=index, stage=stage, engine=engine, method=method, tracker=tracker,
-                        cadence=Cadence.of(run.train, total), loader=self.streams.train(stage, micro),
-                        val_batches=self.streams.validation(stage, micro), accum=accum,
+                        cadence=Cadence.of(run.train, total), loader=loader, val_batches=val_batches, accum=accum,
                         tokens_per_step=step_tokens, total=total, start=start, reached=start, objective=objective,
                         owners=owners, questions=self.streams.questions(stage))
 
@@ -193,9 +195,13 @@ class Trainer:
         if resume_path is not None or stage.init_from:  # a stage's own source wins over the carried weights
             self.finished = None
         if resume_path is None and stage.init_from:
-            self.say(f"stage {stage.name}: weights from {stage.init_from}")
-            return lambda model, plain: weights_from_rank0(lambda: load_init_weights(stage.init_from), model, plain,
-                                                           self.run.engine.zero_stage, f"init_from={stage.init_from}")
+            def from_init(model, plain):
+                weights = weights_from_rank0(lambda: load_init_weights(stage.init_from), model, plain,
+                                             self.run.engine.zero_stage, f"init_from={stage.init_from}")
+                self.say(f"stage {stage.name}: weights from {stage.init_from}")  # they fit the model
+                return weights
+
+            return from_init
         if self.finished is None:
             return None
 

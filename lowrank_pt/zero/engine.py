@@ -41,17 +41,38 @@ def deepspeed_config(engine_cfg, micro_batch_size: int, grad_accum: int, grad_cl
         "train_batch_size": micro_batch_size * grad_accum * world_size,
         "gradient_clipping": grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": engine_cfg.precision == "bf16"},
+        "bf16": bf16_section(engine_cfg),
         "fp16": {"enabled": engine_cfg.precision == "fp16"},
         # Our optimizer is a client torch AdamW: no JIT-compiled FusedAdam on CPU machines.
         "zero_allow_untested_optimizer": True,
         # With offload on a CPU-only machine our torch AdamW already runs on the CPU; on GPUs
-        # build_optimizer picks DeepSpeedCPUAdam, the fast offload path.
+        # optim.adamw.build_optimizer picks DeepSpeedCPUAdam, the fast offload path.
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
     }
     return deep_merge(cfg, engine_cfg.deepspeed or {})
+
+
+def bf16_section(engine_cfg) -> dict:
+    """DeepSpeed's bf16 keys. bf16 masters at ZeRO 1-3: its bf16_master_weights_and_grads (the
+    rank's partitions of masters and gradients in bf16); bf16_optimizer_states too, which only
+    tells DeepSpeed the client optimizer keeps its states where the params are (ours decides their
+    dtype: optimizer.state_dtype) instead of demanding its CPU Adam. At ZeRO 0 DeepSpeed has no bf16
+    master option: the engine runs without a precision wrapper over a model built in bf16, and the
+    client optimizer updates those params (``bf16_params``)."""
+    if engine_cfg.precision != "bf16":
+        return {"enabled": False}
+    if engine_cfg.master_weights == "bf16":
+        if engine_cfg.zero_stage == 0:
+            return {"enabled": False}
+        return {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
+    return {"enabled": True}
+
+
+def bf16_params(engine_cfg) -> bool:
+    """Whether the model itself is cast to bf16 before the engine (bf16 masters at ZeRO 0)."""
+    return engine_cfg.precision == "bf16" and engine_cfg.master_weights == "bf16" and engine_cfg.zero_stage == 0
 
 
 def _deepspeed_persistence_default() -> int:
@@ -94,46 +115,19 @@ def partitioned_build(ds_config: dict):
     return deepspeed.zero.Init(config_dict_or_path=ds_config)
 
 
-def build_optimizer(param_groups: list[dict], opt_cfg, offload: bool = False,
-                    zero_stage: int | None = None) -> torch.optim.Optimizer:
-    """The stage's AdamW.
-
-    - offload on a GPU machine: DeepSpeed's CPU Adam (the fast offload path);
-    - CUDA at ZeRO stage 0 (``zero_stage=0``, no offload): torch AdamW with ``fused=True``, one
-      kernel per param group instead of a loop of ~10 kernels per tensor. Same update formula
-      in fp32; the kernel orders the arithmetic differently, so results differ from the
-      single-tensor path by float rounding (a few ulp per step), and they are deterministic
-      (no atomics): a resumed GPU run still equals an uninterrupted one bit for bit.
-      tools/gpu_check.py measures the difference on the GPU.
-    - everywhere else (CPU, and ZeRO 1-3, whose optimizer sees one flat tensor per group, so
-      there is no per-tensor loop to fuse): single-tensor loops (``foreach=False``), the exact
-      path every CPU test checks, with the same numerics on every stage's flat and 2-D views.
-    """
-    if offload and torch.cuda.is_available():
-        from deepspeed.ops.adam import DeepSpeedCPUAdam  # compiled once per machine
-
-        return DeepSpeedCPUAdam(param_groups, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps,
-                                weight_decay=opt_cfg.weight_decay, adamw_mode=True)
-    fused = torch.cuda.is_available() and zero_stage == 0 and not offload
-    return torch.optim.AdamW(
-        param_groups,
-        lr=opt_cfg.lr,
-        betas=tuple(opt_cfg.betas),
-        eps=opt_cfg.eps,
-        weight_decay=opt_cfg.weight_decay,
-        foreach=False,
-        fused=fused or None,
-    )
-
-
-def initialize(model, optimizer, lr_lambda, ds_config: dict, masters: dict[int, torch.Tensor] | None = None):
+def initialize(model, optimizer, lr_lambda, ds_config: dict, masters: dict[int, torch.Tensor] | None = None,
+               cast_to: torch.dtype | None = None):
     """``deepspeed.initialize`` with our optimizer and a LambdaLR over DeepSpeed's wrapper, and
     what it rounds put back: the method's buffers (a bf16 engine casts GaLore's fp32 projectors)
     and, from ``masters`` (param id -> the fp32 value this rank wrote before the engine existed,
-    ``state.write_before_engine``), the fp32 masters DeepSpeed made from bf16 params."""
+    ``state.write_before_engine``), the fp32 masters DeepSpeed made from bf16 params. ``cast_to``:
+    the dtype the model is cast to first, where no DeepSpeed wrapper does it (``bf16_params``)."""
     dist.check_deepspeed()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     held = zero_io.hold_method_buffers(model)  # a bf16 engine would cast GaLore's fp32 projectors
+    if cast_to is not None:  # bf16 masters at ZeRO 0: the params themselves are what the optimizer updates
+        for p in model.parameters():  # params only, as DeepSpeed's bf16 wrapper casts (buffers keep theirs)
+            p.data = p.data.to(cast_to)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

@@ -23,7 +23,7 @@ rank which ranks saw what, so every rank takes the same decision. A skipped step
 - runs no ``Method.before_optimizer_step`` (GaLore's refresh, LoRA-GA's init, preconditioning:
   they would read the bad gradient; a skipped refresh keeps the old subspace until the next);
 - still calls ``engine.step()``, so DeepSpeed does its bookkeeping (clears its gradient buffers,
-  counts the micro-steps), but the inner optimizer's ``step`` (``zero_io.inner_optimizer``: what
+  counts the micro-steps), but the inner optimizer's ``step`` (``held.inner_optimizer``: what
   DeepSpeed's wrapper calls, or the engine itself at ZeRO 0 fp32) does nothing: no weight,
   master or moment changes, and Adam's step count stays. Where DeepSpeed skips by itself the
   inner step is not even called; the outcome is the same;
@@ -49,6 +49,7 @@ import torch
 from lowrank_pt.core import dist
 from lowrank_pt.core.errors import TrainingError
 from lowrank_pt.zero import state as zero_io
+from lowrank_pt.zero.held import inner_optimizer
 
 LOSS, GRADIENT = 1, 2
 """Bits of a rank's flag: its loss, or a gradient it holds, is not finite."""
@@ -122,7 +123,7 @@ class NonFiniteGuard:
 
     def _wrap(self, engine) -> None:
         """Let the inner optimizer's ``step`` do nothing while a skipped step runs (once per optimizer)."""
-        inner = zero_io.inner_optimizer(engine)
+        inner = inner_optimizer(engine)
         if getattr(inner, "_nonfinite_guard", None) is self:
             return
         original = inner.step

@@ -35,7 +35,6 @@ from torch import nn
 
 from lowrank_pt.zero.method_buffers import is_method_buffer
 from lowrank_pt.zero.params import is_partitioned, piece
-from lowrank_pt.zero.state import inner_optimizer
 
 CATEGORIES = ("params", "master_params", "optimizer_states", "grads", "method_buffers", "zero_buffers")
 """In the order a shared storage is attributed."""
@@ -89,6 +88,14 @@ class Ledger:
                 continue
             self.seen.add(key)
             self.bytes[category] = self.bytes.get(category, 0) + storage.nbytes()
+
+
+def inner_optimizer(engine) -> torch.optim.Optimizer:
+    """The optimizer whose ``step`` updates the weights: the client optimizer DeepSpeed wraps
+    (its precision or ZeRO wrapper calls its ``step``), or at stage 0 fp32 the engine's own."""
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else opt
 
 
 def persistent_buffers(module: nn.Module) -> Iterator[torch.Tensor]:

@@ -24,7 +24,7 @@ from lowrank_pt.core import dist
 from lowrank_pt.core.errors import ConfigError
 from lowrank_pt.core.host import release_host_heap
 from lowrank_pt.zero import state as zero_io
-from lowrank_pt.zero.engine import initialize, partitioned_build
+from lowrank_pt.zero.engine import bf16_params, initialize, partitioned_build
 from lowrank_pt.zero.params import full_shape
 
 Weights = Iterable[tuple[str, torch.Tensor]]
@@ -48,8 +48,10 @@ def materialise(build_model: Callable[[], torch.nn.Module], method, ds_config: d
     del source  # the last reference to a previous stage's engine, where the weights came from one
     gc.collect()
     release_host_heap()
-    optimizer = method.build_optimizer(method.param_groups(model), method.stage, method.run.engine)
-    engine = initialize(model, optimizer, method.lr_lambda(total_steps), ds_config, masters=held)
+    engine_cfg = method.run.engine
+    optimizer = method.build_optimizer(method.param_groups(model), method.stage, engine_cfg)
+    engine = initialize(model, optimizer, method.lr_lambda(total_steps), ds_config, masters=held,
+                        cast_to=torch.bfloat16 if bf16_params(engine_cfg) else None)
     release_host_heap()  # the per-param copies DeepSpeed flattened into its buffers
     return engine
 

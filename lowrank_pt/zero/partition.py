@@ -63,6 +63,11 @@ import torch
 from lowrank_pt.core.owners import balanced_owners
 from lowrank_pt.zero.params import full_shape, piece_range, piece_size
 
+DEEPSPEED_REDUCE_BUCKET = 500_000_000
+"""DeepSpeed's default ``zero_optimization.reduce_bucket_size`` (elements)."""
+DEEPSPEED_SUB_GROUP = 1_000_000_000
+"""DeepSpeed's default ``zero_optimization.sub_group_size`` (elements, stage 3)."""
+
 ALIGN = 2
 """DeepSpeed's ``nccl_start_alignment_factor``: stages 1-2 pad a group's flat buffer to a multiple
 of ALIGN·W elements, so each rank's slice is ``pad(N, ALIGN·W)/W``."""

@@ -283,14 +283,6 @@ def local_gradients(engine) -> list[torch.Tensor]:
     return [g for grads in opt.averaged_gradients.values() for g in (grads or []) if g is not None]
 
 
-def inner_optimizer(engine) -> torch.optim.Optimizer:
-    """The optimizer whose ``step`` updates the weights: the client optimizer DeepSpeed wraps
-    (its precision or ZeRO wrapper calls its ``step``), or at stage 0 fp32 the engine's own."""
-    opt = engine.optimizer
-    inner = getattr(opt, "optimizer", None)
-    return inner if isinstance(inner, torch.optim.Optimizer) else opt
-
-
 # --- a checkpoint resumed on another world size or ZeRO stage (lowrank_pt/checkpoint/reshard.py) --
 # Reading the saved shards is lowrank_pt/zero/saved.py; this seeds the fresh engine.
 

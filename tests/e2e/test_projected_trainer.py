@@ -24,7 +24,7 @@ def recipe(run_dir: str, cache: str, *extra: str) -> list[str]:
 
 
 def test_fira_stage_trains_and_resumes_exactly_through_the_trainer(tmp_path, data_cache):
-    from lowrank_pt.tracking import read_summary
+    from lowrank_pt.tracking.summary import read_summary
 
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     # Global step 4 is the fira stage's step 1: the resumed run crosses the refresh at its step 3.

@@ -1,4 +1,4 @@
-"""Resume on another world size or ZeRO stage (``lowrank_pt/reshard.py``): 2 ranks -> 1 and
+"""Resume on another world size or ZeRO stage (``lowrank_pt/checkpoint/reshard.py``): 2 ranks -> 1 and
 1 -> 2, ZeRO 2 -> 3 and 3 -> 2, mid-stage in full, galore and relora, through the real CLI.
 
 One recipe of three 4-step stages (full; galore, a refresh every 2 steps; relora, a restart

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from fixtures import TINY, spawn
 
-from lowrank_pt.tracking import metrics, read_summary
+from lowrank_pt.tracking import metrics
+from lowrank_pt.tracking.summary import read_summary
 
 STATE = ("params", "master_params", "optimizer_states", "grads", "method_buffers")
 

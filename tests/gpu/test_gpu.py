@@ -8,6 +8,7 @@ import os
 import pytest
 from fixtures import TINY, spawn
 
+from lowrank_pt.optim.adamw import build_optimizer
 from lowrank_pt.tracking import metrics
 
 pytestmark = pytest.mark.gpu
@@ -126,7 +127,7 @@ def _fused_stage0(rank, world_size):
     for fused_stage in (0, None):  # fused (stage 0 on CUDA) vs the exact single-tensor path
         torch.manual_seed(0)
         model = LlamaModel(resolve(ModelConfig(size="tiny", seq_len=16), vocab_size=64))
-        opt = E.build_optimizer([{"params": list(model.parameters())}], OptimizerConfig(lr=1e-2),
+        opt = build_optimizer([{"params": list(model.parameters())}], OptimizerConfig(lr=1e-2),
                                 zero_stage=fused_stage)
         ds = E.deepspeed_config(EngineConfig(zero_stage=0, precision="fp32"), 2, 1, 1.0, 1)
         engine = E.initialize(model, opt, lambda step: 1.0, ds)

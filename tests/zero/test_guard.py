@@ -34,9 +34,10 @@ def _state(engine):
     """Full fp32 weights, both moments of every param, Adam's step counts, the schedule's step
     (collective at ZeRO 1-3: every rank calls it)."""
     from lowrank_pt.zero import state as zero_io
+    from lowrank_pt.zero.held import inner_optimizer
 
     params = list(engine.module.named_parameters())
-    inner = zero_io.inner_optimizer(engine)
+    inner = inner_optimizer(engine)
     return {"weights": {n: zero_io.full_param(engine, p) for n, p in params},
             "moments": {(n, k): zero_io.optimizer_state(engine, p, k) for n, p in params
                         for k in ("exp_avg", "exp_avg_sq")},

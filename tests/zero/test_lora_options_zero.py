@@ -88,6 +88,7 @@ def build(stage: int, precision: str, options: dict, world: int):
     from lowrank_pt.methods import parse_options
     from lowrank_pt.methods.base import StageContext
     from lowrank_pt.model.llama import LlamaModel
+    from lowrank_pt.optim.adamw import build_optimizer
     from lowrank_pt.zero import engine as E
 
     cfg = StageConfig(method="relora", steps=100, options=options, optimizer=OptimizerConfig(lr=LR))
@@ -98,7 +99,7 @@ def build(stage: int, precision: str, options: dict, world: int):
         model = LlamaModel(model_cfg())
         method.prepare_model(model)
     held = method.after_weights_loaded(model)
-    optimizer = E.build_optimizer(method.param_groups(model), cfg.optimizer)
+    optimizer = build_optimizer(method.param_groups(model), cfg.optimizer)
     engine = E.initialize(model, optimizer, method.lr_lambda(100), ds, masters=held)
     method.on_engine_ready(StageContext(engine=engine, total_steps=100))
     return engine, method

@@ -18,7 +18,35 @@ METHOD_OPTIONS = {
     # bf16 (frozen params, partitioned at ZeRO-3 like fp32 ones, half their bytes).
     "relora+fp32_base": {"rank": 3, "restart_every": 2, "base_in_fp32": True},
     "galore+bf16_projector": {"rank": 3, "update_proj_gap": 2, "projector_dtype": "bf16"},
+    # Low-bit moments (optimizer.state_dtype): bf16 halves them; int8 codes pad each stepped
+    # tensor to whole 256-value blocks, with a 4-byte scale a block.
+    "full+bf16_states": {},
+    "full+int8_states": {},
+    "lora+int8_states": {"rank": 3},
+    "galore+int8_states": {"rank": 3, "update_proj_gap": 2},
 }
+
+
+BF16_MASTERS = {
+    # engine.master_weights=bf16 (bf16 training only): no fp32 copy of the trained weights.
+    "full+bf16_masters": {},
+    "lora+bf16_masters": {"rank": 3},
+    "galore+int8_states+bf16_masters": {"rank": 3, "update_proj_gap": 2},
+}
+
+
+def state_dtype_of(label: str) -> str:
+    """The moments' dtype a label trains with ("full+int8_states": int8)."""
+    return next((part.removesuffix("_states") for part in label.split("+") if part.endswith("_states")), "fp32")
+
+
+def master_weights_of(label: str) -> str:
+    """The master weights a label trains with ("full+bf16_masters": bf16)."""
+    return "bf16" if "bf16_masters" in label.split("+") else "fp32"
+
+
+def options_of(label: str) -> dict:
+    return {**METHOD_OPTIONS, **BF16_MASTERS}[label]
 
 
 def method_of(label: str) -> str:
@@ -42,12 +70,13 @@ def build(method_name: str, zero_stage: int, precision: str):
     from lowrank_pt.model.llama import LlamaModel
 
     stage = StageConfig(name=f"s-{method_name}", method=method_of(method_name), steps=4,
-                        options=METHOD_OPTIONS[method_name],
-                        optimizer=OptimizerConfig(lr=1e-2), schedule=ScheduleConfig(kind="cosine"))
+                        options=options_of(method_name),
+                        optimizer=OptimizerConfig(lr=1e-2, state_dtype=state_dtype_of(method_name)),
+                        schedule=ScheduleConfig(kind="cosine"))
     method = methods.build(stage, None)
     torch.manual_seed(0)
     engine, method = tiny_engine(zero_stage, precision, method=method, model=LlamaModel(model_cfg()),
-                                 vocab_size=VOCAB)
+                                 vocab_size=VOCAB, master_weights=master_weights_of(method_name))
     return stage, engine, method
 
 
@@ -60,7 +89,7 @@ def measure_all(rank, world, precision):
     torch.set_num_threads(1)  # tiny tensors: threads only add OpenMP waits on a busy machine
     out = {}
     for zero_stage in (0, 1, 2, 3):
-        for name in METHOD_OPTIONS:
+        for name in [*METHOD_OPTIONS, *(BF16_MASTERS if precision == "bf16" else ())]:
             _, engine, method = build(name, zero_stage, precision)
             timer = PhaseTimer(sync=False)
             tracker = MemoryTracker(engine, timer)
@@ -70,8 +99,9 @@ def measure_all(rank, world, precision):
                 with timer.phase("optimizer"):
                     engine.step()
             measured = tracker.measure()
-            lay = planner.layout(model_cfg(), method_of(name), METHOD_OPTIONS[name])
-            planned = planner.state_bytes(lay, zero_stage, world, precision, rank)
+            lay = planner.layout(model_cfg(), method_of(name), options_of(name), state_dtype=state_dtype_of(name))
+            planned = planner.state_bytes(lay, zero_stage, world, precision, rank,
+                                          master_weights=master_weights_of(name))
             out[(zero_stage, name)] = (measured, planned)
             del engine, method
     return out
@@ -96,9 +126,17 @@ def check_bytes(results):
                 if measured[category] != want:
                     mismatches.append(f"rank {rank} ZeRO-{zero_stage} {name} {category}: "
                                       f"measured {measured[category]} formula {want}")
-            # sanity of the formula itself: low-rank methods hold less optimizer state
-            if name != "full":
+            # sanity of the formula itself: low-rank methods and low-bit moments hold less state
+            if method_of(name) != "full" or state_dtype_of(name) != "fp32":
                 assert measured["optimizer_states"] < per_rank[(zero_stage, "full")][0]["optimizer_states"]
+        for zero_stage in (0, 1, 2, 3):
+            fp32, bf16, int8 = (per_rank[(zero_stage, label)][0]["optimizer_states"]
+                                for label in ("full", "full+bf16_states", "full+int8_states"))
+            assert int8 < 0.3 * fp32 and abs(bf16 - fp32 / 2) < 64, (zero_stage, fp32, bf16, int8)
+            if (zero_stage, "full+bf16_masters") in per_rank:  # no fp32 copy: none at ZeRO 0, half at 1-3
+                fp32_masters = per_rank[(zero_stage, "full")][0]["master_params"]
+                bf16_masters = per_rank[(zero_stage, "full+bf16_masters")][0]["master_params"]
+                assert bf16_masters == (0 if zero_stage == 0 else fp32_masters // 2), (zero_stage, bf16_masters)
     assert not mismatches, "\n".join(mismatches)
 
 
@@ -118,7 +156,8 @@ def run_stage(rank, world, run_dir, method_name, integrated):
     """One stage through StageTracker with the spans the integrated trainer opens. ``integrated``:
     the method opens forward/backward/optimizer (and GaLore's refresh) itself, as it will once
     ``Method.train_step`` is wired to ``self.timer``; otherwise this loop opens them."""
-    from lowrank_pt.tracking import StageTracker, write_stage_summary
+    from lowrank_pt.tracking.stage import StageTracker
+    from lowrank_pt.tracking.summary import write_stage_summary
 
     stage, engine, method = build(method_name, 2, "fp32")
     tracker = StageTracker(engine=engine, stage=stage, index=0 if integrated else 1, model_cfg=model_cfg(),
@@ -186,7 +225,7 @@ def check_entry(entry, records, phase_names):
 
 
 def test_stage_tracker_entry_and_metrics(on_two_ranks):
-    from lowrank_pt.tracking import read_summary
+    from lowrank_pt.tracking.summary import read_summary
 
     run_dir, results = on_two_ranks[0], [r["tracked"] for r in on_two_ranks[1]]
     entry, records = results[0]["full"]

@@ -80,6 +80,10 @@ class GaLore(Method):
         """The base checks, and every target_modules pattern matching a linear of the model."""
         super().check_stage(options, stage, run, model_cfg, total_steps)
         check_targets(model_cfg, options.target_modules)
+        if options.moments_on_refresh == "reproject" and stage.optimizer.state_dtype == "int8":
+            raise ValueError("options.moments_on_refresh=reproject with optimizer.state_dtype=int8: a refresh "
+                             "rewrites Adam's moments of B, which int8 blocks do not expose to it; use keep, or "
+                             "bf16 or fp32 states")
         if options.forward == "step" and run is not None and run.engine.zero_stage == 3:
             raise ValueError("options.forward=step keeps a full W_eff per matrix through each step, which "
                              "ZeRO-3 exists to avoid: use call, factored or auto at ZeRO-3")
@@ -237,7 +241,7 @@ class GaLore(Method):
                 adapter.capture = None
                 adapter.close_step()
         wd = self.stage.optimizer.weight_decay
-        if wd > 0:  # W0's share of decoupled decay, folded into W0 at the next merge
+        if wd > 0 and not self.step_skipped:  # W0's share of decoupled decay, folded in at the next merge
             for adapter in self.adapters.values():
                 adapter.galore_decay.mul_(1 - lr * wd)
 

@@ -1,0 +1,189 @@
+"""AdamW with low-bit moments (``optimizer.state_dtype``), stepping whatever tensors DeepSpeed hands
+it: the 2-D params at ZeRO 0, the flat fp32 partitions at ZeRO 1-3.
+
+- ``fp32``: the moments as torch's AdamW keeps them; the arithmetic is torch's single-tensor
+  AdamW, op for op, so the steps are the same to the bit.
+- ``bf16``: both moments stored in bf16 (rounded to nearest); 2 bytes per moment instead of 4.
+  DeepSpeed's moment getters and setters (``zero.state.optimizer_state``) see them as ordinary
+  state tensors of the param's shape.
+- ``int8``: both moments quantised blockwise, 8-bit Adam's scheme: blocks of ``BLOCK`` values,
+  each scaled by its largest magnitude, coded on a dynamic (exponent + fraction) map, signed for
+  the first moment and unsigned for the second. The quantiser is torchao's (``quant_utils``: the
+  map, the block scaling, the code search, the decode); this module only lays the codes out over
+  a tensor of any size (padded to whole blocks) and steps in fp32 between decode and encode.
+  A moment costs ``pad(n, BLOCK)`` bytes of codes plus 4 bytes of scale per block.
+
+Every step decodes a tensor's moments to fp32, applies AdamW in fp32 and encodes them again, so the
+arithmetic is fp32; only storage is low-bit. A bf16 param (training without fp32 masters) takes
+its update with stochastic rounding (``round_to_bf16``), so updates smaller than half a bf16 step
+are kept in expectation instead of being lost. State tensors are plain tensors (codes, scales, the
+step), so checkpoints load with ``weights_only`` and resume to the bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+STATE_DTYPES = ("fp32", "bf16", "int8")
+BLOCK = 256
+"""Values per quantisation block (8-bit Adam's and torchao's)."""
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def round_to_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x`` (fp32) rounded to bf16 stochastically: up (away from zero) with probability equal to
+    the dropped low 16 bits' share of one bf16 step, so the expectation is ``x`` exactly.
+    Random bits come from ``generator`` (default: torch's global CPU generator, which checkpoints
+    save per rank, so a resumed run draws the same bits)."""
+    bits = x.detach().float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, generator=generator).to(bits.device)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def _quant_utils():
+    # torchao is imported on first use only: it takes seconds to import and is needed only by
+    # int8 states. Its compiled extensions serve GPU kernels this module does not call, and its
+    # import logs about them (and torch about an enum it registers) on every rank: kept quiet.
+    os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        from torchao.optim import quant_utils
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+    return quant_utils
+
+
+_MAPS: dict[bool, torch.Tensor] = {}
+
+
+def dynamic_map(signed: bool) -> torch.Tensor:
+    """The 256 values an 8-bit code stands for (times its block's scale)."""
+    if signed not in _MAPS:
+        _MAPS[signed] = torch.tensor(_quant_utils().create_dynamic_map(signed=signed), dtype=torch.float32)
+    return _MAPS[signed]
+
+
+def padded(n: int) -> int:
+    """Elements of a moment's codes: ``n`` padded to whole blocks."""
+    return -(-n // BLOCK) * BLOCK
+
+
+def encode(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes uint8 [padded(n)], scales fp32 [padded(n) / BLOCK])`` of the flattened ``x``."""
+    q = _quant_utils()
+    flat = x.detach().float().reshape(-1)
+    if flat.numel() % BLOCK:
+        flat = torch.cat([flat, flat.new_zeros(padded(flat.numel()) - flat.numel())])
+    scaled, scales = q.scale_tensor(flat, BLOCK)
+    return q.quantize_8bit_with_qmap(scaled, dynamic_map(signed).to(flat.device)), scales
+
+
+def decode(codes: torch.Tensor, scales: torch.Tensor, signed: bool, like: torch.Tensor) -> torch.Tensor:
+    """The fp32 values ``encode`` coded, in ``like``'s shape."""
+    values = _quant_utils().dequant_with_qmap(codes, dynamic_map(signed).to(codes.device), scales)
+    return values[: like.numel()].view(like.shape)
+
+
+def state_bytes(numel: int, state_dtype: str) -> int:
+    """Bytes of the state of one stepped tensor of ``numel`` elements: both moments and Adam's
+    4-byte step counter (what the memory tracker counts, what the planner predicts)."""
+    if state_dtype == "fp32":
+        return 2 * 4 * numel + 4
+    if state_dtype == "bf16":
+        return 2 * 2 * numel + 4
+    if state_dtype == "int8":
+        return 2 * (padded(numel) + 4 * (padded(numel) // BLOCK)) + 4
+    raise ValueError(f"state_dtype={state_dtype!r}: allowed {STATE_DTYPES}")
+
+
+class LowBitAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay) with moments stored as ``state_dtype`` (see the module doc)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 state_dtype: str = "int8"):
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype={state_dtype!r}: allowed {STATE_DTYPES}")
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"LowBitAdamW: bad lr={lr}, betas={betas}, eps={eps} or weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.state_dtype = state_dtype
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's loader casts every floating state tensor to its param's dtype (an fp32 flat
+        partition): the moments and scales go back to how this optimizer stores them. A bf16
+        moment comes back exact (the saved values are bf16), so a resume is bit-identical."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for key, value in state.items():
+                if key.endswith("_scales"):
+                    state[key] = value.float()
+                elif key in MOMENT_KEYS and self.state_dtype == "bf16":
+                    state[key] = value.to(torch.bfloat16)
+
+    def _moments(self, p: torch.Tensor, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.state_dtype == "int8":
+            return (decode(state["exp_avg_codes"], state["exp_avg_scales"], True, p),
+                    decode(state["exp_avg_sq_codes"], state["exp_avg_sq_scales"], False, p))
+        return state["exp_avg"].float(), state["exp_avg_sq"].float()
+
+    def _store(self, state: dict, m: torch.Tensor, v: torch.Tensor) -> None:
+        if self.state_dtype == "int8":
+            state["exp_avg_codes"], state["exp_avg_scales"] = encode(m, True)
+            state["exp_avg_sq_codes"], state["exp_avg_sq_scales"] = encode(v, False)
+        elif self.state_dtype == "bf16":
+            state["exp_avg"].copy_(m)
+            state["exp_avg_sq"].copy_(v)
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        state = {"step": torch.tensor(0.0)}
+        if self.state_dtype == "int8":
+            n = padded(p.numel())
+            for key in MOMENT_KEYS:
+                state[f"{key}_codes"] = torch.zeros(n, dtype=torch.uint8, device=p.device)
+                state[f"{key}_scales"] = torch.zeros(n // BLOCK, dtype=torch.float32, device=p.device)
+        else:
+            dtype = torch.float32 if self.state_dtype == "fp32" else torch.bfloat16
+            for key in MOMENT_KEYS:
+                state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(self._init_state(p))
+                state["step"] += 1
+                step = float(state["step"])
+                grad = p.grad.float()
+                m, v = self._moments(p, state)
+                # torch.optim.AdamW's single-tensor arithmetic, in fp32 whatever the storage.
+                weight = p.float() if p.dtype != torch.float32 else p
+                if wd != 0:
+                    weight.mul_(1 - lr * wd)
+                m.lerp_(grad, 1 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                step_size = lr / (1 - beta1 ** step)
+                denom = (v.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
+                weight.addcdiv_(m, denom, value=-step_size)
+                self._store(state, m, v)
+                if p.dtype == torch.bfloat16:
+                    p.copy_(round_to_bf16(weight))
+                elif weight is not p:
+                    p.copy_(weight)
+        return loss
