@@ -30,6 +30,8 @@ import torch
 STATE_DTYPES = ("fp32", "bf16", "int8")
 BLOCK = 256
 """Values per quantisation block (8-bit Adam's and torchao's)."""
+CHUNK = 4096 * BLOCK
+"""Elements a step works on at a time (a whole number of blocks): its fp32 temporaries stay small."""
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 
 
@@ -127,19 +129,22 @@ class LowBitAdamW(torch.optim.Optimizer):
                 elif key in MOMENT_KEYS and self.state_dtype == "bf16":
                     state[key] = value.to(torch.bfloat16)
 
-    def _moments(self, p: torch.Tensor, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _moments(self, state: dict, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both moments of elements ``[lo, hi)`` in fp32 (views of fp32 state, else decoded copies)."""
         if self.state_dtype == "int8":
-            return (decode(state["exp_avg_codes"], state["exp_avg_scales"], True, p),
-                    decode(state["exp_avg_sq_codes"], state["exp_avg_sq_scales"], False, p))
-        return state["exp_avg"].float(), state["exp_avg_sq"].float()
+            end = lo + padded(hi - lo)  # ``lo`` is a block boundary: whole blocks up to the end
+            return tuple(decode(state[f"{key}_codes"][lo:end], state[f"{key}_scales"][lo // BLOCK:end // BLOCK],
+                                signed, torch.empty(hi - lo)) for key, signed in zip(MOMENT_KEYS, (True, False)))
+        return tuple(state[key].view(-1)[lo:hi].float() for key in MOMENT_KEYS)
 
-    def _store(self, state: dict, m: torch.Tensor, v: torch.Tensor) -> None:
-        if self.state_dtype == "int8":
-            state["exp_avg_codes"], state["exp_avg_scales"] = encode(m, True)
-            state["exp_avg_sq_codes"], state["exp_avg_sq_scales"] = encode(v, False)
-        elif self.state_dtype == "bf16":
-            state["exp_avg"].copy_(m)
-            state["exp_avg_sq"].copy_(v)
+    def _store(self, state: dict, lo: int, hi: int, m: torch.Tensor, v: torch.Tensor) -> None:
+        for key, value, signed in zip(MOMENT_KEYS, (m, v), (True, False)):
+            if self.state_dtype == "int8":
+                codes, scales = encode(value, signed)
+                state[f"{key}_codes"][lo:lo + codes.numel()] = codes
+                state[f"{key}_scales"][lo // BLOCK:lo // BLOCK + scales.numel()] = scales
+            elif self.state_dtype == "bf16":
+                state[key].view(-1)[lo:hi] = value
 
     def _init_state(self, p: torch.Tensor) -> dict:
         state = {"step": torch.tensor(0.0)}
@@ -170,20 +175,26 @@ class LowBitAdamW(torch.optim.Optimizer):
                     state.update(self._init_state(p))
                 state["step"] += 1
                 step = float(state["step"])
-                grad = p.grad.float()
-                m, v = self._moments(p, state)
-                # torch.optim.AdamW's single-tensor arithmetic, in fp32 whatever the storage.
-                weight = p.float() if p.dtype != torch.float32 else p
-                if wd != 0:
-                    weight.mul_(1 - lr * wd)
-                m.lerp_(grad, 1 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 step_size = lr / (1 - beta1 ** step)
-                denom = (v.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
-                weight.addcdiv_(m, denom, value=-step_size)
-                self._store(state, m, v)
-                if p.dtype == torch.bfloat16:
-                    p.copy_(round_to_bf16(weight))
-                elif weight is not p:
-                    p.copy_(weight)
+                bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
+                flat, grads = p.view(-1), p.grad.view(-1)
+                # In pieces of CHUNK elements: the fp32 working copies (gradient, decoded moments,
+                # the weight of a bf16 param, the codes' search) stay a few MB whatever the tensor.
+                for lo in range(0, flat.numel(), CHUNK):
+                    hi = min(lo + CHUNK, flat.numel())
+                    grad = grads[lo:hi].float()
+                    m, v = self._moments(state, lo, hi)
+                    # torch.optim.AdamW's single-tensor arithmetic, in fp32 whatever the storage.
+                    weight = flat[lo:hi] if p.dtype == torch.float32 else flat[lo:hi].float()
+                    if wd != 0:
+                        weight.mul_(1 - lr * wd)
+                    m.lerp_(grad, 1 - beta1)
+                    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+                    weight.addcdiv_(m, denom, value=-step_size)
+                    self._store(state, lo, hi, m, v)
+                    if p.dtype == torch.bfloat16:
+                        flat[lo:hi] = round_to_bf16(weight)
+                    elif p.dtype != torch.float32:
+                        flat[lo:hi] = weight
         return loss
