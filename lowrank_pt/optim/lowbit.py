@@ -13,8 +13,9 @@ it: the 2-D params at ZeRO 0, the flat fp32 partitions at ZeRO 1-3.
   a tensor of any size (padded to whole blocks) and steps in fp32 between decode and encode.
   A moment costs ``pad(n, BLOCK)`` bytes of codes plus 4 bytes of scale per block.
 
-Every step decodes a tensor's moments to fp32, applies AdamW in fp32 and encodes them again, so the
-arithmetic is fp32; only storage is low-bit. A bf16 param (training without fp32 masters) takes
+Every step decodes a tensor's moments to fp32, applies AdamW in fp32 and encodes them again, a
+piece of ``CHUNK`` elements at a time (so its working copies stay small whatever the tensor), so
+the arithmetic is fp32; only storage is low-bit. A bf16 param (training without fp32 masters) takes
 its update with stochastic rounding (``round_to_bf16``), so updates smaller than half a bf16 step
 are kept in expectation instead of being lost. State tensors are plain tensors (codes, scales, the
 step), so checkpoints load with ``weights_only`` and resume to the bit.
@@ -87,10 +88,10 @@ def encode(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return q.quantize_8bit_with_qmap(scaled, dynamic_map(signed).to(flat.device)), scales
 
 
-def decode(codes: torch.Tensor, scales: torch.Tensor, signed: bool, like: torch.Tensor) -> torch.Tensor:
-    """The fp32 values ``encode`` coded, in ``like``'s shape."""
+def decode(codes: torch.Tensor, scales: torch.Tensor, signed: bool, numel: int) -> torch.Tensor:
+    """The first ``numel`` fp32 values ``encode`` coded (1-D)."""
     values = _quant_utils().dequant_with_qmap(codes, dynamic_map(signed).to(codes.device), scales)
-    return values[: like.numel()].view(like.shape)
+    return values[:numel]
 
 
 def state_bytes(numel: int, state_dtype: str) -> int:
@@ -134,7 +135,7 @@ class LowBitAdamW(torch.optim.Optimizer):
         if self.state_dtype == "int8":
             end = lo + padded(hi - lo)  # ``lo`` is a block boundary: whole blocks up to the end
             return tuple(decode(state[f"{key}_codes"][lo:end], state[f"{key}_scales"][lo // BLOCK:end // BLOCK],
-                                signed, torch.empty(hi - lo)) for key, signed in zip(MOMENT_KEYS, (True, False)))
+                                signed, hi - lo) for key, signed in zip(MOMENT_KEYS, (True, False)))
         return tuple(state[key].view(-1)[lo:hi].float() for key in MOMENT_KEYS)
 
     def _store(self, state: dict, lo: int, hi: int, m: torch.Tensor, v: torch.Tensor) -> None:
