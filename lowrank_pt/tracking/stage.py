@@ -66,6 +66,19 @@ class StageTracker:
         self._window = self._new_window()
         self.last: dict = {}
 
+    def describe(self) -> str:
+        """What this rank holds, planned, by category, and per trained parameter: the stage's
+        bytes per parameter in one line (empty without a formula)."""
+        if not self.formula or not self.params.get("trainable"):
+            return ""
+        keys = (("params", "params"), ("master_params", "masters"), ("grads", "gradients"),
+                ("optimizer_states", "optimizer states"), ("method_buffers", "method buffers"))
+        parts = [f"{label} {self.formula[key] / 2**20:.1f} MiB" for key, label in keys if self.formula.get(key)]
+        trained = sum(self.formula.get(k, 0) for k in ("master_params", "grads", "optimizer_states"))
+        per = trained / (self.params["trainable"] / (self.world if self.zero_stage else 1))
+        return (f"this rank holds (planned): {', '.join(parts)}; masters + gradients + states "
+                f"{per:.2f} bytes per trained parameter it steps")
+
     def _device_peak(self, precision: str, cache_dir: str):
         """The device's peak FLOP/s. On CPUs rank 0 measures it (ranks measuring at once would
         slow each other down) and the others take its number."""

@@ -170,9 +170,6 @@ class Trainer:
         self.say(f"stage {index + 1}/{len(run.stages)} {stage.name!r}: method {stage.method}, {total} steps, "
                  f"{step_tokens} tokens/step, ZeRO {run.engine.zero_stage}, {run.engine.precision}, "
                  f"{self.world_size} rank(s)")
-        decided = method.describe()
-        if decided:
-            self.say(f"  {decided}")
         # The data is ready before the tracker starts its clock and resets the memory peaks.
         loader, val_batches = self.streams.train(stage, micro), self.streams.validation(stage, micro)
         tracker = StageTracker(engine=engine, stage=stage, index=index, model_cfg=self.model_cfg,
@@ -180,6 +177,8 @@ class Trainer:
                                master_weights=run.engine.master_weights, zero_stage=run.engine.zero_stage,
                                micro_tokens=micro * run.model.seq_len, accum=accum, start_step=start,
                                cache_dir=run.data.cache_dir, flops_per_token=method.flops_per_token(self.model_cfg))
+        for decided in filter(None, (method.describe(), tracker.describe())):  # what the stage chose and holds
+            self.say(f"  {decided}")
         method.on_engine_ready(StageContext(engine=engine, total_steps=total, timer=tracker.timer,
                                             guard=self.guard, objective=objective))
         return StageRun(index=index, stage=stage, engine=engine, method=method, tracker=tracker,

@@ -174,3 +174,19 @@ def test_deepspeed_gets_bf16_masters_at_zero_1_to_3_and_none_at_zero_0():
             assert bf16["enabled"] and bf16["bf16_master_weights_and_grads"] and not bf16_params(cfg)
         plain = deepspeed_config(EngineConfig(zero_stage=stage, precision="bf16"), 1, 1, 1.0, 1)["bf16"]
         assert plain == {"enabled": True}
+
+
+def test_a_stage_says_what_a_rank_holds_per_parameter():
+    from types import SimpleNamespace
+
+    from lowrank_pt.tracking.stage import StageTracker
+
+    n = 1000  # trained elements; on 2 ranks at ZeRO 1-3 a rank steps half of them
+    tracker = SimpleNamespace(world=2, zero_stage=2, params={"trainable": n},
+                              formula={"params": 2 * n, "master_params": 2 * n // 2, "grads": 2 * n // 2,
+                                       "optimizer_states": state_bytes(n // 2, "int8"), "method_buffers": 0})
+    line = StageTracker.describe(tracker)
+    assert "params 0.0 MiB" in line and "method buffers" not in line
+    per = (n + n + state_bytes(n // 2, "int8")) / (n // 2)
+    assert f"{per:.2f} bytes per trained parameter" in line
+    assert StageTracker.describe(SimpleNamespace(formula={}, params={})) == ""
