@@ -246,15 +246,16 @@ def _generated_keys(run: RunConfig, index: int, world: int) -> list[tuple[str, A
     akey = f"stages.{index}.grad_accum" if stage.grad_accum else "train.grad_accum"
     precision = f"engine.precision={run.engine.precision}"
     masters = run.engine.master_weights
+    bf16 = bf16_section(run.engine)
     return [
         ("zero_optimization.stage", run.engine.zero_stage, f"engine.zero_stage={run.engine.zero_stage}"),
         ("train_micro_batch_size_per_gpu", micro, f"{mkey}={micro}"),
         ("gradient_accumulation_steps", accum, f"{akey}={accum}"),
         ("train_batch_size", micro * accum * world,
          f"{mkey} x {akey} x ranks = {micro} x {accum} x {world} = {micro * accum * world}"),
-        ("bf16.enabled", bf16_section(run.engine)["enabled"], f"{precision}, engine.master_weights={masters}"),
-        ("bfloat16.enabled", bf16_section(run.engine)["enabled"], f"{precision}, engine.master_weights={masters}"),
-        ("bf16.bf16_master_weights_and_grads", bf16_section(run.engine).get("bf16_master_weights_and_grads", False),
+        ("bf16.enabled", bf16["enabled"], f"{precision}, engine.master_weights={masters}"),
+        ("bfloat16.enabled", bf16["enabled"], f"{precision}, engine.master_weights={masters}"),
+        ("bf16.bf16_master_weights_and_grads", bf16.get("bf16_master_weights_and_grads", False),
          f"engine.master_weights={masters}"),
         ("fp16.enabled", run.engine.precision == "fp16", precision),
     ]

@@ -14,8 +14,7 @@ import sys
 import torch
 from torch import nn
 
-# CATEGORIES and STATE_CATEGORIES: the tracker's and the planner's categories, named here too.
-from lowrank_pt.zero.held import CATEGORIES, STATE_CATEGORIES, Ledger, state_bytes  # noqa: F401
+from lowrank_pt.zero.held import CATEGORIES, Ledger, state_bytes
 
 
 def capture_bytes(module: nn.Module) -> int:

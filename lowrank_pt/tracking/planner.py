@@ -67,7 +67,7 @@ from lowrank_pt.config.recipe import OptimizerConfig, StageConfig
 from lowrank_pt.core.owners import owned_bytes
 from lowrank_pt.methods.base import Method
 from lowrank_pt.model.llama import LlamaModel
-from lowrank_pt.tracking.memory import STATE_CATEGORIES
+from lowrank_pt.zero.held import STATE_CATEGORIES
 from lowrank_pt.zero.method_buffers import is_method_buffer
 from lowrank_pt.zero.partition import (
     DEEPSPEED_REDUCE_BUCKET,

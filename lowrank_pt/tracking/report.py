@@ -13,8 +13,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from lowrank_pt.tracking.memory import CATEGORIES
 from lowrank_pt.tracking.summary import read_summary
+from lowrank_pt.zero.held import CATEGORIES
 
 PHASE_ORDER = ("data", "forward", "backward", "optimizer", "refresh", "merge", "method", "other")
 

@@ -255,7 +255,7 @@ def test_every_kind_of_cut_is_exercised(two_ranks):
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_optimizer_state_bytes_equal_the_formula(one_rank, two_ranks, world):
-    from lowrank_pt.tracking.memory import STATE_CATEGORIES
+    from lowrank_pt.zero.held import STATE_CATEGORIES
 
     results = [one_rank] if world == 1 else two_ranks
     mismatches = []
@@ -340,7 +340,7 @@ def test_bf16_wrappers(one_rank, label):
     the fp32 run's up to bf16 rounding (measured 0.04 of the update's norm, the worst matrix; a
     missed fragment or step would be ~1)."""
     from lowrank_pt.model.llama import LlamaModel
-    from lowrank_pt.tracking.memory import STATE_CATEGORIES
+    from lowrank_pt.zero.held import STATE_CATEGORIES
 
     steps, measured, planned, weights = one_rank["bf16"][label]
     assert steps == [STEPS]
