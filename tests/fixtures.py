@@ -105,9 +105,10 @@ def spawn(fn, world_size: int, *args, timeout: float = 300):
 
 def tiny_engine(zero_stage: int, precision: str, method=None, model=None, micro_batch_size: int = 2,
                 grad_accum: int = 1, lr: float = 1e-2, vocab_size: int = 64, seed: int = 0,
-                grad_clip: float = 1.0, master_weights: str = "fp32"):
+                grad_clip: float = 1.0, master_weights: str = "fp32", int8_bases: bool = False):
     """A DeepSpeed engine over the tiny LLaMA (or ``model``) with ``method`` (default full-rank).
 
+    ``int8_bases``: the method's frozen bases stored in int8 (``engine.weight_dtype: int8``).
     Call inside a process where ``dist.init()`` ran (e.g. under ``spawn``)."""
     from lowrank_pt.config.recipe import EngineConfig, OptimizerConfig, ScheduleConfig, StageConfig
     from lowrank_pt.methods import Method
@@ -122,6 +123,10 @@ def tiny_engine(zero_stage: int, precision: str, method=None, model=None, micro_
     stage = StageConfig(steps=100, optimizer=OptimizerConfig(lr=lr), schedule=ScheduleConfig(kind="constant"))
     method = method or Method(None, stage, None)
     method.prepare_model(model)
+    if int8_bases:
+        from lowrank_pt.model import int8_weights
+
+        int8_weights.store_bases(model)
     # The method's own stage says how the moments are stored (optimizer.state_dtype).
     stored = method.stage.optimizer.state_dtype if method.stage is not None else "fp32"
     optimizer = build_optimizer(method.param_groups(model), OptimizerConfig(lr=lr, state_dtype=stored),

@@ -11,12 +11,13 @@ import math
 import os
 from typing import Any, Optional
 
-import torch.distributed as td
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lowrank_pt.checkpoint.export import init_source_config
+from lowrank_pt.config.checks import choice, number, world_size  # noqa: F401 - world_size importable from here
+from lowrank_pt.config.engine_keys import check_engine, validate_engine  # noqa: F401 - check_engine too
 from lowrank_pt.config.schema import (  # noqa: F401 - the schema's names, importable from here as before
     BACKENDS,
     EngineConfig,
@@ -40,7 +41,6 @@ from lowrank_pt.methods import METHODS, parse_options
 from lowrank_pt.model.llama import MODEL_SIZES, ModelConfig, resolve, shape_difference
 from lowrank_pt.objectives import objective_class
 from lowrank_pt.optim.lowbit import STATE_DTYPES
-from lowrank_pt.zero.engine import bf16_section, check_precision
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -131,26 +131,6 @@ def load(path: Optional[str], overrides: list[str] = (), environment: bool = Tru
     return run
 
 
-def _choice(key: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r}: allowed {list(allowed)}")
-
-
-def _number(key: str, value, low: float | None = None, above: bool = False, optional: bool = False) -> None:
-    """``value`` is a finite number, at least ``low`` (greater than it with ``above``)."""
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{key}={value!r} must be a finite number")
-    if low is not None and (value <= low if above else value < low):
-        raise ConfigError(f"{key}={value!r} must be {'>' if above else '>='} {low:g}")
-
-
-def world_size() -> int:
-    """Data-parallel ranks of this run: the process group's, else the launcher's WORLD_SIZE."""
-    return dist.world_size() if dist.is_initialized() else max(1, int(os.environ.get("WORLD_SIZE", "1")))
-
-
 def tokens_per_step(stage: StageConfig, run: RunConfig, world: int | None = None) -> int:
     """Tokens one optimizer step of ``stage`` trains on ``world`` ranks (default: this run's): every
     rank's micro-batches, each of ``micro_batch_size`` examples of the objective's rows (a DPO
@@ -186,7 +166,7 @@ def validate(run: RunConfig, environment: bool = True) -> None:
     the device (fp16, the backend), the run dir, the files the config names (SFT records are
     parsed, ``init_from`` checkpoints read and compared with the model)."""
     model_cfg = _validate_model(run, environment)
-    _validate_engine(run, environment)
+    validate_engine(run, environment)
     _validate_train(run)
     if not run.stages:
         raise ConfigError("stages: the recipe needs at least one stage")
@@ -221,98 +201,20 @@ def _validate_hand_overs(run: RunConfig) -> None:
 def _validate_model(run: RunConfig, environment: bool) -> ModelConfig:
     m = run.model
     if m.size not in MODEL_SIZES:
-        _choice("model.size", m.size, sorted(MODEL_SIZES))
+        choice("model.size", m.size, sorted(MODEL_SIZES))
     for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size"):
         value = getattr(m, key)
         if value is not None and value < 1:
             raise ConfigError(f"model.{key}={value} must be >= 1 (or null: the size's value)")
     if m.seq_len < 2:
         raise ConfigError(f"model.seq_len={m.seq_len} must be >= 2")
-    _number("model.rope_theta", m.rope_theta, 0, above=True)
-    _number("model.norm_eps", m.norm_eps, 0)
-    _number("model.init_std", m.init_std, 0)
+    number("model.rope_theta", m.rope_theta, 0, above=True)
+    number("model.norm_eps", m.norm_eps, 0)
+    number("model.init_std", m.init_std, 0)
     try:
         return resolve(m, vocab_size=expected_vocab_size(run, environment))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-
-
-def _generated_keys(run: RunConfig, index: int, world: int) -> list[tuple[str, Any, str]]:
-    """The raw DeepSpeed keys our config generates for stage ``index``: (path in
-    engine.deepspeed, the value we generate, the key of ours it comes from)."""
-    stage = run.stages[index]
-    micro, accum = stage.micro_and_accum(run.train)
-    mkey = f"stages.{index}.micro_batch_size" if stage.micro_batch_size else "train.micro_batch_size"
-    akey = f"stages.{index}.grad_accum" if stage.grad_accum else "train.grad_accum"
-    precision = f"engine.precision={run.engine.precision}"
-    masters = run.engine.master_weights
-    bf16 = bf16_section(run.engine)
-    return [
-        ("zero_optimization.stage", run.engine.zero_stage, f"engine.zero_stage={run.engine.zero_stage}"),
-        ("train_micro_batch_size_per_gpu", micro, f"{mkey}={micro}"),
-        ("gradient_accumulation_steps", accum, f"{akey}={accum}"),
-        ("train_batch_size", micro * accum * world,
-         f"{mkey} x {akey} x ranks = {micro} x {accum} x {world} = {micro * accum * world}"),
-        ("bf16.enabled", bf16["enabled"], f"{precision}, engine.master_weights={masters}"),
-        ("bfloat16.enabled", bf16["enabled"], f"{precision}, engine.master_weights={masters}"),
-        ("bf16.bf16_master_weights_and_grads", bf16.get("bf16_master_weights_and_grads", False),
-         f"engine.master_weights={masters}"),
-        ("fp16.enabled", run.engine.precision == "fp16", precision),
-    ]
-
-
-def _raw(tree: dict, dotted: str):
-    node: Any = tree
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return _ABSENT
-        node = node[part]
-    return node
-
-
-_ABSENT = object()
-
-
-def _validate_engine(run: RunConfig, environment: bool) -> None:
-    e = run.engine
-    _choice("engine.zero_stage", e.zero_stage, [0, 1, 2, 3])
-    _choice("engine.precision", e.precision, ["fp32", "bf16", "fp16"])
-    if e.offload_optimizer and e.zero_stage == 0:
-        raise ConfigError("engine.offload_optimizer=true needs engine.zero_stage >= 1")
-    _choice("engine.master_weights", e.master_weights, ["fp32", "bf16"])
-    if e.master_weights == "bf16" and e.precision != "bf16":
-        raise ConfigError(f"engine.master_weights=bf16 with engine.precision={e.precision}: bf16 masters are for "
-                          "bf16 training; set engine.precision=bf16 (or master_weights fp32)")
-    if e.master_weights == "bf16" and e.offload_optimizer:
-        raise ConfigError("engine.master_weights=bf16 with engine.offload_optimizer=true: the offloaded optimizer "
-                          "(DeepSpeed's CPU Adam) keeps fp32 masters; use one or the other")
-    if e.stage3_param_persistence_threshold is not None and e.stage3_param_persistence_threshold < 0:
-        raise ConfigError(f"engine.stage3_param_persistence_threshold={e.stage3_param_persistence_threshold} "
-                          "must be >= 0 (or null)")
-    if e.backend is not None:
-        _choice("engine.backend", e.backend, BACKENDS)
-    _number("engine.collective_timeout_s", e.collective_timeout_s, 0, above=True)
-    world = world_size()
-    for index in range(len(run.stages)):
-        for raw_key, value, ours in _generated_keys(run, index, world):
-            theirs = _raw(e.deepspeed or {}, raw_key)
-            if theirs is _ABSENT or theirs == value:
-                continue
-            raise ConfigError(f"engine.deepspeed.{raw_key}={theirs!r} contradicts {ours}, from which lowrank_pt "
-                              f"generates it (the log, meta.json and the planner follow ours); drop "
-                              f"engine.deepspeed.{raw_key} and set our key instead")
-    if not environment:
-        return
-    if e.backend is not None:
-        if not td.is_available() or not td.is_backend_available(e.backend):
-            raise ConfigError(f"engine.backend={e.backend!r} is not available on this machine"
-                              + (" (nccl needs CUDA GPUs; use gloo on a CPU)" if e.backend == "nccl" else "")
-                              + "; null picks nccl on GPUs, gloo on a CPU")
-    if e.precision == "fp16":
-        try:
-            check_precision(e.precision)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
 
 
 def _validate_train(run: RunConfig) -> None:
@@ -327,7 +229,7 @@ def _validate_train(run: RunConfig) -> None:
         raise ConfigError(f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be >= 0 (0: never stop)")
     if t.stop_at_step is not None and t.stop_at_step < 1:
         raise ConfigError(f"train.stop_at_step={t.stop_at_step} must be >= 1 (or null: never stop early)")
-    _number("train.sample_temperature", t.sample_temperature, 0)
+    number("train.sample_temperature", t.sample_temperature, 0)
 
 
 def _validate_stage(run: RunConfig, stage: StageConfig, where: str, model_cfg: ModelConfig,
@@ -337,16 +239,16 @@ def _validate_stage(run: RunConfig, stage: StageConfig, where: str, model_cfg: M
     length = stage.steps if stage.steps is not None else stage.tokens
     if length < 1:
         raise ConfigError(f"{where}: length must be >= 1, got {length}")
-    _choice(f"{where}.method", stage.method, sorted(METHODS))
-    _choice(f"{where}.schedule.kind", stage.schedule.kind, ["cosine", "linear", "constant", "jagged_cosine"])
+    choice(f"{where}.method", stage.method, sorted(METHODS))
+    choice(f"{where}.schedule.kind", stage.schedule.kind, ["cosine", "linear", "constant", "jagged_cosine"])
     opt = stage.optimizer
-    _number(f"{where}.optimizer.lr", opt.lr, 0, above=True)
-    _number(f"{where}.optimizer.eps", opt.eps, 0, above=True)
-    _number(f"{where}.optimizer.weight_decay", opt.weight_decay, 0)
-    _number(f"{where}.optimizer.grad_clip", opt.grad_clip, 0, optional=True)
+    number(f"{where}.optimizer.lr", opt.lr, 0, above=True)
+    number(f"{where}.optimizer.eps", opt.eps, 0, above=True)
+    number(f"{where}.optimizer.weight_decay", opt.weight_decay, 0)
+    number(f"{where}.optimizer.grad_clip", opt.grad_clip, 0, optional=True)
     if len(opt.betas) != 2 or not all(0 <= b < 1 for b in opt.betas):
         raise ConfigError(f"{where}.optimizer.betas={opt.betas}: two values in [0, 1)")
-    _choice(f"{where}.optimizer.state_dtype", opt.state_dtype, list(STATE_DTYPES))
+    choice(f"{where}.optimizer.state_dtype", opt.state_dtype, list(STATE_DTYPES))
     if opt.state_dtype != "fp32" and run.engine.offload_optimizer:
         raise ConfigError(f"{where}.optimizer.state_dtype={opt.state_dtype} with engine.offload_optimizer=true: the "
                           "offloaded optimizer (DeepSpeed's CPU Adam) keeps fp32 moments; use one or the other")
@@ -431,3 +333,4 @@ def write_run_config(run: RunConfig) -> None:
             f.write(to_yaml(run))
         os.replace(tmp, os.path.join(run.run_dir, "config.yaml"))
     dist.barrier()
+

@@ -106,6 +106,18 @@ class EngineConfig:
     themselves, at ZeRO 1-3 DeepSpeed's bf16_master_weights_and_grads partitions); each update is
     computed in fp32 and applied with stochastic rounding, so updates below half a bf16 step are
     kept in expectation. AdamW methods only (apollo, apollo_mini and fira keep fp32 masters)."""
+    weight_dtype: str = "bf16"
+    """How frozen bases are stored: bf16 (the training dtype: the module's own frozen params), or
+    int8 (blockwise absmax codes, 256 per fp32 scale along each row, dequantised in forward; a
+    merge into the base, ReLoRA's restart or GaLore's subspace install, re-quantises with
+    stochastic rounding). int8 is for the methods with a frozen base (lora, relora, galore) at
+    ZeRO 0-2 with precision bf16; the int8 base is a buffer, whole on every rank, and exports
+    dequantised."""
+    grad_accum_dtype: Optional[str] = None
+    """DeepSpeed's ``data_types.grad_accum_dtype``: the dtype gradients are accumulated in over the
+    micro-batches of a step. null keeps DeepSpeed's default (the training dtype); fp32 with
+    precision bf16 at ZeRO 1 runs DeepSpeed's BF16_Optimizer, which accumulates the whole padded
+    group in fp32 on every rank (the planner counts it); bf16 is the default spelled out."""
     deepspeed: Dict[str, Any] = field(default_factory=dict)
     """Raw DeepSpeed config keys, deep-merged over the generated config."""
     backend: Optional[str] = None

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from lowrank_pt.core.timer import NULL_TIMER, NullTimer, PhaseTimer
+from lowrank_pt.model import int8_weights
 from lowrank_pt.model.llama import flops_per_token
 from lowrank_pt.objectives.base import LMObjective
 from lowrank_pt.optim import lowbit, schedule
@@ -93,6 +94,9 @@ class Method:
     """Whether the trained model is a dense Llama (``to_plain`` gives its weights): what export,
     a following stage and generation take. A method whose model has another architecture says
     False, and config validation refuses what needs the dense form."""
+    has_frozen_base: ClassVar[bool] = False
+    """Whether the method keeps frozen bases beside what it trains (LoRA, ReLoRA, GaLore's
+    adapter): what ``engine.weight_dtype: int8`` stores in int8."""
 
 
     def __init__(self, options: Any, stage: Any, run: Any):
@@ -126,6 +130,14 @@ class Method:
         model's shapes (``model_cfg`` is resolved: build it on the meta device,
         ``lowrank_pt.model.targets.check_targets``). Raise ValueError naming the key below the stage
         (``schedule.kind=...``, ``options.target_modules: ...``); validation names the stage."""
+        if run is not None and run.engine.weight_dtype == "int8":
+            if not cls.has_frozen_base:
+                raise ValueError(f"method={cls.name} with engine.weight_dtype=int8: int8 storage is built for frozen "
+                                 "bases (lora, relora, galore); int8 weights that the optimizer updates are not "
+                                 "built yet: use weight_dtype bf16")
+            if getattr(options, "base_in_fp32", False):
+                raise ValueError("options.base_in_fp32=true with engine.weight_dtype=int8: the base is stored "
+                                 "either in fp32 or in int8; drop one")
         sched = stage.schedule
         if sched.kind == "jagged_cosine" and sched.restart_every < 1:
             raise ValueError(f"schedule.kind=jagged_cosine re-warms the LR every schedule.restart_every steps, "
@@ -147,6 +159,13 @@ class Method:
         trainable param it wrote holds on this rank (``zero_io.write_before_engine``'s), which
         become a bf16 engine's masters."""
         return {}
+
+    def store_bases(self, model: nn.Module) -> None:
+        """Once the stage's weights and the method's inits are in (or before a checkpoint is loaded
+        over them), before the engine exists: with ``engine.weight_dtype: int8``, store the frozen
+        bases as int8 codes and scales (``lowrank_pt.model.int8_weights``)."""
+        if self.run is not None and self.run.engine.weight_dtype == "int8":
+            int8_weights.store_bases(model)
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         """Optimizer groups of the trainable params: weight decay on matrices only."""

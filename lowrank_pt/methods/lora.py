@@ -29,6 +29,7 @@ from torch import nn
 
 from lowrank_pt.core import dist
 from lowrank_pt.core.owners import balanced_owners
+from lowrank_pt.methods import frozen_base
 from lowrank_pt.methods.base import Method, MethodOptions
 from lowrank_pt.methods.galore.capture import GradientCapture
 from lowrank_pt.model.llama import LlamaModel
@@ -44,7 +45,6 @@ from lowrank_pt.model.lowrank_linear import (
     wrap_linears,
 )
 from lowrank_pt.model.targets import DEFAULT_TARGETS, check_targets, select_linears
-from lowrank_pt.zero import frozen as zero_frozen
 from lowrank_pt.zero import state as zero_io
 from lowrank_pt.zero.params import read_whole
 
@@ -134,6 +134,7 @@ class LoRA(Method):
 
     name = "lora"
     Options = LoRAOptions
+    has_frozen_base = True
 
     @classmethod
     def check_stage(cls, options, stage, run, model_cfg, total_steps: int) -> None:
@@ -252,7 +253,7 @@ class LoRA(Method):
         world, rank = dist.world_size(), dist.rank()
         o = self.options
         modules = lowrank_modules(engine.module)
-        for (_, m), owner in zip(modules, self.ga_owners(modules, world)):
+        for (name, m), owner in zip(modules, self.ga_owners(modules, world)):
             grad = m.capture.mean() if m.capture is not None else None
             m.capture = None
             A = torch.zeros(m.rank, m.in_features)
@@ -275,7 +276,7 @@ class LoRA(Method):
             # W0's device, each ZeRO-3 rank its own shard only
             left = torch.cat([zero_io.full_param(engine, m.lora_B), B], dim=1)
             right = torch.cat([zero_io.full_param(engine, m.lora_A), -A], dim=0)
-            zero_frozen.add_low_rank_product(engine, m.weight, left, right, m.scale)
+            frozen_base.add_low_rank_product(engine, m, left, right, m.scale, (o.seed, "lora_ga", getattr(self, "restarts", 0), name))
             zero_io.set_param(engine, m.lora_A, A)
             zero_io.set_param(engine, m.lora_B, B)
             zero_io.set_grad(engine, m.lora_A, gA)

@@ -26,6 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
+from lowrank_pt.methods import frozen_base
 from lowrank_pt.methods.lora import LoRA, LoRAOptions
 from lowrank_pt.model.lowrank_linear import (
     WEIGHT_INITS,
@@ -37,7 +38,6 @@ from lowrank_pt.model.lowrank_linear import (
     seeded_generator,
 )
 from lowrank_pt.optim import schedule
-from lowrank_pt.zero import frozen as zero_frozen
 from lowrank_pt.zero import state as zero_io
 
 RESET_MODES = ("none", "zero", "random", "magnitude")
@@ -171,22 +171,23 @@ class ReLoRA(LoRA):
             A, B = zero_io.full_param(engine, m.lora_A), zero_io.full_param(engine, m.lora_B)
             magnitude = zero_io.full_param(engine, m.lora_magnitude) if m.dora else None
             stored_norms = None
+            rounding = (o.seed, self.restarts, index, "base")  # an int8 base's stochastic rounding
             if o.init in WEIGHT_INITS:  # the SVD/QR of the whole merged matrix
-                merged = merged_weight(zero_io.full_param(engine, m.weight), A, B, m.scale, magnitude)
+                merged = merged_weight(frozen_base.read(engine, m), A, B, m.scale, magnitude)
                 new_A, new_B, base = init_factors(o.init, merged, m.rank, m.scale)
-                zero_io.set_param(engine, m.weight, base)
+                frozen_base.write(engine, m, base, rounding)
             else:  # on W0's device, each ZeRO-3 rank its own shard only
                 new_A = init_lora_A(m.rank, m.in_features, seeded_generator(o.seed, self.restarts, index))
                 new_B = torch.zeros_like(B)
                 if m.dora:  # the row norms of the merged matrix summed over the shards
-                    stored_norms = zero_frozen.normalise_rows_of_sum(engine, m.weight, B, A, m.scale, magnitude)
+                    stored_norms = frozen_base.normalise_rows_of_sum(engine, m, B, A, m.scale, magnitude, rounding)
                 else:
-                    zero_frozen.add_low_rank_product(engine, m.weight, B, A, m.scale)
+                    frozen_base.add_low_rank_product(engine, m, B, A, m.scale, rounding)
             zero_io.set_param(engine, m.lora_A, new_A)
             zero_io.set_param(engine, m.lora_B, new_B)
             if m.dora:  # the base's row norms as stored: m/‖V‖ = 1, the function kept
                 if stored_norms is None:
-                    stored_norms = row_norms(zero_io.full_param(engine, m.weight), new_A, new_B, m.scale)
+                    stored_norms = row_norms(frozen_base.read(engine, m), new_A, new_B, m.scale)
                 zero_io.set_param(engine, m.lora_magnitude, stored_norms)
             for factor, p, shape in (("A", m.lora_A, A.shape), ("B", m.lora_B, B.shape)):
                 self._reset_moments(engine, p, shape, (o.seed, self.restarts, index, factor))

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowrank_pt.model import int8_weights
 from lowrank_pt.model.targets import replace_linears, select_linears
 from lowrank_pt.zero.params import gathered, read_whole
 
@@ -181,8 +182,13 @@ class LowRankLinear(nn.Module):
 
     With ``base_in_fp32`` the base is an fp32 buffer instead (taken whole from ``base``), cast to
     the input's dtype at every use: a merge into it (ReLoRA's restart, LoRA-GA's residual) is
-    then not rounded to bf16, which a frozen param, having no fp32 master, would be.
+    then not rounded to bf16, which a frozen param, having no fp32 master, would be. With
+    ``engine.weight_dtype: int8`` the method stores the base as int8 codes and scales once its
+    weights are in (``lowrank_pt.model.int8_weights``).
     """
+
+    has_frozen_base = True
+    """``weight`` is frozen: ``int8_weights.store_bases`` may store it in int8."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  generator: torch.Generator | None = None, scaling: str = "alpha/r", dora: bool = False,
@@ -215,33 +221,43 @@ class LowRankLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def base_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """``W0`` in the compute dtype (an fp32 base buffer is cast; a frozen param already is)."""
+        """``W0`` in ``dtype`` (an fp32 base buffer is cast, an int8 one dequantised; a frozen
+        param already is)."""
+        if int8_weights.is_int8(self):
+            return int8_weights.value(self, dtype)
         return self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
 
+    def base_linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x·W0ᵀ (+ bias)``; an int8 base is dequantised in forward and again in backward
+        instead of being kept."""
+        if not int8_weights.is_int8(self):
+            return F.linear(x, self.base_weight(x.dtype), bias)
+        out = int8_weights.linear(x, self)
+        return out if bias is None else out + bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w0 = self.base_weight(x.dtype)
         if not self.dora:
-            out = F.linear(x, w0, self.bias)
+            out = self.base_linear(x, self.bias)
             out = out + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
             return out if self.capture is None else _CaptureGrad.apply(out, x, None, self)
         # DoRA: g·(x·W0ᵀ + s·x·Aᵀ·Bᵀ) with g = m / ‖W0 + s·B·A‖_row, the norm a constant.
-        base = F.linear(x, w0)
+        base = self.base_linear(x)
         dropped = self.dropout(x)
         low = F.linear(F.linear(dropped, self.lora_A), self.lora_B)
-        norm = row_norms(self.weight, self.lora_A, self.lora_B, self.scale)
+        norm = row_norms(self.base_weight(torch.float32), self.lora_A, self.lora_B, self.scale)
         g = self.lora_magnitude / norm.to(self.lora_magnitude.dtype)
         g = g.to(x.dtype)
         if isinstance(self.dropout, nn.Identity) or not self.training:
             out = g * (base + self.scale * low)
         else:  # as peft: the base path sees x, the direction's correction the dropped input
-            out = base + (g - 1) * F.linear(dropped, w0) + g * (self.scale * low)
+            out = base + (g - 1) * self.base_linear(dropped) + g * (self.scale * low)
         if self.bias is not None:
             out = out + self.bias
         return out if self.capture is None else _CaptureGrad.apply(out, x, g.detach(), self)
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base linear alone, ``x·W0ᵀ + bias`` (what ``adapters_disabled`` makes ``forward``)."""
-        return F.linear(x, self.weight.to(x.dtype), self.bias)
+        return self.base_linear(x, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
@@ -286,8 +302,10 @@ def merged_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     """The plain model's state dict from a wrapped model's: ``weight + s·B·A`` (with DoRA
     ``m ⊙ V/‖V‖_row``), adapters dropped.
 
-    ``state`` holds full tensors (e.g. ``zero_io.full_state_dict``); it is not modified.
+    ``state`` holds full tensors (e.g. ``zero_io.full_state_dict``); it is not modified. An
+    int8 base is dequantised first.
     """
+    state = int8_weights.dequantised(state)
     prefixes = {k[: -len(".lora_A")] for k in state if k.endswith(".lora_A")}
     out = {}
     for key, value in state.items():

@@ -9,6 +9,8 @@ import sys
 
 import yaml
 
+from lowrank_pt.config.engine_keys import check_engine
+from lowrank_pt.config.schema import EngineConfig
 from lowrank_pt.model.llama import MODEL_SIZES, ModelConfig, resolve
 from lowrank_pt.optim.lowbit import STATE_DTYPES
 from lowrank_pt.tracking.report import build_report
@@ -114,6 +116,9 @@ def _plan(args) -> int:
         if args.paper:
             text = paper_markdown()
         try:
+            check_engine(EngineConfig(zero_stage=args.zero_stage, precision=args.precision,
+                                      master_weights=args.master_weights, weight_dtype=args.weight_dtype,
+                                      grad_accum_dtype=args.grad_accum_dtype))
             options = _parse_options(args.method, args.rank, args.option)
             cfg = resolve(ModelConfig(size=args.size, seq_len=args.seq_len,
                                       activation_checkpointing=args.activation_checkpointing),
@@ -122,7 +127,8 @@ def _plan(args) -> int:
                              micro_batch=args.micro_batch, seq_len=args.seq_len, precision=args.precision,
                              activation_checkpointing=args.activation_checkpointing, rank=args.rank_index,
                              reduce_bucket_size=args.reduce_bucket_size, grad_accum=args.grad_accum,
-                             state_dtype=args.state_dtype, master_weights=args.master_weights)
+                             state_dtype=args.state_dtype, master_weights=args.master_weights,
+                             weight_dtype=args.weight_dtype, grad_accum_dtype=args.grad_accum_dtype)
         except ValueError as e:  # ConfigError included
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -177,6 +183,10 @@ def register(subparsers) -> None:
                     help="how AdamW stores its moments (optimizer.state_dtype)")
     pl.add_argument("--master-weights", default="fp32", choices=("fp32", "bf16"),
                     help="the weights the optimizer updates (engine.master_weights; bf16 with --precision bf16)")
+    pl.add_argument("--weight-dtype", default="bf16", choices=("bf16", "int8"),
+                    help="how frozen bases are stored (engine.weight_dtype; int8 for lora/relora/galore)")
+    pl.add_argument("--grad-accum-dtype", default=None, choices=("fp32", "bf16"),
+                    help="DeepSpeed's gradient accumulation dtype (engine.grad_accum_dtype; fp32 counts at ZeRO 1)")
     pl.add_argument("--vocab-size", type=at_least(1), default=32000, help="vocabulary size")
     pl.add_argument("--reduce-bucket-size", type=at_least(1), default=DEEPSPEED_REDUCE_BUCKET,
                     help="DeepSpeed zero_optimization.reduce_bucket_size (elements)")

@@ -66,6 +66,7 @@ from lowrank_pt import methods
 from lowrank_pt.config.recipe import OptimizerConfig, StageConfig
 from lowrank_pt.core.owners import owned_bytes
 from lowrank_pt.methods.base import Method
+from lowrank_pt.model import int8_weights
 from lowrank_pt.model.llama import LlamaModel
 from lowrank_pt.zero.held import STATE_CATEGORIES
 from lowrank_pt.zero.method_buffers import is_method_buffer
@@ -100,6 +101,8 @@ class Layout:
     working_per_token: int = 0
     """A refresh in backward under bf16/fp16: fp32 copies of the matrix's activations, m + n per token (the largest)."""
     method_params: list[tuple[int, int]] = field(default_factory=list)
+    int8_bases: int = 0
+    """Bytes of frozen bases stored in int8, codes and scales (``engine.weight_dtype: int8``): whole on every rank."""
     total_params: int = 0
     optimizer_formula: Optional[Callable[[int, int, int, int], int]] = field(default=None, repr=False)
     """``(zero_stage, world, rank, sub_group_size) -> bytes`` of optimizer state: the method's
@@ -114,9 +117,9 @@ class Layout:
 
 
 def layout(model_cfg, method: str = "full", options: dict | None = None, weight_decay: float = 0.0,
-           state_dtype: str = "fp32") -> Layout:
+           state_dtype: str = "fp32", weight_dtype: str = "bf16") -> Layout:
     """The layout of ``model_cfg`` trained by ``method`` with ``options`` (its AdamW's moments in
-    ``state_dtype``), built on the meta device."""
+    ``state_dtype``, its frozen bases in ``weight_dtype``), built on the meta device."""
     stage = StageConfig(method=method, steps=1, options=dict(options or {}),
                         optimizer=OptimizerConfig(weight_decay=weight_decay, state_dtype=state_dtype))
     parsed = methods.parse_options(method, stage.options)  # a ConfigError names the allowed values
@@ -125,6 +128,11 @@ def layout(model_cfg, method: str = "full", options: dict | None = None, weight_
         model = LlamaModel(model_cfg)
         m = methods.METHODS[method](parsed, stage, None)
         m.prepare_model(model)
+        if weight_dtype == "int8":
+            if not m.has_frozen_base:
+                raise ValueError(f"weight_dtype int8 with method {method}: int8 storage is built for frozen bases "
+                                 "(lora, relora, galore)")
+            int8_weights.store_bases(model)
         groups = m.param_groups(model)
     trainable_ids = {id(p) for g in groups for p in g["params"]}
     seen, frozen, method_params = set(), [], []
@@ -136,12 +144,15 @@ def layout(model_cfg, method: str = "full", options: dict | None = None, weight_
         else:
             frozen.append(p.numel())
         seen.add(id(p))
-    buffer_bytes = 0
+    buffer_bytes = int8_bytes = 0
     captures, held, past, working, per_token = [], [], [], 0, 0
     for mod in model.modules():
         for name, buf in mod._buffers.items():
             if buf is not None and name not in mod._non_persistent_buffers_set:
-                buffer_bytes += buf.numel() * buf.element_size()
+                if int8_weights.is_int8(mod) and name in ("weight", int8_weights.SCALE_KEY):
+                    int8_bytes += buf.numel() * buf.element_size()
+                else:
+                    buffer_bytes += buf.numel() * buf.element_size()
         if hasattr(mod, "capture_numel"):  # GaLore adapter: fp32 gradient or sketches at a refresh
             captures.append(mod.capture_numel)
             if mod.refresh_held is not None and mod.capture_kind == "sketch":
@@ -154,8 +165,9 @@ def layout(model_cfg, method: str = "full", options: dict | None = None, weight_
     return Layout(groups=[[p.numel() for p in g["params"]] for g in groups], frozen=frozen,
                   buffer_bytes=buffer_bytes, captures=captures, held=held, held_past_step=past, working=working,
                   working_per_token=per_token,
-                  method_params=method_params,
-                  total_params=sum(p.numel() for p in model.parameters()),
+                  method_params=method_params, int8_bases=int8_bytes,
+                  total_params=sum(p.numel() for p in model.parameters())
+                  + sum(mod.weight.numel() for mod in model.modules() if int8_weights.is_int8(mod)),
                   optimizer_formula=lambda stage, world, rank, sub: m.optimizer_state_bytes(shapes, stage, world,
                                                                                             rank, sub),
                   step_cache=m.step_cache_bytes)
@@ -204,6 +216,7 @@ def state_bytes(lay: Layout, zero_stage: int, world: int, precision: str, rank: 
         out["zero_buffers"] = reduce_bucket_size * b
     else:
         raise ValueError(f"zero_stage={zero_stage}: allowed 0, 1, 2, 3")
+    out["params"] += lay.int8_bases
     return out
 
 
@@ -280,11 +293,12 @@ def plan(model_cfg, method: str = "full", options: dict | None = None, zero_stag
          micro_batch: int = 1, seq_len: int | None = None, precision: str = "bf16",
          activation_checkpointing: bool = False, rank: int = 0, weight_decay: float = 0.0,
          reduce_bucket_size: int = DEEPSPEED_REDUCE_BUCKET, grad_accum: int = 1, state_dtype: str = "fp32",
-         master_weights: str = "fp32") -> Plan:
+         master_weights: str = "fp32", weight_dtype: str = "bf16", grad_accum_dtype: str | None = None) -> Plan:
     """Per-rank memory of training ``model_cfg`` (resolved) with ``method`` on ``world`` ranks."""
     seq_len = seq_len or model_cfg.seq_len
-    lay = layout(model_cfg, method, options, weight_decay, state_dtype)
-    out = state_bytes(lay, zero_stage, world, precision, rank, reduce_bucket_size, master_weights=master_weights)
+    lay = layout(model_cfg, method, options, weight_decay, state_dtype, weight_dtype)
+    out = state_bytes(lay, zero_stage, world, precision, rank, reduce_bucket_size, master_weights=master_weights,
+                      fp32_grad_accumulation=grad_accum_dtype == "fp32")
     act = activation_bytes(model_cfg, micro_batch, seq_len, precision, activation_checkpointing)
     out["activations"] = act["saved"] + act["working"]
     out["method_transient"] = owned_capture_bytes(lay, world, rank)  # on the device
@@ -300,7 +314,8 @@ def plan(model_cfg, method: str = "full", options: dict | None = None, zero_stag
     inputs = {"size": model_cfg.size, "method": method, "options": dict(options or {}), "zero_stage": zero_stage,
               "world": world, "micro_batch": micro_batch, "grad_accum": grad_accum, "seq_len": seq_len,
               "precision": precision,
-              "activation_checkpointing": activation_checkpointing, "rank": rank}
+              "activation_checkpointing": activation_checkpointing, "rank": rank, "state_dtype": state_dtype,
+              "master_weights": master_weights, "weight_dtype": weight_dtype, "grad_accum_dtype": grad_accum_dtype}
     info = {"total_params": lay.total_params, "trainable_params": lay.trainable, "frozen_params": sum(lay.frozen),
             "groups": len(lay.groups)}
     return Plan(inputs=inputs, bytes=out, layout=info)

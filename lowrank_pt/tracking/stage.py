@@ -16,6 +16,7 @@ import torch
 
 from lowrank_pt.core import dist
 from lowrank_pt.core.timer import PhaseTimer
+from lowrank_pt.model import int8_weights
 from lowrank_pt.tracking import flops, memory, planner
 from lowrank_pt.tracking.summary import derive_rates
 
@@ -47,8 +48,10 @@ class StageTracker:
         self.peak_flops, self.peak_source = self._device_peak(precision, cache_dir)
         # Tracking must never stop a run: a method the planner cannot lay out gets no formula.
         try:
+            module = getattr(engine, "module", None)  # engine.weight_dtype, as the engine holds it
+            int8 = module is not None and any(int8_weights.is_int8(m) for m in module.modules())
             lay = planner.layout(model_cfg, stage.method, dict(stage.options), stage.optimizer.weight_decay,
-                                 stage.optimizer.state_dtype)
+                                 stage.optimizer.state_dtype, weight_dtype="int8" if int8 else "bf16")
             self.formula = planner.state_bytes(lay, zero_stage, self.world, precision, self.rank,
                                                fp32_grad_accumulation=_accumulates_in_fp32(engine),
                                                master_weights=master_weights)

@@ -51,6 +51,10 @@ def deepspeed_config(engine_cfg, micro_batch_size: int, grad_accum: int, grad_cl
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
     }
+    if getattr(engine_cfg, "grad_accum_dtype", None) and cfg["bf16"]["enabled"]:
+        # (bf16 masters at ZeRO 0 run no bf16 wrapper: DeepSpeed sees an fp32 model, and the bf16
+        # params' gradients accumulate in bf16 by themselves)
+        cfg["data_types"] = {"grad_accum_dtype": engine_cfg.grad_accum_dtype}
     return deep_merge(cfg, engine_cfg.deepspeed or {})
 
 

@@ -7,6 +7,7 @@ The order matters, and this is the one place that holds it:
 2. ``method.prepare_model`` (adapters, frozen bases) before any weight is written;
 3. the starting weights, streamed one param at a time into each rank's shard (``load_streamed``);
 4. on a fresh start, the method's weight-dependent inits (LoRA's pissa, ...) see those weights;
+   then the method stores its frozen bases in int8 where the run asks for it;
 5. the optimizer over the method's param groups, and ``deepspeed.initialize``, after which
    ``engine.initialize`` puts back what it rounded: the method's buffers, and at bf16 the masters
    DeepSpeed made from the rounded params, from the fp32 values held in step 3 (a resumed
@@ -45,6 +46,7 @@ def materialise(build_model: Callable[[], torch.nn.Module], method, ds_config: d
     held = load_streamed(model, source, plain) if source is not None else {}
     if fresh:
         held.update(method.after_weights_loaded(model))
+    method.store_bases(model)  # int8 bases: after the inits that read them, before a checkpoint's values
     del source  # the last reference to a previous stage's engine, where the weights came from one
     gc.collect()
     release_host_heap()

@@ -21,8 +21,14 @@ def recipe(run_dir: str, cache: str, *extra: str) -> list[str]:
             "stages.1.optimizer.state_dtype=bf16", *extra]
 
 
-@pytest.mark.parametrize("engine", [[], ["engine.precision=bf16", "engine.master_weights=bf16"]],
-                         ids=["fp32", "bf16-masters"])
+INT8_BASES = ["engine.precision=bf16", "engine.weight_dtype=int8", "stages.0.method=lora",
+              "stages.0.options={rank: 4}"]
+"""int8 frozen bases: LoRA then ReLoRA (int8 needs a frozen base in every stage); the LoRA stage's
+merged weights are handed over and quantised again, ReLoRA's restart re-quantises."""
+
+
+@pytest.mark.parametrize("engine", [[], ["engine.precision=bf16", "engine.master_weights=bf16"], INT8_BASES],
+                         ids=["fp32", "bf16-masters", "int8-bases"])
 def test_low_bit_states_train_resume_exactly_and_are_counted(tmp_path, data_cache, engine):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     # Global step 5 is the relora stage's step 2, just after its first restart. With bf16 masters

@@ -35,6 +35,15 @@ BF16_MASTERS = {
 }
 
 
+INT8_WEIGHTS = {
+    # engine.weight_dtype=int8 (bf16 training, ZeRO 0-2): frozen bases as int8 codes with a
+    # 4-byte scale per 256 of a row (rows of 38 and 100 here: one block each), counted as params.
+    "lora+int8_weights": {"rank": 3},
+    "relora+int8_weights+bf16_states+bf16_masters": {"rank": 3, "restart_every": 2},
+    "galore+int8_weights": {"rank": 3, "update_proj_gap": 2},
+}
+
+
 def state_dtype_of(label: str) -> str:
     """The moments' dtype a label trains with ("full+int8_states": int8)."""
     return next((part.removesuffix("_states") for part in label.split("+") if part.endswith("_states")), "fp32")
@@ -46,7 +55,11 @@ def master_weights_of(label: str) -> str:
 
 
 def options_of(label: str) -> dict:
-    return {**METHOD_OPTIONS, **BF16_MASTERS}[label]
+    return {**METHOD_OPTIONS, **BF16_MASTERS, **INT8_WEIGHTS}[label]
+
+
+def weight_dtype_of(label: str) -> str:
+    return "int8" if "int8_weights" in label.split("+") else "bf16"
 
 
 def method_of(label: str) -> str:
@@ -76,7 +89,8 @@ def build(method_name: str, zero_stage: int, precision: str):
     method = methods.build(stage, None)
     torch.manual_seed(0)
     engine, method = tiny_engine(zero_stage, precision, method=method, model=LlamaModel(model_cfg()),
-                                 vocab_size=VOCAB, master_weights=master_weights_of(method_name))
+                                 vocab_size=VOCAB, master_weights=master_weights_of(method_name),
+                                 int8_bases=weight_dtype_of(method_name) == "int8")
     return stage, engine, method
 
 
@@ -89,7 +103,8 @@ def measure_all(rank, world, precision):
     torch.set_num_threads(1)  # tiny tensors: threads only add OpenMP waits on a busy machine
     out = {}
     for zero_stage in (0, 1, 2, 3):
-        for name in [*METHOD_OPTIONS, *(BF16_MASTERS if precision == "bf16" else ())]:
+        bf16_only = [*BF16_MASTERS, *(INT8_WEIGHTS if zero_stage < 3 else ())]  # int8 bases: ZeRO 0-2
+        for name in [*METHOD_OPTIONS, *(bf16_only if precision == "bf16" else ())]:
             _, engine, method = build(name, zero_stage, precision)
             timer = PhaseTimer(sync=False)
             tracker = MemoryTracker(engine, timer)
@@ -99,7 +114,8 @@ def measure_all(rank, world, precision):
                 with timer.phase("optimizer"):
                     engine.step()
             measured = tracker.measure()
-            lay = planner.layout(model_cfg(), method_of(name), options_of(name), state_dtype=state_dtype_of(name))
+            lay = planner.layout(model_cfg(), method_of(name), options_of(name), state_dtype=state_dtype_of(name),
+                                 weight_dtype=weight_dtype_of(name))
             planned = planner.state_bytes(lay, zero_stage, world, precision, rank,
                                           master_weights=master_weights_of(name))
             out[(zero_stage, name)] = (measured, planned)
@@ -137,6 +153,11 @@ def check_bytes(results):
                 fp32_masters = per_rank[(zero_stage, "full")][0]["master_params"]
                 bf16_masters = per_rank[(zero_stage, "full+bf16_masters")][0]["master_params"]
                 assert bf16_masters == (0 if zero_stage == 0 else fp32_masters // 2), (zero_stage, bf16_masters)
+            if (zero_stage, "lora+int8_weights") in per_rank:  # bf16 bases (2 bytes) -> 1 byte + scales
+                bf16, int8 = (per_rank[(zero_stage, label)][0]["params"] for label in ("lora", "lora+int8_weights"))
+                elements = 2 * (4 * 38 * 38 + 3 * 38 * 100)  # q k v o, gate up down of 2 layers (38, MLP 100)
+                rows = 2 * (4 * 38 + 2 * 100 + 38)  # one scale a row: no row is longer than 256
+                assert bf16 - int8 == 2 * elements - (elements + 4 * rows), (bf16, int8)
     assert not mismatches, "\n".join(mismatches)
 
 

@@ -2,7 +2,8 @@
 
 A targeted linear becomes ``W = d·W0 + α·B·Q`` (right side) or ``d·W0 + α·P·B`` (left side):
 
-- ``weight`` — ``W0``, frozen (a frozen param, or an fp32 buffer with ``base_in_fp32``);
+- ``weight`` — ``W0``, frozen (a frozen param, an fp32 buffer with ``base_in_fp32``, or int8
+  codes with ``weight_scale`` beside them: ``lowrank_pt.model.int8_weights``, dequantised at each use);
 - ``galore_b`` — ``B``, the only trainable part, low-rank shaped (m×r or r×n), zero between
   refreshes' merges; Adam on ``B`` with eps ``α·eps`` is GaLore-Adam on ``W``;
 - ``galore_basis`` — ``Q``/``P``, a frozen parameter marked as a method buffer
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowrank_pt.model import int8_weights
 from lowrank_pt.model.targets import replace_linears, select_linears
 from lowrank_pt.optim import projector
 from lowrank_pt.zero.method_buffers import method_buffer
@@ -52,7 +54,7 @@ class _GaLoreLinearFn(torch.autograd.Function):
         xq = None  # the factored path's α·x·Qᵀ (right side), reused by B's gradient
         if layer.forward_path == "factored":
             x2 = x.reshape(-1, x.shape[-1])
-            y = _scaled_base(F.linear(x2, w0.to(x2.dtype)), decay, layer)
+            y = _scaled_base(F.linear(x2, layer.base_as(w0, x2.dtype)), decay, layer)
             if layer.side == "right":  # d·x·W0ᵀ + (α·x·Qᵀ)·Bᵀ
                 xq = x2 @ (basis.t() * layer.scale).to(x2.dtype)
                 y = y + xq @ b.t().to(x2.dtype)
@@ -73,7 +75,7 @@ class _GaLoreLinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[0]:
             if layer.forward_path == "factored":  # d·dy·W0 + (α·dy·B)·Q  (or (α·dy·P)·B)
-                dx = _scaled_base(dy2 @ w0.to(dy2.dtype), decay, layer)
+                dx = _scaled_base(dy2 @ layer.base_as(w0, dy2.dtype), decay, layer)
                 if layer.side == "right":
                     dx = dx + (dy2 @ (b * layer.scale).to(dy2.dtype)) @ basis.to(dy2.dtype)
                 else:
@@ -108,6 +110,9 @@ def _scaled_base(y, decay, layer):
 
 class GaLoreLinear(nn.Module):
     """A bias-free or biased linear trained by GaLore through a frozen projector (see module doc)."""
+
+    has_frozen_base = True
+    """``weight`` is frozen: ``int8_weights.store_bases`` may store it in int8."""
 
     def __init__(self, linear: nn.Linear, rank: int, scale: float, proj_type: str,
                  base_in_fp32: bool = False, projector_dtype: torch.dtype = torch.float32):
@@ -163,8 +168,13 @@ class GaLoreLinear(nn.Module):
         self._step_open = False
         self.w_eff = None
 
+    def base_as(self, w0: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The stored base ``w0`` (this layer's ``weight``) in ``dtype``: an int8 one dequantised."""
+        return int8_weights.dequantise(w0, self.weight_scale, dtype) if int8_weights.is_int8(self) else w0.to(dtype)
+
     def weight_for(self, w0, b, basis, decay, dtype) -> torch.Tensor:
         """W_eff in ``dtype``: the step's kept copy inside an open step, else built now."""
+        w0 = self.base_as(w0, torch.float32) if int8_weights.is_int8(self) else w0
         if not self._step_open:
             return effective_weight(w0, b, basis, decay, self.scale, self.side, dtype, self.use_decay)
         if self.w_eff is None or self.w_eff.dtype != dtype:
@@ -186,8 +196,10 @@ class GaLoreLinear(nn.Module):
 
 def merged_state_dict(state: dict[str, torch.Tensor], scale: float, proj_type: str) -> dict[str, torch.Tensor]:
     """The plain model's state dict from a GaLore-wrapped one: ``weight = d·W0 + α·back(B)``,
-    the adapter's tensors dropped. ``state`` holds full tensors; it is not modified. The side
-    of each matrix follows from its shape and ``proj_type``, as when it was wrapped."""
+    the adapter's tensors dropped. ``state`` holds full tensors; it is not modified (an int8 base
+    is dequantised first). The side of each matrix follows from its shape and ``proj_type``, as
+    when it was wrapped."""
+    state = int8_weights.dequantised(state)
     prefixes = [k[: -len(".galore_b")] for k in state if k.endswith(".galore_b")]
     out = dict(state)
     for prefix in prefixes:

@@ -41,6 +41,7 @@ from torch import nn
 
 from lowrank_pt.core import dist
 from lowrank_pt.core.owners import balanced_owners
+from lowrank_pt.methods import frozen_base
 from lowrank_pt.methods.base import Method
 from lowrank_pt.methods.galore import cost, sketch
 from lowrank_pt.methods.galore.adapter import GaLoreLinear, merged_state_dict, wrap_linears
@@ -70,6 +71,7 @@ class GaLore(Method):
 
     name = "galore"
     Options = GaLoreOptions
+    has_frozen_base = True
     default_grad_clip = 0.0
     """Off, as GaLore's own scripts. With clipping on, DeepSpeed clips the global norm of what it
     trains: B's gradient ``α·G·Qᵀ`` (the projected gradient, whose norm is at most α times the
@@ -365,8 +367,9 @@ class GaLore(Method):
         if bool(b.abs().amax() > 0) or float(adapter.galore_decay) != 1.0:
             # d·W0 + α·B·Q (or α·P·B) on W0's device, each ZeRO-3 rank its own shard only
             left, right = (b, old) if adapter.side == "right" else (old, b)
-            zero_frozen.add_low_rank_product(engine, adapter.weight, left, right, adapter.scale,
-                                         base_scale=float(adapter.galore_decay))
+            frozen_base.add_low_rank_product(engine, adapter, left, right, adapter.scale,
+                                             (self.refreshes, list(self.adapters.values()).index(adapter), "base"),
+                                             base_scale=float(adapter.galore_decay))
             zero_io.set_param(engine, b_param, torch.zeros_like(b))
         if reproject and projector.is_set(old):
             m = zero_io.optimizer_state(engine, b_param, "exp_avg")
