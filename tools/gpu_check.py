@@ -16,6 +16,10 @@ Part 2, benchmark, for the 130m and 350m sizes (bf16, ZeRO 0, one device, embedd
 an 8000-token vocabulary): tokens/s and MFU from the stage's summary.json entry,
 ``torch.cuda.max_memory_allocated`` beside the planner's predicted peak for the same run.
 
+Part 3, memory switches: the 1B size trained by GaLore (r512, bf16, ZeRO 0, a few steps) under
+each of ``--switches`` (none; int8 optimizer states; bf16 masters; int8 frozen bases; all three):
+``max_memory_allocated`` beside the planner's peak for the same switches.
+
 Also one line on the fused AdamW that ZeRO stage 0 uses on CUDA: its largest difference from the
 exact single-tensor AdamW over 100 steps.
 
@@ -54,6 +58,18 @@ STAGE_EXTRA = {
                "reset_mode: magnitude, reset_fraction: 0.9}, schedule: {kind: jagged_cosine}"),
     "galore": ", options: {rank: 8, update_proj_gap: 3}",
 }
+SWITCHES = {
+    # name: (config overrides, planner keywords, optimizer keys of the stage)
+    "none": ([], {}, {}),
+    "int8_states": ([], {"state_dtype": "int8"}, {"state_dtype": "int8"}),
+    "bf16_masters": (["engine.master_weights=bf16"], {"master_weights": "bf16"}, {}),
+    "int8_weights": (["engine.weight_dtype=int8"], {"weight_dtype": "int8"}, {}),
+    "all": (["engine.master_weights=bf16", "engine.weight_dtype=int8"],
+            {"state_dtype": "int8", "master_weights": "bf16", "weight_dtype": "int8"}, {"state_dtype": "int8"}),
+}
+"""The bytes-per-parameter switches part 3 runs (``--switches``)."""
+SWITCH_OPTIONS = {"galore": {"rank": 512, "update_proj_gap": 200}}
+"""Part 3's options where they differ from part 2's: GaLore at the 1B plan's rank."""
 BENCH_OPTIONS = {
     "full": {},
     "lora": {"rank": 128, "alpha": 32},
@@ -81,14 +97,23 @@ def parse_args(argv=None):
     p.add_argument("--bench-micro-batch", type=int, default=8)
     p.add_argument("--bench-zero-stage", type=int, default=0)
     p.add_argument("--bench-vocab", type=int, default=8000)
+    p.add_argument("--switches", default=",".join(SWITCHES), help="part 3: memory switches ('' skips it)")
+    p.add_argument("--switch-size", default="1b")
+    p.add_argument("--switch-method", default="galore")
+    p.add_argument("--switch-steps", type=int, default=6)
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     args.zero_stages = [int(z) for z in args.zero_stages.split(",") if z]
     args.bench_methods = [m for m in args.bench_methods.split(",") if m]
     args.bench_sizes = [s for s in args.bench_sizes.split(",") if s]
+    args.switches = [s for s in args.switches.split(",") if s]
+    unknown_switches = sorted(set(args.switches) - set(SWITCHES))
+    if unknown_switches:
+        p.error(f"unknown switch(es) {unknown_switches}; allowed {list(SWITCHES)}")
     if args.tiny:
         args.bench_sizes, args.bench_steps, args.bench_seq_len = ["tiny"], 4, 64
         args.bench_micro_batch, args.bench_vocab = 4, 512
+        args.switch_size, args.switch_steps = "tiny", 2
     unknown = sorted(set(args.methods + args.bench_methods) - set(METHODS))
     if unknown:
         p.error(f"unknown method(s) {unknown}; allowed {list(METHODS)}")
@@ -320,24 +345,27 @@ def check_cell(method: str, zero_stage: int, precision: str, args, data_cache: s
 # --- part 2: benchmark ----------------------------------------------------------------------------
 
 
-def bench(size: str, method: str, args, data_cache: str) -> dict:
+def bench(size: str, method: str, args, data_cache: str, switch: str = "none") -> dict:
     import torch
 
     from lowrank_pt.model.llama import ModelConfig, resolve
     from lowrank_pt.tracking import planner
     from lowrank_pt.tracking.summary import read_summary
 
-    options = dict(BENCH_OPTIONS[method])
+    options = dict(SWITCH_OPTIONS.get(method, BENCH_OPTIONS[method]) if switch != "none" else BENCH_OPTIONS[method])
     if size == "tiny":
         options = {k: (min(v, 8) if k == "rank" else v) for k, v in options.items()}
-    run_dir = os.path.join(args.out, "bench", f"{size}_{method}")
+    run_dir = os.path.join(args.out, "bench", f"{size}_{method}_{switch}")
+    overrides, plan_keys, optimizer_keys = SWITCHES[switch]
+    steps = args.bench_steps if switch == "none" else args.switch_steps
+    optimizer = json.dumps({"lr": 1.0e-3, **optimizer_keys})
     shutil.rmtree(run_dir, ignore_errors=True)
     extra = ""
     if method == "relora":
         extra = ", schedule: {kind: jagged_cosine}"
     opts = json.dumps(options)
     row = {"size": size, "method": method, "zero_stage": args.bench_zero_stage, "precision": args.precision,
-           "micro_batch": args.bench_micro_batch, "seq_len": args.bench_seq_len, "steps": args.bench_steps}
+           "micro_batch": args.bench_micro_batch, "seq_len": args.bench_seq_len, "steps": steps, "switch": switch}
     try:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -347,8 +375,8 @@ def bench(size: str, method: str, args, data_cache: str) -> dict:
                f"engine.zero_stage={args.bench_zero_stage}", f"engine.precision={args.precision}",
                f"train.micro_batch_size={args.bench_micro_batch}", "train.log_every=10", "train.eval_every=0",
                "train.eval_sequences=8", "train.tensorboard=false", "train.progress=false",
-               f"stages=[{{name: bench, method: {method}, steps: {args.bench_steps}, optimizer: {{lr: 1.0e-3}}, "
-               f"options: {opts}{extra}}}]"])
+               f"stages=[{{name: bench, method: {method}, steps: {steps}, optimizer: {optimizer}, "
+               f"options: {opts}{extra}}}]", *overrides])
         entry = read_summary(run_dir)["stages"][0]
         row["max_memory_allocated"] = int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
         mem = entry.get("memory", {})
@@ -360,7 +388,7 @@ def bench(size: str, method: str, args, data_cache: str) -> dict:
         cfg = resolve(ModelConfig(size=size, seq_len=args.bench_seq_len), vocab_size=_vocab(run_dir, args))
         plan = planner.plan(cfg, method, options, zero_stage=args.bench_zero_stage, world=1,
                             micro_batch=args.bench_micro_batch, seq_len=args.bench_seq_len,
-                            precision=args.precision)
+                            precision=args.precision, **plan_keys)
         row["planned_peak"] = plan.total
         row["planned_resident"] = plan.bytes["resident"]
         measured = row["max_memory_allocated"]
@@ -429,20 +457,22 @@ def render(result: dict) -> str:
                          f"{'yes' if r['loss_falls'] else 'NO'} | {resume} | {r.get('masters', '-')} | "
                          f"{r['seconds']:.0f} |")
         lines.append("")
-    if result["bench"]:
-        lines += ["## Benchmark: 1 device", "",
-                  "| size | method | ZeRO | precision | micro-batch × seq | tokens/s | MFU | max_memory_allocated "
-                  "| planner peak | measured / planned |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in result["bench"]:
+    rows = result["bench"] + result.get("switches", [])
+    if rows:
+        lines += ["## Benchmark and memory switches: 1 device (planner figures for the same switches)", "",
+                  "| size | method | switch | ZeRO | precision | micro-batch × seq | tokens/s | MFU | "
+                  "max_memory_allocated | planner peak | measured / planned |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            head = (f"| {r['size']} | {r['method']} | {r.get('switch', 'none')} | {r['zero_stage']} | {r['precision']} | "
+                    f"{r['micro_batch']} × {r['seq_len']} |")
             if "error" in r:
-                lines.append(f"| {r['size']} | {r['method']} | {r['zero_stage']} | {r['precision']} | "
-                             f"{r['micro_batch']} × {r['seq_len']} | ERROR: {r['error'][:120]} | | | | |")
+                lines.append(f"{head} ERROR: {r['error'][:120]} | | | | |")
                 continue
             mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
             ratio = "-" if not r.get("measured_over_planned") else f"{r['measured_over_planned']:.2f}"
-            lines.append(f"| {r['size']} | {r['method']} | {r['zero_stage']} | {r['precision']} | "
-                         f"{r['micro_batch']} × {r['seq_len']} | {r['tokens_per_s']:.0f} | {mfu} | "
-                         f"{_gib(r.get('max_memory_allocated'))} | {_gib(r['planned_peak'])} | {ratio} |")
+            lines.append(f"{head} {r['tokens_per_s']:.0f} | {mfu} | {_gib(r.get('max_memory_allocated'))} | "
+                         f"{_gib(r['planned_peak'])} | {ratio} |")
         lines.append("")
     f = result.get("fused_adamw")
     if f:
@@ -482,7 +512,7 @@ def main(argv=None) -> int:
 
     result = {"device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "deepspeed": deepspeed.__version__, "args": vars(args),
-              "matrix": [], "bench": []}
+              "matrix": [], "bench": [], "switches": []}
     if not args.skip_matrix:
         for method in args.methods:
             for zero_stage in args.zero_stages:
@@ -497,13 +527,19 @@ def main(argv=None) -> int:
                 said = row["error"] if "error" in row else f"{row['tokens_per_s']:.0f} tokens/s"
                 print(f"gpu_check: bench {size} {method}: {said}", flush=True)
                 result["bench"].append(row)
+    for switch in args.switches:
+        row = bench(args.switch_size, args.switch_method, args, data_cache, switch)
+        said = row["error"] if "error" in row else f"{_gib(row['max_memory_allocated'])} allocated"
+        print(f"gpu_check: switch {switch} ({args.switch_size} {args.switch_method}): {said}", flush=True)
+        result["switches"].append(row)
     try:
         result["fused_adamw"] = fused_adamw_difference("cuda" if torch.cuda.is_available() else "cpu")
     except Exception as e:  # noqa: BLE001
         result["fused_adamw"] = None
         print(f"gpu_check: fused AdamW comparison failed: {e}", file=sys.stderr)
     failures = [f"{r['method']} ZeRO {r['zero_stage']}" for r in result["matrix"] if not r["ok"]]
-    failures += [f"bench {r['size']} {r['method']}" for r in result["bench"] if "error" in r]
+    failures += [f"bench {r['size']} {r['method']} {r['switch']}" for r in result["bench"] + result["switches"]
+                 if "error" in r]
     result["failures"], result["ok"] = failures, not failures
     result["seconds"] = time.perf_counter() - start
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
@@ -512,7 +548,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
         f.write(table + "\n")
     print(table, flush=True)
-    for r in result["matrix"] + result["bench"]:
+    for r in result["matrix"] + result["bench"] + result["switches"]:
         if "traceback" in r:
             print(f"\n--- {r.get('method')} {r.get('zero_stage', '')} {r.get('size', '')}:\n{r['traceback']}",
                   file=sys.stderr)

@@ -105,7 +105,8 @@ class EngineConfig:
     the bf16 params), or bf16 with precision bf16 (no fp32 copy: at ZeRO 0 the module's bf16 params
     themselves, at ZeRO 1-3 DeepSpeed's bf16_master_weights_and_grads partitions); each update is
     computed in fp32 and applied with stochastic rounding, so updates below half a bf16 step are
-    kept in expectation. AdamW methods only (apollo, apollo_mini and fira keep fp32 masters)."""
+    kept in expectation. Every method: AdamW's and the projected optimizers of apollo,
+    apollo_mini and fira alike."""
     weight_dtype: str = "bf16"
     """How frozen bases are stored: bf16 (the training dtype: the module's own frozen params), or
     int8 (blockwise absmax codes, 256 per fp32 scale along each row, dequantised in forward; a

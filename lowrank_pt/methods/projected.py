@@ -43,12 +43,10 @@ class ProjectedMethod(Method):
     @classmethod
     def check_stage(cls, options, stage, run, model_cfg, total_steps: int) -> None:
         """The base checks, fp32 states (the optimizer keeps its own: moments by channel and
-        projection, not AdamW's), and every target_modules pattern matching a linear of the model."""
+        projection, not AdamW's), and every target_modules pattern matching a linear of the model.
+        bf16 masters are taken: the optimizer computes each update in fp32 and rounds it into the
+        bf16 weights stochastically, as ``LowBitAdamW`` does."""
         super().check_stage(options, stage, run, model_cfg, total_steps)
-        if run is not None and run.engine.master_weights != "fp32":
-            raise ValueError(f"method={cls.name} with engine.master_weights={run.engine.master_weights}: its "
-                             "optimizer updates fp32 masters (bf16 masters are AdamW's, with stochastic "
-                             "rounding); use master_weights fp32")
         if stage.optimizer.state_dtype != "fp32":
             raise ValueError(f"optimizer.state_dtype={stage.optimizer.state_dtype} with method={cls.name}: its "
                              "optimizer keeps its own fp32 states (low-bit states cover AdamW's); use fp32")

@@ -10,6 +10,7 @@ import math
 import torch
 
 from lowrank_pt.core import dist
+from lowrank_pt.optim.lowbit import round_to_bf16
 from lowrank_pt.zero.params import full_shape
 from lowrank_pt.zero.partition import (
     FlatLayout,
@@ -221,15 +222,20 @@ class FragmentOptimizer(torch.optim.Optimizer):
 
     def _adamw(self, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
         """torch.optim.AdamW's single-tensor update, state and all."""
-        if not state:
+        if not state:  # fp32 moments, also for a bf16 param (bf16 masters)
             state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
         state["step"] += 1
         self._adamw_update(group, p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"].item())
 
     @staticmethod
     def _adamw_update(group: dict, p, grad, exp_avg, exp_avg_sq, step: float) -> None:
+        """torch's AdamW step on ``p``; a bf16 ``p`` (bf16 masters) is updated in fp32 and
+        stochastically rounded back (``lowbit.round_to_bf16``)."""
+        stored = p
+        if p.dtype != torch.float32:
+            p, grad = p.float(), grad.float()
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         if wd != 0:
             p.mul_(1 - lr * wd)
@@ -239,6 +245,8 @@ class FragmentOptimizer(torch.optim.Optimizer):
         bias_correction2 = 1 - beta2 ** step
         denom = (exp_avg_sq.sqrt() / bias_correction2 ** 0.5).add_(eps)
         p.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
+        if stored is not p:
+            stored.copy_(round_to_bf16(p))
 
     # --- reductions ---------------------------------------------------------------------------------
     @staticmethod

@@ -59,6 +59,7 @@ import torch
 from lowrank_pt.core import dist
 from lowrank_pt.optim import projector
 from lowrank_pt.optim.fragment_optimizer import FragmentOptimizer
+from lowrank_pt.optim.lowbit import round_to_bf16
 from lowrank_pt.zero.partition import Fragment, MatrixPlan, ParamSpec, Piece, aligned
 
 log = logging.getLogger(__name__)
@@ -311,10 +312,13 @@ class ProjectedAdam(FragmentOptimizer):
                 update *= math.sqrt(group["scale"])
         else:
             update = self._back(piece, w["psi"], w["basis"]) * group["alpha"] + scaled
-        segment = piece.segment(flat)
+        stored = piece.segment(flat)
+        segment = stored if stored.dtype == torch.float32 else stored.float()  # bf16 masters: update in fp32
         if group["weight_decay"] != 0:
             segment.mul_(1 - group["lr"] * group["weight_decay"])
         segment.add_(piece.own(update), alpha=-step_size)
+        if segment is not stored:  # rounded back stochastically: small updates kept in expectation
+            stored.copy_(round_to_bf16(segment))
 
     def _basis(self, piece: Piece, state: dict, device) -> torch.Tensor:
         """The projection this step: right ``Q`` (r×n); left the block's rows of ``P`` (rows×r)."""

@@ -337,10 +337,13 @@ class Piece:
         a view when the fragment is whole rows at an aligned address (always at stage 0), else a
         fresh copy. BLAS kernels round differently at different alignments (measured: a product
         with a matrix 1-3 floats off a 16-byte boundary differs by ~1e-6), so aligned operands
-        keep every stage's products equal to stage 0's."""
+        keep every stage's products equal to stage 0's. A bf16 ``flat`` (bf16 masters' gradients)
+        comes out in fp32, a copy of this block only: the statistics are computed in fp32."""
         n = self.plan.shape[1]
         i_lo, i_hi = self.rows
         seg = flat[self.frag.offset:self.frag.offset + self.frag.numel]
+        if seg.dtype != torch.float32:
+            seg = seg.float()
         if self.lo == 0 and self.frag.numel == (i_hi - i_lo) * n:
             return aligned(seg.view(i_hi - i_lo, n))
         out = torch.zeros((i_hi - i_lo) * n, dtype=seg.dtype, device=seg.device)

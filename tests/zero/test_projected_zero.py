@@ -67,7 +67,8 @@ def model_cfg():
     return resolve(ModelConfig(**MODEL), vocab_size=VOCAB)
 
 
-def build(case: str, zero_stage: int, world: int, timer=None, precision: str = "fp32", deepspeed=None):
+def build(case: str, zero_stage: int, world: int, timer=None, precision: str = "fp32", deepspeed=None,
+          master_weights: str = "fp32"):
     """(engine, method) of a case, built as the trainer builds a stage (method.build_optimizer)."""
     from lowrank_pt import methods
     from lowrank_pt.config.recipe import EngineConfig, OptimizerConfig, ScheduleConfig, StageConfig
@@ -81,13 +82,15 @@ def build(case: str, zero_stage: int, world: int, timer=None, precision: str = "
                         optimizer=OptimizerConfig(lr=lr, betas=[0.9, 0.95], eps=EPS, grad_clip=0.0),
                         schedule=ScheduleConfig(kind="constant"))
     method = methods.build(stage, None)
-    engine_cfg = EngineConfig(zero_stage=zero_stage, precision=precision, deepspeed=deepspeed or {})
+    engine_cfg = EngineConfig(zero_stage=zero_stage, precision=precision, deepspeed=deepspeed or {},
+                              master_weights=master_weights)
     ds = E.deepspeed_config(engine_cfg, 2 if world == 1 else 1, 2, 0.0, world)
     torch.manual_seed(0)
     model = LlamaModel(model_cfg())
     method.prepare_model(model)
     optimizer = method.build_optimizer(method.param_groups(model), stage, engine_cfg)
-    engine = E.initialize(model, optimizer, method.lr_lambda(100), ds)
+    engine = E.initialize(model, optimizer, method.lr_lambda(100), ds,
+                          cast_to=torch.bfloat16 if E.bf16_params(engine_cfg) else None)
     method.on_engine_ready(StageContext(engine=engine, total_steps=100, timer=timer or NULL_TIMER))
     return engine, method
 
@@ -145,9 +148,12 @@ def sweep(rank, world):
 
 
 BF16 = {"stage0": (0, None), "stage1_bf16_optimizer": (1, {"data_types": {"grad_accum_dtype": "fp32"}}),
-        "stage2": (2, None), "stage3": (3, None)}
+        "stage2": (2, None), "stage3": (3, None),
+        "stage0_bf16_masters": (0, "bf16"), "stage2_bf16_masters": (2, "bf16"), "stage3_bf16_masters": (3, "bf16")}
 """bf16 engines: stage 0's wrapper steps fp32 copies of the params (and takes a zero-gradient
-step while it is built); ZeRO 1 with fp32 gradient accumulation is DeepSpeed's BF16_Optimizer."""
+step while it is built); ZeRO 1 with fp32 gradient accumulation is DeepSpeed's BF16_Optimizer.
+With bf16 masters (``engine.master_weights: bf16``) the optimizer steps the bf16 params (ZeRO 0)
+or DeepSpeed's bf16 master partitions, each update computed in fp32 and stochastically rounded."""
 
 
 def bf16_runs(rank, world):
@@ -160,12 +166,15 @@ def bf16_runs(rank, world):
     out = {}
     for label, (zero_stage, extra) in BF16.items():
         timer = PhaseTimer(sync=False)
-        engine, method = build("apollo", zero_stage, world, timer, precision="bf16", deepspeed=extra)
+        masters = "bf16" if extra == "bf16" else "fp32"
+        extra = None if extra == "bf16" else extra
+        engine, method = build("apollo", zero_stage, world, timer, precision="bf16", deepspeed=extra,
+                               master_weights=masters)
         tracker = MemoryTracker(engine, timer)
         train(engine, method, rank, world)
         steps = sorted({int(s["step"]) for s in method.optimizer.state.values()})
         planned = planner.state_bytes(planner.layout(model_cfg(), name, options), zero_stage, world, "bf16", rank,
-                                      fp32_grad_accumulation=extra is not None)
+                                      fp32_grad_accumulation=extra is not None, master_weights=masters)
         out[label] = (steps, tracker.measure(), planned, method.export_weights(engine))
     return out
 
@@ -337,7 +346,8 @@ def test_resume_across_a_refresh_is_bit_identical(resumed, case, zero_stage):
 def test_bf16_wrappers(one_rank, label):
     """Under bf16 each wrapper's tensors are found and stepped 13 times (stage 0's zero-gradient
     step while its wrapper is built is skipped), the bytes equal the formula, and the update is
-    the fp32 run's up to bf16 rounding (measured 0.04 of the update's norm, the worst matrix; a
+    the fp32 run's up to bf16 rounding (measured 0.04 of the update's norm, the worst matrix; with
+    bf16 masters, whose every update is stochastically rounded into bf16 weights, 0.10-0.11; a
     missed fragment or step would be ~1)."""
     from lowrank_pt.model.llama import LlamaModel
     from lowrank_pt.zero.held import STATE_CATEGORIES
