@@ -111,9 +111,6 @@ class ReLoRA(LoRA):
     def check_stage(cls, options, stage, run, model_cfg, total_steps: int) -> None:
         """The targets (as lora), a schedule ReLoRA can restart (cosine or jagged_cosine, no
         schedule.restart_* that disagrees with the options), and a restart inside the stage."""
-        if stage.optimizer.state_dtype == "int8":
-            raise ValueError("optimizer.state_dtype=int8 with method=relora: a restart prunes Adam's moments of "
-                             "the factors, which int8 blocks do not expose to it; use bf16 or fp32")
         cfg = stage.schedule
         if cfg.kind not in ("cosine", "jagged_cosine"):
             raise ValueError(f"schedule.kind={cfg.kind!r}: relora needs cosine or jagged_cosine "
@@ -158,7 +155,7 @@ class ReLoRA(LoRA):
     def after_step(self, engine, step: int) -> dict:
         if not self.is_restart_step(step):
             return {}
-        with self.timer.phase("merge"):
+        with self.timer.phase("merge"), zero_io.moments_as_tensors(engine):  # int8 moments: pruned decoded
             self.restart(engine)
         return {"relora/restart": self.restarts}
 

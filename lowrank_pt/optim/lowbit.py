@@ -23,6 +23,7 @@ step), so checkpoints load with ``weights_only`` and resume to the bit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -119,16 +120,58 @@ class LowBitAdamW(torch.optim.Optimizer):
         self.state_dtype = state_dtype
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's loader casts every floating state tensor to its param's dtype (an fp32 flat
-        partition): the moments and scales go back to how this optimizer stores them. A bf16
+        """torch's loader casts every state tensor to its param's dtype (an fp32 flat partition),
+        the int8 codes included: codes, scales and moments go back to how this optimizer stores them. A bf16
         moment comes back exact (the saved values are bf16), so a resume is bit-identical."""
         super().load_state_dict(state_dict)
         for state in self.state.values():
             for key, value in state.items():
                 if key.endswith("_scales"):
                     state[key] = value.float()
+                elif key.endswith("_codes"):  # cast to the param's float dtype by torch: exact, back to bytes
+                    state[key] = value.to(torch.uint8)
                 elif key in MOMENT_KEYS and self.state_dtype == "bf16":
                     state[key] = value.to(torch.bfloat16)
+
+    @contextlib.contextmanager
+    def moments_as_tensors(self):
+        """Inside the block every int8 state also holds its two moments decoded, as fp32 tensors
+        ``exp_avg`` and ``exp_avg_sq`` shaped like its param: what DeepSpeed's state getters and
+        setters (``zero.state``) look up, so a method's edits of moments (ReLoRA's pruning,
+        GaLore's re-projection) work on int8 states too. On exit they are encoded back and
+        dropped; only the blocks an edit changed are encoded again, so the others keep their codes
+        and scales bit for bit. Other state dtypes keep such tensors already: nothing to do. The
+        decoded moments are a transient of 8 bytes per stepped element."""
+        decoded = []
+        if self.state_dtype == "int8":
+            for p, state in self.state.items():
+                if "exp_avg_codes" not in state:
+                    continue
+                for key, signed in zip(MOMENT_KEYS, (True, False)):
+                    values = decode(state[f"{key}_codes"], state[f"{key}_scales"], signed, p.numel())
+                    state[key] = values.view_as(p)
+                decoded.append(state)
+        try:
+            yield
+        finally:
+            for state in decoded:
+                for key, signed in zip(MOMENT_KEYS, (True, False)):
+                    self._encode_changed_blocks(state, key, signed, state.pop(key).reshape(-1))
+
+    @staticmethod
+    def _encode_changed_blocks(state: dict, key: str, signed: bool, value: torch.Tensor) -> None:
+        """Store ``value`` (a whole decoded moment, edited or not) into the codes, re-encoding
+        only the blocks whose values changed: an untouched block keeps its codes and scale bit
+        for bit (re-encoding it would rescale it: the map's largest code is not exactly 1)."""
+        codes, scales = state[f"{key}_codes"], state[f"{key}_scales"]
+        n = value.numel()
+        changed = value != decode(codes, scales, signed, n)
+        if not bool(changed.any()):
+            return
+        blocks = torch.cat([changed, changed.new_zeros(codes.numel() - n)]).view(-1, BLOCK).any(dim=1)
+        new_codes, new_scales = encode(value, signed)
+        codes.view(-1, BLOCK)[blocks] = new_codes.view(-1, BLOCK)[blocks]
+        scales[blocks] = new_scales[blocks]
 
     def _moments(self, state: dict, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Both moments of elements ``[lo, hi)`` in fp32 (views of fp32 state, else decoded copies)."""

@@ -24,6 +24,8 @@ Every function here is called on every rank with identical arguments.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from deepspeed.utils import (
@@ -38,6 +40,7 @@ from deepspeed.utils import (
     safe_set_local_optimizer_state,
 )
 
+from lowrank_pt.zero.held import inner_optimizer
 from lowrank_pt.zero.method_buffers import is_method_buffer
 from lowrank_pt.zero.params import full_numel, full_shape, gathered, is_partitioned, local_shard, piece
 
@@ -222,6 +225,17 @@ def set_grad(engine, p: torch.Tensor, value: torch.Tensor) -> None:
         return
     dtype = p.grad.dtype if p.grad is not None else torch.float32
     safe_set_full_grad(p, value.detach().to(p.device, dtype).reshape(p.shape))
+
+
+@contextlib.contextmanager
+def moments_as_tensors(engine):
+    """The block in which a method reads and writes Adam's moments (``optimizer_state``,
+    ``set_optimizer_state``): an optimizer that stores them otherwise than as tensors named
+    ``exp_avg`` / ``exp_avg_sq`` (``optim.lowbit``'s int8 codes) decodes them for its length,
+    through its own ``moments_as_tensors``; others need nothing."""
+    inner = inner_optimizer(engine)
+    with getattr(inner, "moments_as_tensors", contextlib.nullcontext)():
+        yield
 
 
 def moments_ready(engine) -> bool:

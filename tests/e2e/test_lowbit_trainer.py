@@ -22,9 +22,10 @@ def recipe(run_dir: str, cache: str, *extra: str) -> list[str]:
 
 
 INT8_BASES = ["engine.precision=bf16", "engine.weight_dtype=int8", "stages.0.method=lora",
-              "stages.0.options={rank: 4}"]
+              "stages.0.options={rank: 4}", "stages.1.optimizer.state_dtype=int8"]
 """int8 frozen bases: LoRA then ReLoRA (int8 needs a frozen base in every stage); the LoRA stage's
-merged weights are handed over and quantised again, ReLoRA's restart re-quantises."""
+merged weights are handed over and quantised again, ReLoRA's restart re-quantises, and prunes its
+int8 moments (decoded for the edit)."""
 
 
 @pytest.mark.parametrize("engine", [[], ["engine.precision=bf16", "engine.master_weights=bf16"], INT8_BASES],
@@ -42,7 +43,8 @@ def test_low_bit_states_train_resume_exactly_and_are_counted(tmp_path, data_cach
     assert a[2][1] < a[0][1]  # the int8 warm-up trains
     wa, wb = final_weights(straight), final_weights(resumed)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    stages = {s["name"]: s["memory"] for s in read_summary(straight)["stages"]}
-    for name in ("warmup", "main"):
-        measured, formula = stages[name]["measured"], stages[name]["formula"]
-        assert measured["optimizer_states"] == formula["optimizer_states"] > 0, (name, measured, formula)
+    for run in (straight, resumed):  # resumed: the states a checkpoint gave back, stored as they were
+        stages = {s["name"]: s["memory"] for s in read_summary(run)["stages"]}
+        for name in ("warmup", "main"):
+            measured, formula = stages[name]["measured"], stages[name]["formula"]
+            assert measured["optimizer_states"] == formula["optimizer_states"] > 0, (run, name, measured, formula)

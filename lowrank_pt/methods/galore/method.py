@@ -82,10 +82,6 @@ class GaLore(Method):
         """The base checks, and every target_modules pattern matching a linear of the model."""
         super().check_stage(options, stage, run, model_cfg, total_steps)
         check_targets(model_cfg, options.target_modules)
-        if options.moments_on_refresh == "reproject" and stage.optimizer.state_dtype == "int8":
-            raise ValueError("options.moments_on_refresh=reproject with optimizer.state_dtype=int8: a refresh "
-                             "rewrites Adam's moments of B, which int8 blocks do not expose to it; use keep, or "
-                             "bf16 or fp32 states")
         if options.forward == "step" and run is not None and run.engine.zero_stage == 3:
             raise ValueError("options.forward=step keeps a full W_eff per matrix through each step, which "
                              "ZeRO-3 exists to avoid: use call, factored or auto at ZeRO-3")
@@ -252,21 +248,28 @@ class GaLore(Method):
         if self.is_refresh_step(step):
             for adapter in self.adapters.values():  # the install moves W0, B and Q
                 adapter.close_step()
-            with self.timer.phase("refresh"):
+            with self.timer.phase("refresh"), self._moments_editable(engine):
                 self._refresh(engine, step)
 
     def after_step(self, engine, step: int) -> dict:
         if self.pending:  # a sketch refresh: the new subspaces take over from the next step
             start = time.perf_counter()
-            for name, (part, change) in self.pending.items():
-                adapter = self.adapters[name]
-                old = zero_io.full_param(engine, adapter.galore_basis)  # collective at ZeRO-3 (a gather)
-                self._install(engine, adapter, old, part, None, change is not None, change=change)
+            with self._moments_editable(engine):
+                for name, (part, change) in self.pending.items():
+                    adapter = self.adapters[name]
+                    old = zero_io.full_param(engine, adapter.galore_basis)  # collective at ZeRO-3 (a gather)
+                    self._install(engine, adapter, old, part, None, change is not None, change=change)
             self.pending = {}
             self.last_refresh["galore/refresh_s"] += time.perf_counter() - start
         return dict(self.last_refresh) if step == self.last_refresh_step else {}
 
     # --- the refresh --------------------------------------------------------------------------
+    def _moments_editable(self, engine):
+        """Where a refresh re-projects Adam's moments of B: int8 moments decoded for its length."""
+        if self.options.moments_on_refresh == "reproject":
+            return zero_io.moments_as_tensors(engine)
+        return contextlib.nullcontext()
+
     def owners(self, world: int) -> list[int]:
         """The rank that holds each adapter's capture at a refresh and computes its subspace, in
         adapter order: balanced by the bytes held (m·n, or the sketches), the same on every rank."""
