@@ -39,8 +39,9 @@ class OptimizerConfig:
     state_dtype: str = "fp32"
     """How AdamW stores its two moments: fp32 (8 bytes per trained element), bf16 (4), or int8
     (8-bit blockwise, as 8-bit Adam: about 2.03 bytes); the update is computed in fp32 either way.
-    Methods with their own optimizer (apollo, apollo_mini, fira) keep fp32 states; int8 is refused
-    where a method edits moments (relora's pruning, galore's moments_on_refresh=reproject)."""
+    The projected optimizers of apollo, apollo_mini and fira store their Adam moments (by
+    channel and projection) the same way, each step working on them decoded; a method that edits
+    moments (relora's pruning, galore's moments_on_refresh=reproject) edits them decoded too."""
 
 
 @dataclass

@@ -42,14 +42,12 @@ class ProjectedMethod(Method):
 
     @classmethod
     def check_stage(cls, options, stage, run, model_cfg, total_steps: int) -> None:
-        """The base checks, fp32 states (the optimizer keeps its own: moments by channel and
-        projection, not AdamW's), and every target_modules pattern matching a linear of the model.
+        """The base checks, and every target_modules pattern matching a linear of the model. Adam's
+        moments (by channel and projection) take ``optimizer.state_dtype`` like AdamW's; the
+        limiter norms, seeds and SVD bases stay fp32.
         bf16 masters are taken: the optimizer computes each update in fp32 and rounds it into the
         bf16 weights stochastically, as ``LowBitAdamW`` does."""
         super().check_stage(options, stage, run, model_cfg, total_steps)
-        if stage.optimizer.state_dtype != "fp32":
-            raise ValueError(f"optimizer.state_dtype={stage.optimizer.state_dtype} with method={cls.name}: its "
-                             "optimizer keeps its own fp32 states (low-bit states cover AdamW's); use fp32")
         check_targets(model_cfg, options.target_modules)
 
     @classmethod
@@ -85,7 +83,7 @@ class ProjectedMethod(Method):
         opt = stage.optimizer
         self.optimizer = self.Optimizer(param_groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
                                         weight_decay=opt.weight_decay, names=self._names,
-                                        defer_until_attached=True)
+                                        defer_until_attached=True, state_dtype=opt.state_dtype)
         return self.optimizer
 
     def on_engine_ready(self, context) -> None:
@@ -95,7 +93,8 @@ class ProjectedMethod(Method):
         self.optimizer.attach(context.engine)
 
     def optimizer_state_bytes(self, groups, zero_stage, world, rank, sub_group_size=1_000_000_000) -> int:
-        return self.Optimizer.planned_state_bytes(groups, zero_stage, world, rank, sub_group_size)
+        state_dtype = self.stage.optimizer.state_dtype if self.stage is not None else "fp32"
+        return self.Optimizer.planned_state_bytes(groups, zero_stage, world, rank, sub_group_size, state_dtype)
 
     def after_step(self, engine, step: int) -> dict:
         """Reports SVD refreshes that kept the previous basis (a zero or non-finite gradient)."""

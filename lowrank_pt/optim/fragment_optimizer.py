@@ -4,12 +4,14 @@ described there)."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 
 import torch
 
 from lowrank_pt.core import dist
+from lowrank_pt.optim import lowbit
 from lowrank_pt.optim.lowbit import round_to_bf16
 from lowrank_pt.zero.params import full_shape
 from lowrank_pt.zero.partition import (
@@ -40,8 +42,13 @@ class FragmentOptimizer(torch.optim.Optimizer):
     """Per-piece state tensors of the subclass (besides the moments), see ``piece_state``."""
 
     def __init__(self, params, defaults: dict, names: dict[int, str] | None = None,
-                 defer_until_attached: bool = False):
+                 defer_until_attached: bool = False, state_dtype: str = "fp32"):
         super().__init__(params, defaults)
+        if state_dtype not in lowbit.STATE_DTYPES:
+            raise ValueError(f"state_dtype={state_dtype!r}: allowed {lowbit.STATE_DTYPES}")
+        self.state_dtype = state_dtype
+        """How Adam's moments are stored between steps (``optimizer.state_dtype``): each step
+        works on them in fp32 (``moments_as_tensors``)."""
         names = names or {}
         self.specs: list[ParamSpec] = []
         self._index: dict[int, int] = {}
@@ -177,6 +184,11 @@ class FragmentOptimizer(torch.optim.Optimizer):
         if self._deferred:
             return loss
         self._ensure_layout()
+        with self.moments_as_tensors():
+            self._step()
+        return loss
+
+    def _step(self) -> None:
         items, keys, steps, device = [], [], {}, None
         for group in self.param_groups:
             for t in group["params"]:
@@ -205,7 +217,28 @@ class FragmentOptimizer(torch.optim.Optimizer):
                      key=lambda plan: plan.spec.index)
         if items or cut:
             self.step_pieces(items, cut, steps, device)
-        return loss
+
+    @contextlib.contextmanager
+    def moments_as_tensors(self):
+        """Inside the block Adam's moments are fp32 tensors ``exp_avg`` / ``exp_avg_sq`` (what the
+        step works on); with bf16 or int8 ``state_dtype`` they are decoded on entry and stored
+        back on exit (bf16 rounded to nearest; int8 8-bit blockwise, ``optim.lowbit``). A moment
+        made inside the block (a first step) is stored on exit. The decoded moments are a
+        transient of 8 bytes per stepped element of this rank."""
+        if self.state_dtype == "fp32":
+            yield
+            return
+        for group in self.param_groups:
+            for t in group["params"]:
+                if self.state.get(t):
+                    geo = self.geometry(t)
+                    shape = (geo.moment_numel,) if geo.pieces else tuple(t.shape)
+                    lowbit.decode_moments(self.state[t], self.state_dtype, shape)
+        try:
+            yield
+        finally:
+            for state in self.state.values():
+                lowbit.store_moments(state, self.state_dtype)
 
     def _init_state(self, state: dict, t: torch.Tensor, geo: Geometry) -> None:
         state["step"] = torch.tensor(0.0)
@@ -284,13 +317,19 @@ class FragmentOptimizer(torch.optim.Optimizer):
         for pid, values in integers.items():
             if pid in by_id:
                 self.state[by_id[pid]].update(values)
+        if self.state_dtype == "bf16":  # torch cast them to the param's dtype; saved as bf16, exact
+            for state in self.state.values():
+                for key in lowbit.MOMENT_KEYS:
+                    if key in state:
+                        state[key] = state[key].to(torch.bfloat16)
 
     # --- the formula ---------------------------------------------------------------------------------
     @classmethod
     def planned_state_bytes(cls, groups: list[dict], zero_stage: int, world: int, rank: int,
-                            sub_group_size: int | None = 1_000_000_000) -> int:
+                            sub_group_size: int | None = 1_000_000_000, state_dtype: str = "fp32") -> int:
         """Bytes of ``self.state`` on ``rank`` once every tensor has stepped, from shapes alone:
-        ``groups`` as the method's param groups, each ``{"shapes": [...], **options}``."""
+        ``groups`` as the method's param groups, each ``{"shapes": [...], **options}``; Adam's
+        moments in ``state_dtype`` (``lowbit.state_bytes``: both moments and the step)."""
         partitioned = zero_stage > 0 and world > 1
         shells = [{**{k: v for k, v in g.items() if k != "shapes"},
                    "params": [torch.empty(s, device="meta") for s in g["shapes"]]} for g in groups]
@@ -313,10 +352,10 @@ class FragmentOptimizer(torch.optim.Optimizer):
         total = 0
         for lay in mine:
             geo = opt.flat_geometry(lay, rank)
-            if not geo.pieces:
-                total += 4 + 8 * lay.numel  # torch AdamW: fp32 step, two moments of the flat's shape
+            if not geo.pieces:  # AdamW: fp32 step, two moments of the flat's shape
+                total += lowbit.state_bytes(lay.numel, state_dtype)
                 continue
-            total += 4 + 8 * geo.moment_numel
+            total += lowbit.state_bytes(geo.moment_numel, state_dtype)
             total += sum(numel * opt.state_element_size(name) for name, numel in geo.extra_numel.items())
         return total
 

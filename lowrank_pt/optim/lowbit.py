@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 
 import torch
@@ -107,6 +108,46 @@ def state_bytes(numel: int, state_dtype: str) -> int:
     raise ValueError(f"state_dtype={state_dtype!r}: allowed {STATE_DTYPES}")
 
 
+def load_keeping_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict, load) -> None:
+    """``load(state_dict)`` (torch's ``Optimizer.load_state_dict``), then every state tensor put
+    back as it was saved. torch casts each state tensor to its param's dtype: int8 codes to 4-byte
+    floats, and next to a bf16 param (bf16 masters) fp32 scales and moments to bf16, which would
+    lose bits and break a bit-identical resume."""
+    saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    saved = {pid: {k: v for k, v in s.items() if torch.is_tensor(v) and k != "step"}
+             for pid, s in state_dict["state"].items()}
+    load(state_dict)
+    for pid, p in zip(saved_ids, params):
+        for key, value in saved.get(pid, {}).items():
+            optimizer.state[p][key] = value.detach().to(p.device).clone()
+
+
+def decode_moments(state: dict, state_dtype: str, shape: tuple[int, ...]) -> None:
+    """Add fp32 ``exp_avg`` / ``exp_avg_sq`` of ``shape`` to a state holding them stored in
+    ``state_dtype`` (bf16 tensors under those names, or int8 ``*_codes`` and ``*_scales``)."""
+    if state_dtype == "bf16":
+        for key in MOMENT_KEYS:
+            if key in state:
+                state[key] = state[key].float()
+    elif state_dtype == "int8" and "exp_avg_codes" in state:
+        numel = math.prod(shape)
+        for key, signed in zip(MOMENT_KEYS, (True, False)):
+            state[key] = decode(state[f"{key}_codes"], state[f"{key}_scales"], signed, numel).view(shape)
+
+
+def store_moments(state: dict, state_dtype: str) -> None:
+    """Store the fp32 ``exp_avg`` / ``exp_avg_sq`` of ``state`` in ``state_dtype`` (the reverse of
+    ``decode_moments``; a state with none is left alone)."""
+    if state_dtype == "bf16":
+        for key in MOMENT_KEYS:
+            if key in state:
+                state[key] = state[key].to(torch.bfloat16)
+    elif state_dtype == "int8" and "exp_avg" in state:
+        for key, signed in zip(MOMENT_KEYS, (True, False)):
+            state[f"{key}_codes"], state[f"{key}_scales"] = encode(state.pop(key), signed)
+
+
 class LowBitAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay) with moments stored as ``state_dtype`` (see the module doc)."""
 
@@ -120,18 +161,7 @@ class LowBitAdamW(torch.optim.Optimizer):
         self.state_dtype = state_dtype
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's loader casts every state tensor to its param's dtype (an fp32 flat partition),
-        the int8 codes included: codes, scales and moments go back to how this optimizer stores them. A bf16
-        moment comes back exact (the saved values are bf16), so a resume is bit-identical."""
-        super().load_state_dict(state_dict)
-        for state in self.state.values():
-            for key, value in state.items():
-                if key.endswith("_scales"):
-                    state[key] = value.float()
-                elif key.endswith("_codes"):  # cast to the param's float dtype by torch: exact, back to bytes
-                    state[key] = value.to(torch.uint8)
-                elif key in MOMENT_KEYS and self.state_dtype == "bf16":
-                    state[key] = value.to(torch.bfloat16)
+        load_keeping_dtypes(self, state_dict, super().load_state_dict)
 
     @contextlib.contextmanager
     def moments_as_tensors(self):

@@ -88,10 +88,11 @@ class ProjectedAdam(FragmentOptimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, names: dict[int, str] | None = None,
-                 defer_until_attached: bool = False, **group_defaults):
+                 defer_until_attached: bool = False, state_dtype: str = "fp32", **group_defaults):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         **{**self.GROUP_DEFAULTS, **group_defaults})
-        super().__init__(params, defaults, names=names, defer_until_attached=defer_until_attached)
+        super().__init__(params, defaults, names=names, defer_until_attached=defer_until_attached,
+                         state_dtype=state_dtype)
         projected = [s.index for s in self.specs if s.projected]
         self._order = {index: k for k, index in enumerate(projected)}
         for group in self.param_groups:

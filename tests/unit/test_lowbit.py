@@ -129,9 +129,8 @@ def test_the_config_refuses_what_low_bit_states_cannot_do():
     # a restart's pruning and a refresh's re-projection edit int8 moments decoded (moments_as_tensors)
     assert refusal("relora", "int8") is None
     assert refusal("galore", "int8", options={"moments_on_refresh": "reproject"}) is None
-    for method in ("apollo", "apollo_mini", "fira"):
-        said = refusal(method, "bf16")
-        assert "optimizer.state_dtype=bf16" in said and f"method={method}" in said
+    for method in ("apollo", "apollo_mini", "fira"):  # their projected optimizer stores its moments alike
+        assert refusal(method, "bf16") is None and refusal(method, "int8") is None
 
 
 def test_a_resume_keeps_the_states_dtype_and_their_partitions():
