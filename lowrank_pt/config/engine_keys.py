@@ -67,10 +67,6 @@ def validate_engine(run: RunConfig, environment: bool) -> None:
     if e.weight_dtype == "int8" and e.precision != "bf16":
         raise ConfigError(f"engine.weight_dtype=int8 with engine.precision={e.precision}: int8 bases are "
                           "dequantised to bf16 in forward; set engine.precision=bf16 (or weight_dtype bf16)")
-    if e.weight_dtype == "int8" and e.zero_stage == 3:
-        raise ConfigError("engine.weight_dtype=int8 with engine.zero_stage=3: an int8 base is a buffer, whole on "
-                          "every rank (DeepSpeed partitions params only), which beyond 2 ranks holds more than "
-                          "ZeRO-3's bf16 shards; use zero_stage 0-2 or weight_dtype bf16")
     if e.grad_accum_dtype is not None:
         choice("engine.grad_accum_dtype", e.grad_accum_dtype, ["fp32", "bf16"])
         if e.precision != "bf16":

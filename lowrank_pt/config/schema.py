@@ -112,9 +112,9 @@ class EngineConfig:
     """How frozen bases are stored: bf16 (the training dtype: the module's own frozen params), or
     int8 (blockwise absmax codes, 256 per fp32 scale along each row, dequantised in forward; a
     merge into the base, ReLoRA's restart or GaLore's subspace install, re-quantises with
-    stochastic rounding). int8 is for the methods with a frozen base (lora, relora, galore) at
-    ZeRO 0-2 with precision bf16; the int8 base is a buffer, whole on every rank, and exports
-    dequantised."""
+    stochastic rounding). int8 is for the methods with a frozen base (lora, relora, galore), with
+    precision bf16, at every ZeRO stage (ZeRO-3 partitions the codes and scales like the weights);
+    exports are dequantised."""
     grad_accum_dtype: Optional[str] = None
     """DeepSpeed's ``data_types.grad_accum_dtype``: the dtype gradients are accumulated in over the
     micro-batches of a step. null keeps DeepSpeed's default (the training dtype); fp32 with

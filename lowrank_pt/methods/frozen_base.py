@@ -1,8 +1,8 @@
 """Reads and edits of a wrapped module's frozen base ``W0``, wherever it is kept: the one place
 that chooses between a frozen param or fp32 buffer (``lowrank_pt.zero.frozen`` and
 ``lowrank_pt.zero.state``: shard by shard at ZeRO-3) and int8 codes (``lowrank_pt.model.int8_weights``,
-whole on every rank, re-quantised with stochastic rounding from a generator seeded by
-``seed_parts``, the same on every rank).
+re-quantised with stochastic rounding from a generator seeded by ``seed_parts``, the same on
+every rank; one matrix whole at a time, each ZeRO-3 rank keeping its shard).
 
 Every function is called on every rank with identical arguments.
 """
@@ -21,7 +21,7 @@ from lowrank_pt.zero import state as zero_io
 def read(engine, module: nn.Module) -> torch.Tensor:
     """The full fp32 value of the base, a fresh CPU tensor, the same on every rank."""
     if int8_weights.is_int8(module):
-        return int8_weights.value(module).cpu()
+        return int8_weights.read(module)
     return zero_io.full_param(engine, module.weight)
 
 
@@ -39,10 +39,10 @@ def add_low_rank_product(engine, module: nn.Module, left: torch.Tensor, right: t
     if not int8_weights.is_int8(module):
         zero_frozen.add_low_rank_product(engine, module.weight, left, right, scale, base_scale=base_scale)
         return
-    w = int8_weights.value(module)
+    w = int8_weights.read(module)
     if base_scale != 1.0:
         w = w * base_scale
-    w.add_(left.detach().float().to(w.device) @ right.detach().float().to(w.device), alpha=scale)
+    w.add_(left.detach().float().cpu() @ right.detach().float().cpu(), alpha=scale)
     int8_weights.assign(module, w, seeded_generator(*seed_parts))
 
 
@@ -52,8 +52,8 @@ def normalise_rows_of_sum(engine, module: nn.Module, left: torch.Tensor, right: 
     norms of the base as now stored (fp32, full, the same on every rank)."""
     if not int8_weights.is_int8(module):
         return zero_frozen.normalise_rows_of_sum(engine, module.weight, left, right, scale, magnitude)
-    v = int8_weights.value(module)
-    v.add_(left.detach().float().to(v.device) @ right.detach().float().to(v.device), alpha=scale)
-    v = v * (magnitude.detach().float().to(v.device) / torch.linalg.vector_norm(v, dim=1))[:, None]
+    v = int8_weights.read(module)
+    v.add_(left.detach().float().cpu() @ right.detach().float().cpu(), alpha=scale)
+    v = v * (magnitude.detach().float().cpu() / torch.linalg.vector_norm(v, dim=1))[:, None]
     int8_weights.assign(module, v, seeded_generator(*seed_parts))
-    return torch.linalg.vector_norm(int8_weights.value(module), dim=1).cpu()
+    return torch.linalg.vector_norm(int8_weights.read(module), dim=1)

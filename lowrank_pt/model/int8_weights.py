@@ -1,19 +1,20 @@
 """Frozen bases stored in int8 (``engine.weight_dtype: int8``).
 
-A frozen m×n base ``W0`` becomes two buffers of its module: ``weight``, int8 codes, and
+A frozen m×n base ``W0`` becomes two frozen parameters of its module: ``weight``, int8 codes, and
 ``weight_scale``, one fp32 scale per block of ``BLOCK`` consecutive elements of a row
-(``m × ⌈n/BLOCK⌉``; the last block of a row may be shorter). A block's scale is its largest
-|value| / 127, so its codes span [-127, 127] and an element is stored to within half a step,
-``scale/2``. 1 + 4/256 bytes per element instead of bf16's 2.
+(``m × ⌈n/BLOCK⌉``; the last block of a row may be shorter), a method buffer
+(``lowrank_pt.zero.method_buffers``: kept in fp32 under a bf16 engine). Both are params, so ZeRO-3
+partitions them like the weights they replace and gathers them with their layer. A block's scale
+is its largest |value| / 127, so its codes span [-127, 127] and an element is stored to within
+half a step, ``scale/2``: 1 + 4/256 bytes per element instead of bf16's 2.
 
 ``linear`` multiplies by the base without keeping its dequantised copy: forward and backward
 each dequantise it again (one m×n transient per call), so autograd saves the codes, not a 16-bit
 weight per layer. A merge into the base (ReLoRA's restart, GaLore's subspace install) dequantises,
 adds in fp32 and re-quantises with stochastic rounding: ``floor(x/scale + u)``, u uniform in
 [0, 1), whose expectation is exactly ``x/scale``, so repeated merges do not drift by a rounding
-bias. The draws come from a generator the caller seeds identically on every rank, and the
-buffers are whole on every rank (DeepSpeed does not partition buffers: ZeRO 0-2 only), so the
-ranks' copies stay equal.
+bias. The draws come from a generator the caller seeds identically on every rank, so every rank
+computes the same codes (and keeps its own shard of them at ZeRO-3).
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lowrank_pt.zero.frozen import frozen_part, set_frozen_part
+from lowrank_pt.zero.method_buffers import method_buffer
+from lowrank_pt.zero.params import gathered, partition_like, read_whole
 
 BLOCK = 256
 """Elements of a row under one scale."""
@@ -87,41 +92,53 @@ class _Int8Linear(torch.autograd.Function):
 
 def is_int8(module: nn.Module) -> bool:
     """Whether ``module``'s frozen base is stored as int8 codes and scales."""
-    return module._buffers.get(SCALE_KEY) is not None
+    return module._parameters.get(SCALE_KEY) is not None
 
 
 def linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """``x·W0ᵀ`` (no bias) of ``module``'s int8 base."""
+    """``x·W0ᵀ`` (no bias) of ``module``'s int8 base (inside its forward: gathered at ZeRO-3)."""
     return _Int8Linear.apply(x, module.weight, module.weight_scale)
 
 
 def value(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``module``'s int8 base, dequantised (a new tensor)."""
+    """``module``'s int8 base, dequantised (a new tensor); its params must hold their full values
+    (inside forward, or gathered)."""
     return dequantise(module.weight, module.weight_scale, dtype)
 
 
+def read(module: nn.Module) -> torch.Tensor:
+    """The dequantised fp32 base, a fresh CPU tensor, from anywhere (a ZeRO-3 layer is gathered
+    for it: one matrix). Every rank calls it at ZeRO-3."""
+    with gathered([module.weight, module.weight_scale]):
+        return value(module).cpu()
+
+
 def store(module: nn.Module) -> None:
-    """Replace ``module.weight`` (a frozen param or buffer, whole) by its int8 codes and scales,
-    rounded to nearest (the best a first quantisation can do)."""
+    """Replace ``module.weight`` (a frozen param or buffer; a ZeRO-3 one is read whole, one matrix
+    at a time) by its int8 codes and scales, rounded to nearest (the best a first quantisation
+    can do), partitioned as the weight was. Every rank calls it at ZeRO-3."""
     w = module.weight
     if w.requires_grad:
         raise ValueError("int8 storage is for frozen bases (a trainable weight has masters)")
-    codes, scale = quantise(w.detach())
+    full = w if w.device.type == "meta" else read_whole(w).to(w.device)
+    codes, scale = quantise(full)
     del module.weight
-    module.register_buffer("weight", codes)
-    module.register_buffer(SCALE_KEY, scale)
+    module.weight = nn.Parameter(codes, requires_grad=False)
+    setattr(module, SCALE_KEY, method_buffer(scale))
+    partition_like(w, [module.weight, module.weight_scale])
 
 
 def assign(module: nn.Module, new: torch.Tensor, generator: torch.Generator) -> None:
-    """Store ``new`` (m×n, any float dtype) as ``module``'s int8 base, stochastically rounded."""
-    codes, scale = quantise(new.to(module.weight.device), generator)
-    module.weight.copy_(codes)
-    module.weight_scale.copy_(scale)
+    """Store ``new`` (m×n, full, the same on every rank) as ``module``'s int8 base, stochastically
+    rounded; each ZeRO-3 rank writes its own shard. Outside forward and backward."""
+    codes, scale = quantise(new.float(), generator)
+    for p, full in ((module.weight, codes), (module.weight_scale, scale)):
+        set_frozen_part(p, frozen_part(p, full))
 
 
 def store_bases(model: nn.Module) -> int:
     """``store`` every frozen base of ``model`` (modules that declare ``has_frozen_base``);
-    returns how many."""
+    returns how many. Every rank calls it at ZeRO-3."""
     count = 0
     for m in model.modules():
         if getattr(m, "has_frozen_base", False) and not is_int8(m):

@@ -101,8 +101,9 @@ class Layout:
     working_per_token: int = 0
     """A refresh in backward under bf16/fp16: fp32 copies of the matrix's activations, m + n per token (the largest)."""
     method_params: list[tuple[int, int]] = field(default_factory=list)
-    int8_bases: int = 0
-    """Bytes of frozen bases stored in int8, codes and scales (``engine.weight_dtype: int8``): whole on every rank."""
+    frozen_int8: list[int] = field(default_factory=list)
+    """Elements of frozen bases stored as int8 codes (``engine.weight_dtype: int8``), 1 byte each
+    (their fp32 scales are method buffers, in ``method_params``)."""
     total_params: int = 0
     optimizer_formula: Optional[Callable[[int, int, int, int], int]] = field(default=None, repr=False)
     """``(zero_stage, world, rank, sub_group_size) -> bytes`` of optimizer state: the method's
@@ -136,23 +137,23 @@ def layout(model_cfg, method: str = "full", options: dict | None = None, weight_
         groups = m.param_groups(model)
     trainable_ids = {id(p) for g in groups for p in g["params"]}
     seen, frozen, method_params = set(), [], []
+    frozen_int8 = []
     for p in model.parameters():
         if id(p) in seen or id(p) in trainable_ids:
             pass
+        elif p.dtype == torch.int8:
+            frozen_int8.append(p.numel())
         elif is_method_buffer(p):
             method_params.append((p.numel(), p.element_size()))
         else:
             frozen.append(p.numel())
         seen.add(id(p))
-    buffer_bytes = int8_bytes = 0
+    buffer_bytes = 0
     captures, held, past, working, per_token = [], [], [], 0, 0
     for mod in model.modules():
         for name, buf in mod._buffers.items():
             if buf is not None and name not in mod._non_persistent_buffers_set:
-                if int8_weights.is_int8(mod) and name in ("weight", int8_weights.SCALE_KEY):
-                    int8_bytes += buf.numel() * buf.element_size()
-                else:
-                    buffer_bytes += buf.numel() * buf.element_size()
+                buffer_bytes += buf.numel() * buf.element_size()
         if hasattr(mod, "capture_numel"):  # GaLore adapter: fp32 gradient or sketches at a refresh
             captures.append(mod.capture_numel)
             if mod.refresh_held is not None and mod.capture_kind == "sketch":
@@ -165,9 +166,9 @@ def layout(model_cfg, method: str = "full", options: dict | None = None, weight_
     return Layout(groups=[[p.numel() for p in g["params"]] for g in groups], frozen=frozen,
                   buffer_bytes=buffer_bytes, captures=captures, held=held, held_past_step=past, working=working,
                   working_per_token=per_token,
-                  method_params=method_params, int8_bases=int8_bytes,
-                  total_params=sum(p.numel() for p in model.parameters())
-                  + sum(mod.weight.numel() for mod in model.modules() if int8_weights.is_int8(mod)),
+                  method_params=method_params, frozen_int8=frozen_int8,
+                  total_params=sum(p.numel() for n, p in model.named_parameters()
+                                   if not n.endswith(int8_weights.SCALE_KEY)),  # an int8 base counts once
                   optimizer_formula=lambda stage, world, rank, sub: m.optimizer_state_bytes(shapes, stage, world,
                                                                                             rank, sub),
                   step_cache=m.step_cache_bytes)
@@ -216,7 +217,7 @@ def state_bytes(lay: Layout, zero_stage: int, world: int, precision: str, rank: 
         out["zero_buffers"] = reduce_bucket_size * b
     else:
         raise ValueError(f"zero_stage={zero_stage}: allowed 0, 1, 2, 3")
-    out["params"] += lay.int8_bases
+    out["params"] += sum(piece_of(n, W) if zero_stage == 3 else n for n in lay.frozen_int8)  # 1 byte each
     return out
 
 

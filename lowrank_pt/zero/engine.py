@@ -130,8 +130,9 @@ def initialize(model, optimizer, lr_lambda, ds_config: dict, masters: dict[int, 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     held = zero_io.hold_method_buffers(model)  # a bf16 engine would cast GaLore's fp32 projectors
     if cast_to is not None:  # bf16 masters at ZeRO 0: the params themselves are what the optimizer updates
-        for p in model.parameters():  # params only, as DeepSpeed's bf16 wrapper casts (buffers keep theirs)
-            p.data = p.data.to(cast_to)
+        for p in model.parameters():  # float params only, as DeepSpeed's bf16 wrapper casts (buffers
+            if p.is_floating_point():  # and int8 bases keep theirs)
+                p.data = p.data.to(cast_to)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

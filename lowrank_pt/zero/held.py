@@ -4,8 +4,7 @@ Categories (per rank):
 
 - ``params``: the module's copy of every parameter in the training dtype, frozen ones included
   (stages 1-2: the flat bf16/fp32 buffers the params are views of; stage 3: the rank's
-  partitions, ``ds_tensor``), and frozen bases stored as int8 buffers with their scales
-  (``lowrank_pt.model.int8_weights``: a ``weight`` buffer beside a ``weight_scale`` buffer).
+  partitions, ``ds_tensor``), int8 bases (``lowrank_pt.model.int8_weights``) in their own dtype.
 - ``master_params``: fp32 master copies where DeepSpeed keeps them apart from the params
   (stage 0 bf16: ``fp32_groups``; stages 1-2: ``single_partition_of_fp32_groups``, also at
   fp32, where they are clones; stage 3: ``fp32_partitioned_groups_flat``).
@@ -107,14 +106,6 @@ def persistent_buffers(module: nn.Module) -> Iterator[torch.Tensor]:
                 yield buf
 
 
-def int8_bases(module: nn.Module) -> Iterator[torch.Tensor]:
-    """The codes and scales of frozen bases stored in int8 (``lowrank_pt.model.int8_weights``)."""
-    for m in module.modules():
-        if m._buffers.get("weight_scale") is not None:
-            yield m._buffers["weight"]
-            yield m._buffers["weight_scale"]
-
-
 def state_bytes(engine) -> dict[str, int]:
     """Bytes this rank holds now, by category (see the module doc). No communication."""
     ledger = Ledger()
@@ -137,7 +128,6 @@ def state_bytes(engine) -> dict[str, int]:
     ledger.add("grads", (t.grad for t in masters))
     if inner is not None:
         ledger.add("grads", (p.grad for g in inner.param_groups for p in g["params"]))
-    ledger.add("params", int8_bases(module))
     ledger.add("method_buffers", persistent_buffers(module))
     for bucket in (getattr(opt, "ipg_buckets", None) or {}).values():
         ledger.add("zero_buffers", tensors_in(getattr(bucket, "buffer", None)))

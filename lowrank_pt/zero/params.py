@@ -92,3 +92,10 @@ def read_whole(p: torch.Tensor) -> torch.Tensor:
     """A fresh fp32 CPU copy of the full value of ``p`` (a ZeRO-3 param gathered for the copy)."""
     with gathered([p]):
         return p.detach().float().cpu().clone()
+
+
+def partition_like(like: torch.Tensor, params: list[torch.Tensor]) -> None:
+    """Partition ``params`` (new, whole, on every rank alike) as ZeRO-3 partitions ``like``'s
+    model: each rank keeps its shard from here on. Nothing where ``like`` is not partitioned."""
+    if is_partitioned(like):
+        like.convert_to_zero_parameters(param_list=list(params))

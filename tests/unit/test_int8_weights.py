@@ -100,7 +100,9 @@ def test_wrapped_modules_on_an_int8_base_compute_with_its_dequantised_value():
         for name, p in plain.named_parameters():
             if p.requires_grad:
                 assert torch.allclose(p.grad, trained[name].grad, rtol=1e-4, atol=1e-6), (kind, name)
-        assert "weight" not in dict(quantised.named_parameters())
+        stored = dict(quantised.named_parameters())  # frozen params: ZeRO-3 partitions them like weights
+        assert stored["weight"].dtype == torch.int8 and not stored["weight"].requires_grad
+        assert stored["weight_scale"].dtype == torch.float32 and not stored["weight_scale"].requires_grad
         state = {k: v.clone() for k, v in quantised.state_dict().items()}
         if kind == "lora":  # the plain weight of an export: dequantised base, then the adapter merged in
             merged = merged_state_dict({f"m.{k}": v for k, v in state.items()})
@@ -142,8 +144,7 @@ def test_the_config_refuses_int8_bases_where_they_cannot_work():
     assert refusal("galore", "int8", precision="bf16", weight_dtype="int8", master_weights="bf16") is None
     said = refusal("lora", "fp32", weight_dtype="int8")  # precision fp32
     assert "engine.weight_dtype=int8" in said and "engine.precision=fp32" in said
-    said = refusal("relora", "fp32", precision="bf16", weight_dtype="int8", zero_stage=3)
-    assert "engine.weight_dtype=int8" in said and "engine.zero_stage=3" in said
+    assert refusal("relora", "fp32", precision="bf16", weight_dtype="int8", zero_stage=3) is None
     for method in ("full", "apollo_mini"):  # no frozen base: the weights are the optimizer's
         said = refusal(method, "fp32", precision="bf16", weight_dtype="int8")
         assert "engine.weight_dtype=int8" in said and f"method={method}" in said
@@ -186,8 +187,11 @@ def test_the_planner_takes_the_engine_switches_as_flags():
     int8 = planner.plan(cfg, "galore", {"rank": 128}, precision="bf16", weight_dtype="int8")
     lay = planner.layout(cfg, "galore", {"rank": 128}, weight_dtype="int8")
     bases = sum(int8_weights.stored_bytes((m, n)) for m, n in planner_shapes(cfg))
-    assert lay.int8_bases == bases
-    assert int8.bytes["params"] == bf16.bytes["params"] - 2 * sum(m * n for m, n in planner_shapes(cfg)) + bases
+    elements = sum(m * n for m, n in planner_shapes(cfg))
+    assert sum(lay.frozen_int8) == elements
+    # codes: 1 byte where bf16 took 2; scales: method buffers, 4 bytes per 256
+    assert int8.bytes["params"] == bf16.bytes["params"] - elements
+    assert int8.bytes["method_buffers"] - bf16.bytes["method_buffers"] == bases - elements
     assert int8.layout["total_params"] == bf16.layout["total_params"]
     one = planner.plan(cfg, "full", zero_stage=1, world=2, precision="bf16", grad_accum_dtype="fp32")
     assert one.bytes["grads"] > planner.plan(cfg, "full", zero_stage=1, world=2, precision="bf16").bytes["grads"]

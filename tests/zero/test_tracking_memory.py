@@ -36,8 +36,9 @@ BF16_MASTERS = {
 
 
 INT8_WEIGHTS = {
-    # engine.weight_dtype=int8 (bf16 training, ZeRO 0-2): frozen bases as int8 codes with a
-    # 4-byte scale per 256 of a row (rows of 38 and 100 here: one block each), counted as params.
+    # engine.weight_dtype=int8 (bf16 training): frozen bases as int8 codes (params: 1 byte, ZeRO-3
+    # partitions them) with a 4-byte scale per 256 of a row (method buffers; rows of 38 and 100
+    # here: one block each).
     "lora+int8_weights": {"rank": 3},
     "relora+int8_weights+bf16_states+bf16_masters": {"rank": 3, "restart_every": 2},
     "galore+int8_weights": {"rank": 3, "update_proj_gap": 2},
@@ -103,8 +104,7 @@ def measure_all(rank, world, precision):
     torch.set_num_threads(1)  # tiny tensors: threads only add OpenMP waits on a busy machine
     out = {}
     for zero_stage in (0, 1, 2, 3):
-        bf16_only = [*BF16_MASTERS, *(INT8_WEIGHTS if zero_stage < 3 else ())]  # int8 bases: ZeRO 0-2
-        for name in [*METHOD_OPTIONS, *(bf16_only if precision == "bf16" else ())]:
+        for name in [*METHOD_OPTIONS, *((*BF16_MASTERS, *INT8_WEIGHTS) if precision == "bf16" else ())]:
             _, engine, method = build(name, zero_stage, precision)
             timer = PhaseTimer(sync=False)
             tracker = MemoryTracker(engine, timer)
@@ -154,10 +154,12 @@ def check_bytes(results):
                 bf16_masters = per_rank[(zero_stage, "full+bf16_masters")][0]["master_params"]
                 assert bf16_masters == (0 if zero_stage == 0 else fp32_masters // 2), (zero_stage, bf16_masters)
             if (zero_stage, "lora+int8_weights") in per_rank:  # bf16 bases (2 bytes) -> 1 byte + scales
-                bf16, int8 = (per_rank[(zero_stage, label)][0]["params"] for label in ("lora", "lora+int8_weights"))
+                bf16, int8 = (per_rank[(zero_stage, label)][0] for label in ("lora", "lora+int8_weights"))
                 elements = 2 * (4 * 38 * 38 + 3 * 38 * 100)  # q k v o, gate up down of 2 layers (38, MLP 100)
                 rows = 2 * (4 * 38 + 2 * 100 + 38)  # one scale a row: no row is longer than 256
-                assert bf16 - int8 == 2 * elements - (elements + 4 * rows), (bf16, int8)
+                if zero_stage < 3:  # whole on every rank (ZeRO-3: each rank its padded piece, as the formula)
+                    assert bf16["params"] - int8["params"] == elements, (bf16, int8)
+                    assert int8["method_buffers"] - bf16["method_buffers"] == 4 * rows
     assert not mismatches, "\n".join(mismatches)
 
 
