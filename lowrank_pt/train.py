@@ -15,6 +15,7 @@ import sys
 from lowrank_pt.config.recipe import ConfigError, load  # noqa: F401 - ConfigError re-exported for callers
 from lowrank_pt.core import dist
 from lowrank_pt.core.failures import debug_from_env, run_guarded
+from lowrank_pt.core.host import free_large_blocks_promptly
 from lowrank_pt.trainer.trainer import Trainer
 
 
@@ -33,6 +34,7 @@ def run(config: str, overrides: list[str]) -> int:
     expected failures (ConfigError, DataError, CheckpointError, OSError, ...) for the handler."""
     # Everything checkable is checked before the process group or the run dir exist.
     run_cfg = load(config, overrides)
+    free_large_blocks_promptly()  # the step's transients go back to the OS, not to the heap
     dist.init(run_cfg.engine.backend, timeout_s=run_cfg.engine.collective_timeout_s)
     Trainer(run_cfg).run_all()
     return 0

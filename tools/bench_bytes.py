@@ -8,6 +8,10 @@ masters, gradients, optimizer states) is printed beside it. The figure of merit 
 
     (peak RSS with fp32 states and masters - peak RSS with the switches) / (planned saving)
 
+Each child fixes glibc's mmap threshold at the start, as a run does
+(``lowrank_pt.core.host.free_large_blocks_promptly``, called by ``lowrank_pt/train.py``);
+``--heap-default`` leaves glibc's rising threshold, whose heap keeps the step's freed transients.
+
     python tools/bench_bytes.py                                   # 350m, int8 states + bf16 masters
     python tools/bench_bytes.py --size 130m --settings fp32/fp32,bf16/fp32,int8/bf16
 
@@ -28,6 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_methods import command_line, init_single_process, machine, save  # noqa: E402
 
+from lowrank_pt.core.host import free_large_blocks_promptly  # noqa: E402
+
 GIB = 2**30
 
 
@@ -40,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--settings", default="fp32/fp32,int8/bf16",
                    help="comma-separated STATE_DTYPE/MASTER_WEIGHTS; the first is the baseline")
     p.add_argument("--out", default="bench_out/bytes")
+    p.add_argument("--heap-default", action="store_true",
+                   help="leave glibc's mmap threshold as it is (a run fixes it: core.host.free_large_blocks_promptly)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -62,6 +70,8 @@ def child(args) -> dict:
     from lowrank_pt.zero.held import state_bytes
 
     state_dtype, masters = args.child.split("/")
+    if not args.heap_default:
+        free_large_blocks_promptly()  # as a run does (lowrank_pt/train.py)
     init_single_process()
     torch.manual_seed(0)
     cfg = resolve(ModelConfig(size=args.size, seq_len=args.seq_len), vocab_size=args.vocab_size)
@@ -95,7 +105,8 @@ def main(argv=None) -> int:
     runs = []
     for setting in args.settings.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--child", setting, "--size", args.size,
-               "--seq-len", str(args.seq_len), "--vocab-size", str(args.vocab_size), "--steps", str(args.steps)]
+               "--seq-len", str(args.seq_len), "--vocab-size", str(args.vocab_size), "--steps", str(args.steps),
+               *(["--heap-default"] if args.heap_default else [])]
         done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
         if done.returncode != 0:
             print(done.stderr[-3000:], file=sys.stderr)

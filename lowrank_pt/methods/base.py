@@ -44,6 +44,7 @@ from lowrank_pt.optim.adamw import build_optimizer
 from lowrank_pt.zero import partition as fragments
 from lowrank_pt.zero import state as zero_io
 from lowrank_pt.zero.guard import NonFiniteGuard
+from lowrank_pt.zero.params import full_shape
 
 
 @dataclass
@@ -76,6 +77,12 @@ class StageContext:
     """The run's non-finite guard: ``train_step`` asks it whether each optimizer step is skipped."""
     objective: LMObjective = field(default_factory=LMObjective)
     """The stage's objective (``lowrank_pt.objectives``): the loss of each micro-batch and its weight."""
+
+
+def is_matrix(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a matrix (weight decay applies), by its full shape: a param built
+    partitioned under ZeRO-3 holds a 1-D placeholder, whose own ``ndim`` says nothing."""
+    return len(full_shape(p)) >= 2
 
 
 class Method:
@@ -173,7 +180,7 @@ class Method:
         for _, p in model.named_parameters():
             if not p.requires_grad:
                 continue
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if is_matrix(p) else no_decay).append(p)
         wd = self.stage.optimizer.weight_decay
         groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]

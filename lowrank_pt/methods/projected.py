@@ -17,14 +17,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from lowrank_pt.methods.base import Method
+from lowrank_pt.methods.base import Method, is_matrix
 from lowrank_pt.model.targets import check_targets, select_linears
 from lowrank_pt.optim.projected import ProjectedAdam, check_group
-from lowrank_pt.zero.params import full_shape
-
-
-def _ndim(p: torch.Tensor) -> int:
-    return len(full_shape(p))
 
 
 class ProjectedMethod(Method):
@@ -74,7 +69,7 @@ class ProjectedMethod(Method):
         decay, no_decay = [], []
         for p in model.parameters():
             if p.requires_grad and id(p) not in ids:
-                (decay if _ndim(p) >= 2 else no_decay).append(p)
+                (decay if is_matrix(p) else no_decay).append(p)
         groups = [{"params": projected, "weight_decay": wd, **self.group_options()},
                   {"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]

@@ -28,8 +28,9 @@ merged weights are handed over and quantised again, ReLoRA's restart re-quantise
 int8 moments (decoded for the edit)."""
 
 
-@pytest.mark.parametrize("engine", [[], ["engine.precision=bf16", "engine.master_weights=bf16"], INT8_BASES],
-                         ids=["fp32", "bf16-masters", "int8-bases"])
+@pytest.mark.parametrize("engine", [[], ["engine.precision=bf16", "engine.master_weights=bf16"], INT8_BASES,
+                                    [*INT8_BASES, "engine.zero_stage=3"]],
+                         ids=["fp32", "bf16-masters", "int8-bases", "int8-bases-zero3"])
 def test_low_bit_states_train_resume_exactly_and_are_counted(tmp_path, data_cache, engine):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     # Global step 5 is the relora stage's step 2, just after its first restart. With bf16 masters

@@ -70,3 +70,22 @@ def step_context_worker(rank, world):
 
 def test_step_context_wraps_the_whole_step_and_its_boundary():
     assert spawn(step_context_worker, 1) == [["enter", "before_optimizer_step", "exit"]]
+
+
+def test_weight_decay_reaches_matrices_built_partitioned():
+    """Under ZeRO-3 the trainer builds the model partitioned: each param holds a 1-D placeholder,
+    so ``p.ndim`` says nothing of its shape. The groups follow the full shape (before this, every
+    matrix of a ZeRO-3 run landed in the group without weight decay)."""
+    import torch
+    from torch import nn
+
+    from lowrank_pt.config.schema import OptimizerConfig
+
+    module = nn.Module()
+    module.matrix = nn.Parameter(torch.empty(0))
+    module.matrix.ds_id, module.matrix.ds_shape = 0, torch.Size([4, 3])  # as deepspeed.zero.Init leaves it
+    module.vector = nn.Parameter(torch.empty(0))
+    module.vector.ds_id, module.vector.ds_shape = 1, torch.Size([4])
+    groups = Method(None, StageConfig(optimizer=OptimizerConfig(weight_decay=0.1)), None).param_groups(module)
+    assert [([p is module.matrix for p in g["params"]], g["weight_decay"]) for g in groups] == [([True], 0.1),
+                                                                                                 ([False], 0.0)]

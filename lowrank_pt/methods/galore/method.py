@@ -42,7 +42,7 @@ from torch import nn
 from lowrank_pt.core import dist
 from lowrank_pt.core.owners import balanced_owners
 from lowrank_pt.methods import frozen_base
-from lowrank_pt.methods.base import Method
+from lowrank_pt.methods.base import Method, is_matrix
 from lowrank_pt.methods.galore import cost, sketch
 from lowrank_pt.methods.galore.adapter import GaLoreLinear, merged_state_dict, wrap_linears
 from lowrank_pt.methods.galore.capture import BackwardRefresh, GradientCapture, SketchCapture
@@ -188,7 +188,7 @@ class GaLore(Method):
         decay, no_decay = [], []
         for p in model.parameters():
             if p.requires_grad and id(p) not in ids:
-                (decay if p.ndim >= 2 else no_decay).append(p)
+                (decay if is_matrix(p) else no_decay).append(p)
         groups = [{"params": projected, "weight_decay": opt.weight_decay, "eps": opt.eps * self.options.scale},
                   {"params": decay, "weight_decay": opt.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
