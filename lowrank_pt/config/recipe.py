@@ -230,6 +230,7 @@ def _validate_train(run: RunConfig) -> None:
     if t.stop_at_step is not None and t.stop_at_step < 1:
         raise ConfigError(f"train.stop_at_step={t.stop_at_step} must be >= 1 (or null: never stop early)")
     number("train.sample_temperature", t.sample_temperature, 0)
+    choice("train.update", t.update, list(UPDATES))
 
 
 def _validate_stage(run: RunConfig, stage: StageConfig, where: str, model_cfg: ModelConfig,
@@ -262,6 +263,7 @@ def _validate_stage(run: RunConfig, stage: StageConfig, where: str, model_cfg: M
         value = getattr(stage, key)
         if value is not None and value < 1:
             raise ConfigError(f"{where}.{key}={value} must be >= 1")
+    _validate_update(run, stage, where)
     try:
         options = parse_options(stage.method, stage.options)
     except ConfigError as e:
@@ -288,6 +290,39 @@ def _validate_stage(run: RunConfig, stage: StageConfig, where: str, model_cfg: M
             raise ConfigError(f"{where}.{key}: {e}") from None
     if stage.init_from is not None and environment:
         _check_init_from(stage.init_from, f"{where}.init_from", model_cfg)
+
+
+UPDATES = ("step", "per_layer")
+
+
+def _validate_update(run: RunConfig, stage: StageConfig, where: str) -> None:
+    """``update: per_layer`` where per-layer updates are built (``lowrank_pt.zero.per_layer``)."""
+    if stage.update is not None:
+        choice(f"{where}.update", stage.update, list(UPDATES))
+    update = stage.update or run.train.update
+    if update != "per_layer":
+        return
+    key = f"{where}.update=per_layer" if stage.update else "train.update=per_layer"
+    e = run.engine
+    if e.zero_stage != 0:
+        raise ConfigError(f"{key} with engine.zero_stage={e.zero_stage}: per-layer updates are built for ZeRO 0 "
+                          "(DeepSpeed's ZeRO 1-3 optimizers reduce gradients into their own partitions and step "
+                          "them after the backward); use zero_stage 0 or update step")
+    if e.precision == "fp16" or (e.precision == "bf16" and e.master_weights == "fp32"):
+        raise ConfigError(f"{key} with engine.precision={e.precision} and engine.master_weights={e.master_weights}: "
+                          "DeepSpeed's ZeRO 0 mixed-precision wrapper copies every gradient into its fp32 masters "
+                          "at the step; use precision bf16 with master_weights bf16, or fp32")
+    clip = stage.optimizer.grad_clip
+    if clip is not None and clip > 0:
+        raise ConfigError(f"{where}.optimizer.grad_clip={clip} with {key}: clipping the global gradient norm "
+                          "needs every gradient before the first update; set grad_clip 0 (or null), or use update step")
+
+
+def check_update(engine_cfg, update: str) -> None:
+    """The checks of ``train.update`` against ``engine`` keys alone (what the planner takes as flags)."""
+    choice("train.update", update, list(UPDATES))
+    run = RunConfig(engine=engine_cfg, train=TrainConfig(update=update))
+    _validate_update(run, run.stages[0], "stages.0")
 
 
 def _check_init_from(path: str, key: str, model_cfg: ModelConfig) -> None:

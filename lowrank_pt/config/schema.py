@@ -87,6 +87,8 @@ class StageConfig:
     starting model: the adapters switched off for lora with init kaiming, else precomputed)."""
     init_from: Optional[str] = None
     """Start this stage from the weights of a checkpoint dir (a run dir or one checkpoint)."""
+    update: Optional[str] = None
+    """How this stage's optimizer steps: step or per_layer (see train.update); null takes train.update."""
 
     def micro_and_accum(self, train: "TrainConfig") -> tuple[int, int]:
         """This stage's micro-batch size and gradient accumulation: its own, else ``train``'s."""
@@ -172,6 +174,18 @@ class TrainConfig:
     """Print a progress line (loss, lr, tokens/s) at every log step on rank 0."""
     tensorboard: bool = True
     """Write TensorBoard scalars under RUN_DIR/tb."""
+    update: str = "step"
+    """step: one optimizer step after the step's last backward, every gradient held until then.
+    per_layer: each trained tensor is updated as soon as its gradient is final in the last
+    micro-batch's backward, and its gradient freed, so at grad_accum 1 the step holds one
+    tensor's gradient at a time; the same result as step (bit for bit in fp32). ZeRO 0 only; fp32,
+    or bf16 with engine.master_weights bf16; no optimizer.grad_clip (a global norm needs every
+    gradient first; null means off here). With grad_accum > 1 the micro-batches before the last
+    hold their gradients as step does, so only methods that train small tensors (lora, relora,
+    galore's B) save there. A step that needs every gradient at once (a galore refresh that
+    captured full gradients, lora_ga's initialisation) runs as an ordinary step. A gradient that
+    is not finite while the loss is stops the run (tensors before it were already updated);
+    a non-finite loss skips the step as with step."""
     max_nonfinite_steps: int = 5
     """A step whose loss or gradient is not finite on any rank is skipped on every rank (no
     weight or optimizer-state change; the LR schedule moves on) and logged as

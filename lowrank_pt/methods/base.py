@@ -77,6 +77,9 @@ class StageContext:
     """The run's non-finite guard: ``train_step`` asks it whether each optimizer step is skipped."""
     objective: LMObjective = field(default_factory=LMObjective)
     """The stage's objective (``lowrank_pt.objectives``): the loss of each micro-batch and its weight."""
+    per_layer: Any = None
+    """With ``update: per_layer``, the engine's ``zero.per_layer.PerLayerUpdates``: each tensor is
+    stepped in the last micro-batch's backward. None: one optimizer step after the backward."""
 
 
 def is_matrix(p: torch.Tensor) -> bool:
@@ -125,9 +128,19 @@ class Method:
         return self.context.guard
 
     def grad_clip(self) -> float:
-        """The clipping threshold of this stage: its ``optimizer.grad_clip``, else the method's default."""
+        """The clipping threshold of this stage: its ``optimizer.grad_clip``, else the method's
+        default; none under per-layer updates (a global norm needs every gradient first)."""
         clip = self.stage.optimizer.grad_clip
-        return self.default_grad_clip if clip is None else float(clip)
+        if clip is None:
+            return 0.0 if self.update == "per_layer" else self.default_grad_clip
+        return float(clip)
+
+    @property
+    def update(self) -> str:
+        """The stage's update mode (``stages.N.update``, else ``train.update``): step or per_layer."""
+        if self.stage is None:
+            return "step"
+        return self.stage.update or (self.run.train.update if self.run is not None else "step")
 
     # --- before any work starts ---------------------------------------------------------------
     @classmethod
@@ -137,6 +150,8 @@ class Method:
         model's shapes (``model_cfg`` is resolved: build it on the meta device,
         ``lowrank_pt.model.targets.check_targets``). Raise ValueError naming the key below the stage
         (``schedule.kind=...``, ``options.target_modules: ...``); validation names the stage."""
+        if run is not None and (stage.update or run.train.update) == "per_layer":
+            cls.check_per_layer(options, stage, run)
         if run is not None and run.engine.weight_dtype == "int8":
             if not cls.has_frozen_base:
                 raise ValueError(f"method={cls.name} with engine.weight_dtype=int8: int8 storage is built for frozen "
@@ -150,6 +165,12 @@ class Method:
             raise ValueError(f"schedule.kind=jagged_cosine re-warms the LR every schedule.restart_every steps, "
                              f"which is {sched.restart_every}: set it >= 1, or use kind cosine (method "
                              f"{stage.method} does not restart; relora sets its own restarts)")
+
+    @classmethod
+    def check_per_layer(cls, options: Any, stage: Any, run: Any) -> None:
+        """Refuse ``update: per_layer`` where this method's steps cannot run per layer (ValueError
+        naming the keys). Every method's update reads one tensor's gradient and state at a time;
+        a method whose every step rewrites gradients together refuses here."""
 
     # --- before the engine exists -------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> None:
@@ -249,23 +270,47 @@ class Method:
         """
         weights = self.objective.token_weights(micro_batches)
         total = 0.0
+        where = f"stage {self.stage.name!r} step {step + 1}"
+        per_layer = self.context.per_layer if self.context is not None else None
+        layerwise = per_layer is not None and not self.needs_every_gradient(step)
         with self.step_context(engine, micro_batches, step):
             for batch, weight in zip(micro_batches, weights):
                 with self.timer.phase("forward"):
                     loss = self.objective.loss(engine, batch)
                     if weight != 1.0:
                         loss = loss * weight
-                with self.timer.phase("backward"):
+                boundary = engine.is_gradient_accumulation_boundary()
+                updating = contextlib.nullcontext()
+                if boundary and layerwise:
+                    # Collective: the losses are checked before the backward that applies the updates.
+                    self.step_skipped = self.guard.check(engine, total + loss.detach().float().item(), where,
+                                                         gradients=False)
+                    if not self.step_skipped:
+                        updating = per_layer.updating(self, step)
+                with self.timer.phase("backward"), updating:
                     engine.backward(loss)
                 total += loss.detach().float().item()
-                if engine.is_gradient_accumulation_boundary():
+                if boundary and not layerwise:
+                    if per_layer is not None:  # DeepSpeed's all-reduce is off under per-layer updates
+                        per_layer.reduce_gradients()
                     # Collective: a non-finite loss or gradient on any rank skips the step on every rank.
-                    self.step_skipped = self.guard.check(engine, total, f"stage {self.stage.name!r} step {step + 1}")
+                    self.step_skipped = self.guard.check(engine, total, where)
                     if not self.step_skipped:
                         self.before_optimizer_step(engine, step)
                 with self.timer.phase("optimizer"):
                     self.guard.step(engine)
         return total / len(micro_batches)
+
+    def needs_every_gradient(self, step: int) -> bool:
+        """Whether step ``step``'s ``before_optimizer_step`` reads or rewrites gradients together
+        (a GaLore refresh from captured gradients, LoRA-GA's init): under ``update: per_layer``
+        such a step runs as an ordinary one, holding its gradients until the optimizer step."""
+        return False
+
+    def before_param_update(self, engine, p: torch.Tensor, step: int) -> None:
+        """Under ``update: per_layer``, just before ``p`` is stepped in the last backward of step
+        ``step`` (its gradient reduced and final): a method's per-tensor share of
+        ``before_optimizer_step`` (GaLore installs a subspace refreshed in the backward). Nothing here."""
 
     def step_context(self, engine, micro_batches: list[dict], step: int) -> ContextManager:
         """A context around one optimizer step (every micro-batch's forward and backward, the

@@ -206,6 +206,17 @@ class LoRA(Method):
         off. pissa / milora / olora / lora_ga leave a residual in the base: not that."""
         return self.options.init == "kaiming"
 
+    @classmethod
+    def check_per_layer(cls, options, stage, run) -> None:
+        if options.precondition != "none":
+            raise ValueError(f"options.precondition={options.precondition} with update=per_layer: the "
+                             "preconditioner rewrites A's and B's gradients together at every step, after the "
+                             "backward; use update step, or precondition none")
+
+    def needs_every_gradient(self, step: int) -> bool:
+        """LoRA-GA's initialisation reads every module's full gradient and rewrites the factors'."""
+        return self.is_lora_ga_step(step) or self.options.precondition != "none"
+
     # --- with the engine ----------------------------------------------------------------------
     def is_lora_ga_step(self, step: int) -> bool:
         """Whether the factors are (re)initialised from the full gradient at this step."""

@@ -85,6 +85,7 @@ def plan_markdown(p) -> str:
 def paper_markdown() -> str:
     """Our planner beside the GaLore paper's memory estimates (see the README snippet)."""
     # The planner builds methods, which import DeepSpeed (seconds): only plan pays for it.
+    from lowrank_pt.config.recipe import check_update
     from lowrank_pt.tracking import planner
 
     lines = ["| model | rank | paper full | ours (paper's accounting) full | paper GaLore | "
@@ -106,6 +107,7 @@ def paper_markdown() -> str:
 
 def _plan(args) -> int:
     # The planner builds methods, which import DeepSpeed (seconds): only plan pays for it.
+    from lowrank_pt.config.recipe import check_update
     from lowrank_pt.tracking import planner
 
     if args.rank_index >= args.gpus:
@@ -116,9 +118,11 @@ def _plan(args) -> int:
         if args.paper:
             text = paper_markdown()
         try:
-            check_engine(EngineConfig(zero_stage=args.zero_stage, precision=args.precision,
-                                      master_weights=args.master_weights, weight_dtype=args.weight_dtype,
-                                      grad_accum_dtype=args.grad_accum_dtype))
+            engine = EngineConfig(zero_stage=args.zero_stage, precision=args.precision,
+                                  master_weights=args.master_weights, weight_dtype=args.weight_dtype,
+                                  grad_accum_dtype=args.grad_accum_dtype)
+            check_engine(engine)
+            check_update(engine, args.update)
             options = _parse_options(args.method, args.rank, args.option)
             cfg = resolve(ModelConfig(size=args.size, seq_len=args.seq_len,
                                       activation_checkpointing=args.activation_checkpointing),
@@ -128,7 +132,8 @@ def _plan(args) -> int:
                              activation_checkpointing=args.activation_checkpointing, rank=args.rank_index,
                              reduce_bucket_size=args.reduce_bucket_size, grad_accum=args.grad_accum,
                              state_dtype=args.state_dtype, master_weights=args.master_weights,
-                             weight_dtype=args.weight_dtype, grad_accum_dtype=args.grad_accum_dtype)
+                             weight_dtype=args.weight_dtype, grad_accum_dtype=args.grad_accum_dtype,
+                             update=args.update)
         except ValueError as e:  # ConfigError included
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -187,6 +192,8 @@ def register(subparsers) -> None:
                     help="how frozen bases are stored (engine.weight_dtype; int8 for lora/relora/galore)")
     pl.add_argument("--grad-accum-dtype", default=None, choices=("fp32", "bf16"),
                     help="DeepSpeed's gradient accumulation dtype (engine.grad_accum_dtype; fp32 counts at ZeRO 1)")
+    pl.add_argument("--update", default="step", choices=("step", "per_layer"),
+                    help="optimizer steps after the backward, or per tensor inside it (train.update; ZeRO 0)")
     pl.add_argument("--vocab-size", type=at_least(1), default=32000, help="vocabulary size")
     pl.add_argument("--reduce-bucket-size", type=at_least(1), default=DEEPSPEED_REDUCE_BUCKET,
                     help="DeepSpeed zero_optimization.reduce_bucket_size (elements)")

@@ -84,7 +84,8 @@ class MemoryTracker:
 
     Gradients exist only between the last backward of a step and the optimizer step, so they are
     counted when the timer opens the ``optimizer`` phase at an accumulation boundary (once per
-    stage: the layout does not change); the other categories whenever ``measure`` is called
+    stage: the layout does not change); under per-layer updates they are freed inside the backward,
+    and ``zero.per_layer`` reports the most it held at once; the other categories whenever ``measure`` is called
     (optimizer states exist from the first step on). The full gradients GaLore captures for a
     refresh are counted when a ``refresh`` phase opens, as ``method_transient``; the weights kept
     for a step (``step_cache_bytes``) at every optimizer phase, their peak as ``step_cache``.
@@ -116,6 +117,9 @@ class MemoryTracker:
     def measure(self) -> dict[str, int]:
         """Bytes by category (grads as held at the optimizer step), plus ``total``."""
         now = state_bytes(self.engine)
+        per_layer = getattr(self.engine, "per_layer_updates", None)
+        if per_layer is not None:  # gradients freed inside the backward: the most it held at once
+            now["grads"] = max(now["grads"], per_layer.peak_grad_bytes)
         if self.at_step is not None:
             now["grads"] = max(now["grads"], self.at_step["grads"])
             now["zero_buffers"] = max(now["zero_buffers"], self.at_step["zero_buffers"])

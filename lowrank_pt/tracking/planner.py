@@ -108,6 +108,9 @@ class Layout:
     optimizer_formula: Optional[Callable[[int, int, int, int], int]] = field(default=None, repr=False)
     """``(zero_stage, world, rank, sub_group_size) -> bytes`` of optimizer state: the method's
     ``optimizer_state_bytes`` over its param groups (AdamW's when unset)."""
+    every_gradient_steps: bool = False
+    """Whether some steps need every gradient at once (``Method.needs_every_gradient``: a GaLore
+    refresh from captured gradients, LoRA-GA's init): under per-layer updates they hold them all."""
     step_cache: Callable[[int, int, int, str], int] = field(default=lambda *_: 0, repr=False)
     """``(tokens per micro-batch, accum, zero_stage, precision) -> bytes`` of weights the method keeps
     for the length of a step (``Method.step_cache_bytes``: GaLore's W_eff on its step path)."""
@@ -166,7 +169,7 @@ def layout(model_cfg, method: str = "full", options: dict | None = None, weight_
     return Layout(groups=[[p.numel() for p in g["params"]] for g in groups], frozen=frozen,
                   buffer_bytes=buffer_bytes, captures=captures, held=held, held_past_step=past, working=working,
                   working_per_token=per_token,
-                  method_params=method_params, frozen_int8=frozen_int8,
+                  method_params=method_params, frozen_int8=frozen_int8, every_gradient_steps=m.needs_every_gradient(0),
                   total_params=sum(p.numel() for n, p in model.named_parameters()
                                    if not n.endswith(int8_weights.SCALE_KEY)),  # an int8 base counts once
                   optimizer_formula=lambda stage, world, rank, sub: m.optimizer_state_bytes(shapes, stage, world,
@@ -177,7 +180,7 @@ def layout(model_cfg, method: str = "full", options: dict | None = None, weight_
 def state_bytes(lay: Layout, zero_stage: int, world: int, precision: str, rank: int = 0,
                 reduce_bucket_size: int = DEEPSPEED_REDUCE_BUCKET,
                 sub_group_size: int = DEEPSPEED_SUB_GROUP, fp32_grad_accumulation: bool = False,
-                master_weights: str = "fp32") -> dict[str, int]:
+                master_weights: str = "fp32", update: str = "step", grad_accum: int = 1) -> dict[str, int]:
     """Predicted bytes on ``rank`` by category (the categories of ``memory.state_bytes``).
 
     ``fp32_grad_accumulation``: bf16 with ``data_types.grad_accum_dtype: fp32`` at stage 1, where
@@ -185,7 +188,11 @@ def state_bytes(lay: Layout, zero_stage: int, world: int, precision: str, rank: 
     the params' bf16 gradients are held beside it until the step.
 
     ``master_weights`` bf16 (``engine.master_weights``): no fp32 copy; at ZeRO 0 the bf16 params are
-    what the optimizer updates, at ZeRO 1-3 DeepSpeed keeps the rank's master partition in bf16."""
+    what the optimizer updates, at ZeRO 1-3 DeepSpeed keeps the rank's master partition in bf16.
+
+    ``update`` per_layer (ZeRO 0, ``zero.per_layer``): at ``grad_accum`` 1 the most gradient bytes
+    held at once are the largest trained tensor's; with more micro-batches, or where some steps
+    need every gradient (``Layout.every_gradient_steps``), all of them, as an ordinary step."""
     master = 0 if precision == "fp32" else (2 if master_weights == "bf16" else 4)
     b = DTYPE_BYTES[precision]
     W = world if zero_stage > 0 else 1
@@ -199,6 +206,8 @@ def state_bytes(lay: Layout, zero_stage: int, world: int, precision: str, rank: 
         out["master_params"] = 0 if master_weights == "bf16" else n * master
         out["optimizer_states"] = formula(zero_stage, W, rank, sub_group_size)
         out["grads"] = n * b
+        if update == "per_layer" and grad_accum == 1 and not lay.every_gradient_steps:
+            out["grads"] = max((max(g) for g in lay.groups if g), default=0) * b
     elif zero_stage in (1, 2):
         padded = [padded_group(sum(g), W) for g in lay.groups]
         out["params"] = (sum(padded) + sum(lay.frozen)) * b
@@ -294,12 +303,13 @@ def plan(model_cfg, method: str = "full", options: dict | None = None, zero_stag
          micro_batch: int = 1, seq_len: int | None = None, precision: str = "bf16",
          activation_checkpointing: bool = False, rank: int = 0, weight_decay: float = 0.0,
          reduce_bucket_size: int = DEEPSPEED_REDUCE_BUCKET, grad_accum: int = 1, state_dtype: str = "fp32",
-         master_weights: str = "fp32", weight_dtype: str = "bf16", grad_accum_dtype: str | None = None) -> Plan:
+         master_weights: str = "fp32", weight_dtype: str = "bf16", grad_accum_dtype: str | None = None,
+         update: str = "step") -> Plan:
     """Per-rank memory of training ``model_cfg`` (resolved) with ``method`` on ``world`` ranks."""
     seq_len = seq_len or model_cfg.seq_len
     lay = layout(model_cfg, method, options, weight_decay, state_dtype, weight_dtype)
     out = state_bytes(lay, zero_stage, world, precision, rank, reduce_bucket_size, master_weights=master_weights,
-                      fp32_grad_accumulation=grad_accum_dtype == "fp32")
+                      fp32_grad_accumulation=grad_accum_dtype == "fp32", update=update, grad_accum=grad_accum)
     act = activation_bytes(model_cfg, micro_batch, seq_len, precision, activation_checkpointing)
     out["activations"] = act["saved"] + act["working"]
     out["method_transient"] = owned_capture_bytes(lay, world, rank)  # on the device
@@ -316,7 +326,8 @@ def plan(model_cfg, method: str = "full", options: dict | None = None, zero_stag
               "world": world, "micro_batch": micro_batch, "grad_accum": grad_accum, "seq_len": seq_len,
               "precision": precision,
               "activation_checkpointing": activation_checkpointing, "rank": rank, "state_dtype": state_dtype,
-              "master_weights": master_weights, "weight_dtype": weight_dtype, "grad_accum_dtype": grad_accum_dtype}
+              "master_weights": master_weights, "weight_dtype": weight_dtype, "grad_accum_dtype": grad_accum_dtype,
+              "update": update}
     info = {"total_params": lay.total_params, "trainable_params": lay.trainable, "frozen_params": sum(lay.frozen),
             "groups": len(lay.groups)}
     return Plan(inputs=inputs, bytes=out, layout=info)

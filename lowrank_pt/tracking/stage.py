@@ -33,7 +33,7 @@ class StageTracker:
     def __init__(self, *, engine, stage, index: int, model_cfg, tokens_per_step: int, precision: str,
                  zero_stage: int, micro_tokens: int = 0, accum: int = 1, start_step: int = 0, cache_dir: str = ".cache/lowrank_pt",
                  sync: bool | None = None, timer: PhaseTimer | None = None, flops_per_token: int | None = None,
-                 master_weights: str = "fp32"):
+                 master_weights: str = "fp32", update: str = "step"):
         self.rank = dist.rank()
         self.world = dist.world_size()
         self.engine, self.stage, self.index = engine, stage, index
@@ -54,7 +54,7 @@ class StageTracker:
                                  stage.optimizer.state_dtype, weight_dtype="int8" if int8 else "bf16")
             self.formula = planner.state_bytes(lay, zero_stage, self.world, precision, self.rank,
                                                fp32_grad_accumulation=_accumulates_in_fp32(engine),
-                                               master_weights=master_weights)
+                                               master_weights=master_weights, update=update, grad_accum=accum)
             self.formula["method_transient"] = planner.capture_bytes(lay, self.world, self.rank, zero_stage)
             cache = lay.step_cache(micro_tokens, accum, zero_stage, precision)
             if cache:

@@ -44,6 +44,7 @@ from lowrank_pt.zero import engine as E
 from lowrank_pt.zero import state as zero_io
 from lowrank_pt.zero.guard import NonFiniteGuard
 from lowrank_pt.zero.materialise import materialise, weights_from_rank0
+from lowrank_pt.zero.per_layer import PerLayerUpdates
 
 
 @dataclass
@@ -176,11 +177,13 @@ class Trainer:
                                tokens_per_step=step_tokens, precision=run.engine.precision,
                                master_weights=run.engine.master_weights, zero_stage=run.engine.zero_stage,
                                micro_tokens=micro * run.model.seq_len, accum=accum, start_step=start,
-                               cache_dir=run.data.cache_dir, flops_per_token=method.flops_per_token(self.model_cfg))
+                               cache_dir=run.data.cache_dir, flops_per_token=method.flops_per_token(self.model_cfg),
+                               update=method.update)
         for decided in filter(None, (method.describe(), tracker.describe())):  # what the stage chose and holds
             self.say(f"  {decided}")
+        per_layer = PerLayerUpdates(engine) if method.update == "per_layer" else None
         method.on_engine_ready(StageContext(engine=engine, total_steps=total, timer=tracker.timer,
-                                            guard=self.guard, objective=objective))
+                                            guard=self.guard, objective=objective, per_layer=per_layer))
         return StageRun(index=index, stage=stage, engine=engine, method=method, tracker=tracker,
                         cadence=Cadence.of(run.train, total), loader=loader, val_batches=val_batches, accum=accum,
                         tokens_per_step=step_tokens, total=total, start=start, reached=start, objective=objective,

@@ -68,14 +68,17 @@ class NonFiniteGuard:
         self.skip_next_step = False
         self.last_skipped = False
 
-    def check(self, engine, loss_sum: float, where: str) -> bool:
+    def check(self, engine, loss_sum: float, where: str, gradients: bool = True) -> bool:
         """Whether the step about to be taken is skipped: ``loss_sum`` (this rank's losses of the
         step) and this rank's gradients are checked, and one all-reduce shares every rank's
         flags. Collective: every rank calls it at the boundary, before ``before_optimizer_step``.
+        ``gradients`` False: the loss alone, before the backward that applies per-layer updates
+        (``zero.per_layer``, which checks each gradient in its hook).
         Raises ``TrainingError`` at the ``max_in_a_row``-th skip in a row (before any update)."""
         self._wrap(engine)
         flags = torch.zeros(dist.world_size(), dtype=torch.int32)
-        flags[dist.rank()] = (0 if math.isfinite(loss_sum) else LOSS) | (0 if _finite(engine) else GRADIENT)
+        bad_gradient = gradients and not _finite(engine)
+        flags[dist.rank()] = (0 if math.isfinite(loss_sum) else LOSS) | (GRADIENT if bad_gradient else 0)
         dist.all_reduce_(flags)
         self.skip_next_step = self.last_skipped = bool(flags.any())
         if not self.skip_next_step:

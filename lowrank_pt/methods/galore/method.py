@@ -103,6 +103,9 @@ class GaLore(Method):
         self.pending: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         """A sketch refresh's new bases (this rank's part, in host memory) and r×r changes of
         basis (re-projected moments), installed after the refresh step's optimizer step."""
+        self._layerwise: tuple | None = None
+        """Under per-layer updates, the refresh being installed adapter by adapter in this step's
+        backward: (step, kept bases, seconds, B's id -> adapter name)."""
         self.workload: tuple[int, int] | None = None
         """(tokens per micro-batch, micro-batches per step) the forward paths were chosen for."""
 
@@ -251,7 +254,36 @@ class GaLore(Method):
             with self.timer.phase("refresh"), self._moments_editable(engine):
                 self._refresh(engine, step)
 
+    def needs_every_gradient(self, step: int) -> bool:
+        """A refresh step whose captures hold full gradients or sketches refreshes after the whole
+        backward; one that refreshes in backward (``refresh: backward``) installs per adapter."""
+        return self.is_refresh_step(step) and any(a.capture_kind != "backward" for a in self.adapters.values())
+
+    def before_param_update(self, engine, p: torch.Tensor, step: int) -> None:
+        """Per-layer updates at a refresh step: B's gradient is already in the new basis (solved in
+        this adapter's backward), so its subspace is installed now, just before B is stepped."""
+        if not self.is_refresh_step(step):
+            return
+        if self._layerwise is None or self._layerwise[0] != step:
+            self._layerwise = (step, {}, 0.0, {id(a.galore_b): name for name, a in self.adapters.items()})
+        _, kept, seconds, names = self._layerwise
+        name = names.get(id(p))
+        if name is None:
+            return
+        start = time.perf_counter()
+        adapter = self.adapters[name]
+        capture, adapter.capture = adapter.capture, None
+        adapter.close_step()  # the install moves W0, B and Q
+        reproject = self.options.moments_on_refresh == "reproject" and zero_io.moments_ready(engine)
+        with self.timer.phase("refresh"), self._moments_editable(engine):
+            self._install_solved(engine, name, adapter, capture, reproject, kept)
+        self._layerwise = (step, kept, seconds + time.perf_counter() - start, names)
+
     def after_step(self, engine, step: int) -> dict:
+        if self._layerwise is not None and self._layerwise[0] == step:
+            _, kept, seconds, _ = self._layerwise
+            self._layerwise = None
+            self._count_refresh(step, kept, seconds)
         if self.pending:  # a sketch refresh: the new subspaces take over from the next step
             start = time.perf_counter()
             with self._moments_editable(engine):
@@ -311,11 +343,7 @@ class GaLore(Method):
             owner = owners[index]
             capture, adapter.capture = adapter.capture, None  # on the owner: summed over micro-batches and ranks
             if isinstance(capture, BackwardRefresh):  # solved in the backward; B's gradient is already in it
-                if capture.held is None:  # the same on every rank (the owner's verdict was broadcast)
-                    kept[name] = capture.why
-                else:
-                    old = zero_io.full_param(engine, adapter.galore_basis)  # collective at ZeRO-3 (a gather)
-                    self._install(engine, adapter, old, capture.held, None, reproject, change=capture.change)
+                self._install_solved(engine, name, adapter, capture, reproject, kept)
                 continue
             old = zero_io.full_param(engine, adapter.galore_basis)  # collective at ZeRO-3 (a gather)
             device = adapter.galore_decay.device  # the module's device (dist stages CPU tensors)
@@ -346,11 +374,22 @@ class GaLore(Method):
                 self.pending[name] = (_kept_on_host(adapter.galore_basis, basis), change)
                 continue
             self._install(engine, adapter, old, basis, low, reproject)
+        self._count_refresh(step, kept, time.perf_counter() - start)
+
+    def _install_solved(self, engine, name: str, adapter: GaLoreLinear, capture: BackwardRefresh, reproject: bool,
+                        kept: dict[str, str]) -> None:
+        """Install what a refresh in backward solved for one adapter (or note why it kept its basis)."""
+        if capture.held is None:  # the same on every rank (the owner's verdict was broadcast)
+            kept[name] = capture.why
+            return
+        old = zero_io.full_param(engine, adapter.galore_basis)  # collective at ZeRO-3 (a gather)
+        self._install(engine, adapter, old, capture.held, None, reproject, change=capture.change)
+
+    def _count_refresh(self, step: int, kept: dict[str, str], seconds: float) -> None:
         self.refreshes += 1
         self.kept_bases += len(kept)
         self.last_refresh_step = step
-        self.last_refresh = {"galore/refresh": 1, "galore/refresh_s": time.perf_counter() - start,
-                        "galore/kept_subspace": len(kept)}
+        self.last_refresh = {"galore/refresh": 1, "galore/refresh_s": seconds, "galore/kept_subspace": len(kept)}
         if kept:
             self.last_refresh["galore/kept_subspace_modules"] = sorted(kept)
             log.warning("galore: step %d: %d of %d matrices keep their old subspace: %s", step, len(kept),
