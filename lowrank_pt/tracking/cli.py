@@ -72,7 +72,9 @@ def plan_markdown(p) -> str:
     lines = [f"Plan: {i['size']} ({p.layout['total_params']:,} params, {p.layout['trainable_params']:,} trainable), "
              f"method {i['method']} {i['options'] or ''}, ZeRO {i['zero_stage']}, {i['world']} GPU(s), "
              f"{i['precision']}, micro-batch {i['micro_batch']} × {i['seq_len']} tokens"
-             f"{', activation checkpointing' if i['activation_checkpointing'] else ''}; per GPU (rank {i['rank']}):",
+             f"{', activation checkpointing' if i['activation_checkpointing'] else ''}, optimizer states "
+             f"{i.get('state_dtype', 'fp32')}, masters {i.get('master_weights', 'fp32')}, frozen bases "
+             f"{i.get('weight_dtype', 'bf16')}, update {i.get('update', 'step')}; per GPU (rank {i['rank']}):",
              "", "| | GiB | bytes |", "|---|---:|---:|"]
     for key, label in PLAN_ROWS:
         value = p.bytes.get(key, 0)
@@ -85,7 +87,6 @@ def plan_markdown(p) -> str:
 def paper_markdown() -> str:
     """Our planner beside the GaLore paper's memory estimates (see the README snippet)."""
     # The planner builds methods, which import DeepSpeed (seconds): only plan pays for it.
-    from lowrank_pt.config.recipe import check_update
     from lowrank_pt.tracking import planner
 
     lines = ["| model | rank | paper full | ours (paper's accounting) full | paper GaLore | "
@@ -127,23 +128,53 @@ def _plan(args) -> int:
             cfg = resolve(ModelConfig(size=args.size, seq_len=args.seq_len,
                                       activation_checkpointing=args.activation_checkpointing),
                           vocab_size=args.vocab_size)
-            p = planner.plan(cfg, args.method, options, zero_stage=args.zero_stage, world=args.gpus,
-                             micro_batch=args.micro_batch, seq_len=args.seq_len, precision=args.precision,
-                             activation_checkpointing=args.activation_checkpointing, rank=args.rank_index,
-                             reduce_bucket_size=args.reduce_bucket_size, grad_accum=args.grad_accum,
-                             state_dtype=args.state_dtype, master_weights=args.master_weights,
-                             weight_dtype=args.weight_dtype, grad_accum_dtype=args.grad_accum_dtype,
-                             update=args.update)
+            if args.fit is not None:
+                found = _fit(args, cfg, options)
+            else:
+                p = planner.plan(cfg, args.method, options, zero_stage=args.zero_stage, world=args.gpus,
+                                 micro_batch=args.micro_batch, seq_len=args.seq_len, precision=args.precision,
+                                 activation_checkpointing=args.activation_checkpointing, rank=args.rank_index,
+                                 reduce_bucket_size=args.reduce_bucket_size, grad_accum=args.grad_accum,
+                                 state_dtype=args.state_dtype, master_weights=args.master_weights,
+                                 weight_dtype=args.weight_dtype, grad_accum_dtype=args.grad_accum_dtype,
+                                 update=args.update)
         except ValueError as e:  # ConfigError included
             print(f"error: {e}", file=sys.stderr)
             return 2
     if args.paper:
         print(text)
         return 0
+    if args.fit is not None:
+        return _fit_report(args, *found)
     if args.json:
         print(json.dumps({"inputs": p.inputs, "layout": p.layout, "bytes": p.bytes}, indent=1))
     else:
         print(plan_markdown(p))
+    return 0
+
+
+def _fit(args, cfg, options):
+    """``plan --fit GIB``: (the cheapest setting that fits, or None; the smallest plan), by ``tracking.fit``."""
+    from lowrank_pt.tracking.fit import fit
+
+    return fit(cfg, args.method, options, int(args.fit * GIB), world=args.gpus, precision=args.precision,
+               grad_accum=args.grad_accum, micro_batch=args.micro_batch, seq_len=args.seq_len, rank=args.rank_index,
+               reduce_bucket_size=args.reduce_bucket_size)
+
+
+def _fit_report(args, best, smallest) -> int:
+    if best is None:
+        print(f"error: no setting fits {args.fit:g} GiB per GPU for {args.size} {args.method} on {args.gpus} GPU(s) "
+              f"at micro-batch {args.micro_batch} x {args.seq_len}; the smallest plan needs "
+              f"{smallest.plan.total / GIB:.2f} GiB: {smallest.flags()}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"setting": best.setting, "price": best.price, "flags": best.flags(),
+                          "inputs": best.plan.inputs, "layout": best.plan.layout, "bytes": best.plan.bytes}, indent=1))
+    else:
+        print(f"fits {args.fit:g} GiB: {best.flags()} (price {best.price:g}; tracking/fit.py says what each "
+              f"switch costs), peak {best.plan.total / GIB:.2f} GiB\n")
+        print(plan_markdown(best.plan))
     return 0
 
 
@@ -194,6 +225,9 @@ def register(subparsers) -> None:
                     help="DeepSpeed's gradient accumulation dtype (engine.grad_accum_dtype; fp32 counts at ZeRO 1)")
     pl.add_argument("--update", default="step", choices=("step", "per_layer"),
                     help="optimizer steps after the backward, or per tensor inside it (train.update; ZeRO 0)")
+    pl.add_argument("--fit", type=float, default=None, metavar="GIB",
+                    help="find the cheapest setting (state/master/weight dtypes, update, checkpointing, GaLore's "
+                         "refresh, ZeRO stage) whose peak fits GIB per GPU; the other flags fix the rest")
     pl.add_argument("--vocab-size", type=at_least(1), default=32000, help="vocabulary size")
     pl.add_argument("--reduce-bucket-size", type=at_least(1), default=DEEPSPEED_REDUCE_BUCKET,
                     help="DeepSpeed zero_optimization.reduce_bucket_size (elements)")

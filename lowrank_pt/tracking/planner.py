@@ -304,10 +304,11 @@ def plan(model_cfg, method: str = "full", options: dict | None = None, zero_stag
          activation_checkpointing: bool = False, rank: int = 0, weight_decay: float = 0.0,
          reduce_bucket_size: int = DEEPSPEED_REDUCE_BUCKET, grad_accum: int = 1, state_dtype: str = "fp32",
          master_weights: str = "fp32", weight_dtype: str = "bf16", grad_accum_dtype: str | None = None,
-         update: str = "step") -> Plan:
-    """Per-rank memory of training ``model_cfg`` (resolved) with ``method`` on ``world`` ranks."""
+         update: str = "step", lay: Layout | None = None) -> Plan:
+    """Per-rank memory of training ``model_cfg`` (resolved) with ``method`` on ``world`` ranks
+    (``lay``: its ``layout``, where the caller has it already)."""
     seq_len = seq_len or model_cfg.seq_len
-    lay = layout(model_cfg, method, options, weight_decay, state_dtype, weight_dtype)
+    lay = lay or layout(model_cfg, method, options, weight_decay, state_dtype, weight_dtype)
     out = state_bytes(lay, zero_stage, world, precision, rank, reduce_bucket_size, master_weights=master_weights,
                       fp32_grad_accumulation=grad_accum_dtype == "fp32", update=update, grad_accum=grad_accum)
     act = activation_bytes(model_cfg, micro_batch, seq_len, precision, activation_checkpointing)

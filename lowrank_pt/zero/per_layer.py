@@ -49,6 +49,11 @@ from lowrank_pt.zero.held import inner_optimizer
 class PerLayerUpdates:
     """Post-accumulate-grad hooks on every tensor the engine's optimizer trains (see the module doc)."""
 
+    @classmethod
+    def of(cls, engine, update: str) -> "PerLayerUpdates | None":
+        """The hooks a stage whose ``update`` is per_layer needs; None for ordinary steps."""
+        return cls(engine) if update == "per_layer" else None
+
     def __init__(self, engine):
         if int(engine.zero_optimization_stage()) != 0:
             raise ValueError(f"per-layer updates are built for ZeRO 0, not {engine.zero_optimization_stage()}")

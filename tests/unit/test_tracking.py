@@ -373,3 +373,59 @@ def test_planner_7b_refresh_in_backward_keeps_the_device_transient_small():
     bases = sum(-(-n // 8) * size for n, size in planner.layout(cfg, "galore", {"rank": 1024}).method_params)
     assert backward["refresh_kept_on_host"] == bases
     assert plan(refresh="backward", svd="randomized", projector_dtype="bf16")["refresh_kept_on_host"] == bases // 2
+
+
+# --- plan --fit ----------------------------------------------------------------------------------
+
+
+def fit_run_config(method: str, options: dict, setting: dict, precision: str):
+    """The tiny recipe with ``setting`` as a user would write it: the config checks must take it."""
+    from lowrank_pt.config.recipe import load
+
+    overrides = [f"engine.precision={precision}", f"engine.zero_stage={setting['zero_stage']}",
+                 f"engine.master_weights={setting['master_weights']}", f"engine.weight_dtype={setting['weight_dtype']}",
+                 f"train.update={setting['update']}",
+                 f"model.activation_checkpointing={str(setting['activation_checkpointing']).lower()}",
+                 "train.grad_accum=1"]
+    for i in (0, 1):
+        overrides += [f"stages.{i}.method={method}", f"stages.{i}.optimizer.state_dtype={setting['state_dtype']}"]
+        overrides += [f"stages.{i}.options.{k}={v}" for k, v in {**options, **setting["options"]}.items()]
+    return load("configs/tiny.yaml", overrides, environment=False)
+
+
+@pytest.mark.parametrize("method,options", [("galore", {"rank": 64}), ("apollo_mini", {})])
+def test_fit_finds_the_cheapest_setting_within_the_budget(method, options):
+    """The setting ``plan --fit`` returns plans at most the budget when planned on its own, the
+    config checks take it, a larger budget never costs more, and a budget below the smallest plan
+    finds nothing."""
+    from lowrank_pt.tracking.fit import fit
+
+    cfg = resolve(ModelConfig(size="60m", seq_len=1024), vocab_size=32000)
+    gib = 2**30
+    unconstrained, smallest = fit(cfg, method, options, 10**15, micro_batch=4, seq_len=1024)
+    assert unconstrained.price == 0 and unconstrained.setting["update"] == "step"
+    budget = (smallest.plan.total + unconstrained.plan.total) // 2
+    best, _ = fit(cfg, method, options, budget, micro_batch=4, seq_len=1024)
+    s = best.setting
+    again = planner.plan(cfg, method, {**options, **s["options"]}, zero_stage=s["zero_stage"], micro_batch=4,
+                         seq_len=1024, precision="bf16", activation_checkpointing=s["activation_checkpointing"],
+                         state_dtype=s["state_dtype"], master_weights=s["master_weights"],
+                         weight_dtype=s["weight_dtype"], update=s["update"])
+    assert again.total == best.plan.total <= budget < unconstrained.plan.total
+    assert best.price > 0
+    fit_run_config(method, options, s, "bf16")  # raises if a check refuses it
+    tighter, _ = fit(cfg, method, options, smallest.plan.total, micro_batch=4, seq_len=1024)
+    assert tighter.plan.total <= smallest.plan.total and tighter.price >= best.price
+    none, smallest_again = fit(cfg, method, options, smallest.plan.total - 1, micro_batch=4, seq_len=1024)
+    assert none is None and smallest_again.plan.total == smallest.plan.total
+    assert smallest.plan.total < 0.8 * unconstrained.plan.total, (smallest.plan.total / gib,
+                                                                  unconstrained.plan.total / gib)
+
+
+def test_plan_fit_command(capsys):
+    assert cli(["plan", "--size", "60m", "--method", "full", "--precision", "bf16", "--fit", "100"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("fits 100 GiB: --zero-stage 0 --state-dtype fp32") and "peak estimate" in out
+    assert cli(["plan", "--size", "60m", "--method", "full", "--precision", "bf16", "--fit", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "no setting fits 0.01 GiB" in err and "--update per_layer" in err and "--state-dtype int8" in err
