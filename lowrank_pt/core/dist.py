@@ -203,6 +203,17 @@ def device() -> torch.device:
     return torch.device("cuda", local_rank()) if use_cuda else torch.device("cpu")
 
 
+def memory_bytes_per_rank() -> int:
+    """Memory one rank may plan for: its GPU's total memory, or on the CPU the host's physical
+    memory shared by the ranks on it (LOCAL_WORLD_SIZE). Not a collective (see
+    ``min_over_ranks`` for one value every rank agrees on)."""
+    where = device()
+    if where.type == "cuda":
+        return int(torch.cuda.get_device_properties(where).total_memory)
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return host // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 # --- tensor collectives: in place on the caller's tensor, whatever its device ----------------------
 
 

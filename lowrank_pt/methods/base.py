@@ -135,6 +135,11 @@ class Method:
             return 0.0 if self.update == "per_layer" else self.default_grad_clip
         return float(clip)
 
+    def decided_options(self) -> dict:
+        """The stage's options with what the method decided at its start (an ``auto`` resolved):
+        what the tracker plans and the summary records."""
+        return dict(self.stage.options) if self.stage is not None else {}
+
     @property
     def update(self) -> str:
         """The stage's update mode (``stages.N.update``, else ``train.update``): step or per_layer."""

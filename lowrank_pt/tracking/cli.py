@@ -75,6 +75,7 @@ def plan_markdown(p) -> str:
              f"{', activation checkpointing' if i['activation_checkpointing'] else ''}, optimizer states "
              f"{i.get('state_dtype', 'fp32')}, masters {i.get('master_weights', 'fp32')}, frozen bases "
              f"{i.get('weight_dtype', 'bf16')}, update {i.get('update', 'step')}; per GPU (rank {i['rank']}):",
+             *([f"GaLore {i['refresh_auto']}."] if i.get("refresh_auto") else []),
              "", "| | GiB | bytes |", "|---|---:|---:|"]
     for key, label in PLAN_ROWS:
         value = p.bytes.get(key, 0)
@@ -128,6 +129,7 @@ def _plan(args) -> int:
             cfg = resolve(ModelConfig(size=args.size, seq_len=args.seq_len,
                                       activation_checkpointing=args.activation_checkpointing),
                           vocab_size=args.vocab_size)
+            device_bytes = int(args.device_memory * GIB) if args.device_memory else planner.DEFAULT_DEVICE_BYTES
             if args.fit is not None:
                 found = _fit(args, cfg, options)
             else:
@@ -137,7 +139,7 @@ def _plan(args) -> int:
                                  reduce_bucket_size=args.reduce_bucket_size, grad_accum=args.grad_accum,
                                  state_dtype=args.state_dtype, master_weights=args.master_weights,
                                  weight_dtype=args.weight_dtype, grad_accum_dtype=args.grad_accum_dtype,
-                                 update=args.update)
+                                 update=args.update, device_bytes=device_bytes)
         except ValueError as e:  # ConfigError included
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -225,6 +227,8 @@ def register(subparsers) -> None:
                     help="DeepSpeed's gradient accumulation dtype (engine.grad_accum_dtype; fp32 counts at ZeRO 1)")
     pl.add_argument("--update", default="step", choices=("step", "per_layer"),
                     help="optimizer steps after the backward, or per tensor inside it (train.update; ZeRO 0)")
+    pl.add_argument("--device-memory", type=float, default=None, metavar="GIB",
+                    help="memory per GPU that GaLore's refresh: auto is decided against (default: an 80 GB GPU's)")
     pl.add_argument("--fit", type=float, default=None, metavar="GIB",
                     help="find the cheapest setting (state/master/weight dtypes, update, checkpointing, GaLore's "
                          "refresh, ZeRO stage) whose peak fits GIB per GPU; the other flags fix the rest")

@@ -43,8 +43,6 @@ PRICES = {
     ("weight_dtype", "int8"): 3.0,
     ("projector_dtype", "bf16"): 0.5,
 }
-# GaLore's ways to solve for a subspace, beside the default exact solve at the step: (options, price).
-GALORE_SUBSPACES = (({"refresh": "backward", "svd": "randomized"}, 0.5), ({"svd": "sketch"}, 1.0))
 
 
 @dataclass
@@ -74,8 +72,12 @@ def method_variants(method: str, options: dict):
         yield {}, 0.0
         return
     subspaces = [({}, 0.0)]
-    if not {"refresh", "svd"} & options.keys():
-        subspaces += list(GALORE_SUBSPACES)
+    if "refresh" not in options:  # the search decides what refresh: auto would
+        subspaces = [({"refresh": "step"}, 0.0)]
+        if options.get("svd") != "sketch":
+            subspaces.append(({"refresh": "backward", "svd": options.get("svd", "randomized")}, 0.5))
+        if "svd" not in options:
+            subspaces.append(({"refresh": "step", "svd": "sketch"}, 1.0))
     projectors = [{}] if "projector_dtype" in options else [{}, {"projector_dtype": "bf16"}]
     for (sub, cost), proj in itertools.product(subspaces, projectors):
         yield dict(sub, **proj), cost + sum(PRICES.get(kv, 0.0) for kv in proj.items())
@@ -122,6 +124,7 @@ def allowed(method: str, options: dict, setting: dict, precision: str, grad_accu
 def fit(model_cfg, method: str, options: dict, budget: int, world: int = 1, precision: str = "bf16",
         grad_accum: int = 1, **plan_kwargs) -> tuple[Fit | None, Fit]:
     """(the cheapest setting whose peak is at most ``budget`` bytes, or None; the smallest plan found)."""
+    options = {k: v for k, v in options.items() if (k, v) != ("refresh", "auto")}
     layouts: dict[tuple, planner.Layout] = {}
     best, smallest = None, None
     for setting, extra_price in settings(method, options, world, precision):
@@ -136,7 +139,7 @@ def fit(model_cfg, method: str, options: dict, budget: int, world: int = 1, prec
                          activation_checkpointing=setting["activation_checkpointing"], grad_accum=grad_accum,
                          state_dtype=setting["state_dtype"], master_weights=setting["master_weights"],
                          weight_dtype=setting["weight_dtype"], update=setting["update"], lay=layouts[key],
-                         **plan_kwargs)
+                         device_bytes=budget, **plan_kwargs)
         found = Fit(setting, price(setting, extra_price), p)
         if smallest is None or p.total < smallest.plan.total:
             smallest = found

@@ -80,6 +80,11 @@ from lowrank_pt.zero.partition import (
 )
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+DEFAULT_DEVICE_BYTES = 80 * 2**30
+"""The memory per GPU ``plan`` decides GaLore's ``refresh: auto`` against when not told (an 80 GB GPU)."""
+AUTO_HEADROOM = 0.9
+"""GaLore's ``refresh: auto`` keeps the exact refresh while its plan peaks within this share of the
+memory: the rest is for the CUDA context, the allocator's fragmentation and what no plan counts."""
 
 @dataclass
 class Layout:
@@ -304,10 +309,20 @@ def plan(model_cfg, method: str = "full", options: dict | None = None, zero_stag
          activation_checkpointing: bool = False, rank: int = 0, weight_decay: float = 0.0,
          reduce_bucket_size: int = DEEPSPEED_REDUCE_BUCKET, grad_accum: int = 1, state_dtype: str = "fp32",
          master_weights: str = "fp32", weight_dtype: str = "bf16", grad_accum_dtype: str | None = None,
-         update: str = "step", lay: Layout | None = None) -> Plan:
+         update: str = "step", lay: Layout | None = None, device_bytes: int = DEFAULT_DEVICE_BYTES) -> Plan:
     """Per-rank memory of training ``model_cfg`` (resolved) with ``method`` on ``world`` ranks
-    (``lay``: its ``layout``, where the caller has it already)."""
+    (``lay``: its ``layout``, where the caller has it already). GaLore's ``refresh: auto`` (its
+    default) is decided against ``device_bytes`` per GPU (``resolve_refresh``)."""
     seq_len = seq_len or model_cfg.seq_len
+    auto = None
+    if method == "galore" and (options or {}).get("refresh", "auto") == "auto":
+        options, auto = resolve_refresh(
+            model_cfg, dict(options or {}), device_bytes, zero_stage=zero_stage, world=world, micro_batch=micro_batch,
+            seq_len=seq_len, precision=precision, activation_checkpointing=activation_checkpointing, rank=rank,
+            weight_decay=weight_decay, reduce_bucket_size=reduce_bucket_size, grad_accum=grad_accum,
+            state_dtype=state_dtype, master_weights=master_weights, weight_dtype=weight_dtype,
+            grad_accum_dtype=grad_accum_dtype, update=update)
+        lay = None  # a layout the caller built for auto was built for the exact refresh
     lay = lay or layout(model_cfg, method, options, weight_decay, state_dtype, weight_dtype)
     out = state_bytes(lay, zero_stage, world, precision, rank, reduce_bucket_size, master_weights=master_weights,
                       fp32_grad_accumulation=grad_accum_dtype == "fp32", update=update, grad_accum=grad_accum)
@@ -329,9 +344,43 @@ def plan(model_cfg, method: str = "full", options: dict | None = None, zero_stag
               "activation_checkpointing": activation_checkpointing, "rank": rank, "state_dtype": state_dtype,
               "master_weights": master_weights, "weight_dtype": weight_dtype, "grad_accum_dtype": grad_accum_dtype,
               "update": update}
+    if auto:
+        inputs["refresh_auto"] = auto
     info = {"total_params": lay.total_params, "trainable_params": lay.trainable, "frozen_params": sum(lay.frozen),
             "groups": len(lay.groups)}
     return Plan(inputs=inputs, bytes=out, layout=info)
+
+
+def resolve_refresh(model_cfg, options: dict, device_bytes: int, **plan_kwargs) -> tuple[dict, str]:
+    """GaLore's ``refresh: auto``, decided for one plan: (``options`` with ``refresh``, and ``svd``
+    where the user left it unset, decided; why, in one line).
+
+    The exact refresh at the step while the plan with it peaks within ``AUTO_HEADROOM`` of
+    ``device_bytes``. Past that, a streaming refresh: in backward with randomized subspace
+    iteration (one micro-batch per step), else sketches summed over the step's micro-batches;
+    a ``svd`` the user set is kept (svd=exact or randomized with several micro-batches per step
+    leaves the exact capture, the only one they allow)."""
+    exact = dict(options, refresh="step")
+    limit = int(AUTO_HEADROOM * device_bytes)
+    peak = plan(model_cfg, "galore", exact, device_bytes=device_bytes, **plan_kwargs).total
+    gib = 2**30
+    if peak <= limit:
+        return exact, (f"refresh auto -> step (exact): the plan peaks at {peak / gib:.2f} GiB, within "
+                       f"{AUTO_HEADROOM:.0%} of {device_bytes / gib:.1f} GiB")
+    svd = options.get("svd")
+    if plan_kwargs.get("grad_accum", 1) == 1 and svd != "sketch":
+        chosen = dict(options, refresh="backward", svd=svd or "randomized")
+    elif svd in (None, "sketch"):
+        chosen = dict(options, refresh="step", svd="sketch")
+    else:
+        return exact, (f"refresh auto -> step (exact): svd={svd} with {plan_kwargs.get('grad_accum')} micro-batches "
+                       f"per step has no streaming refresh; the plan peaks at {peak / gib:.2f} GiB, over "
+                       f"{AUTO_HEADROOM:.0%} of {device_bytes / gib:.1f} GiB")
+    streaming = plan(model_cfg, "galore", chosen, device_bytes=device_bytes, **plan_kwargs).total
+    still = "; still over it: lowrank-pt plan --fit finds the switches that fit" if streaming > limit else ""
+    return chosen, (f"refresh auto -> {chosen['refresh']} (svd {chosen['svd']}): the exact refresh would peak at "
+                    f"{peak / gib:.2f} GiB, over {AUTO_HEADROOM:.0%} of {device_bytes / gib:.1f} GiB; this peaks at "
+                    f"{streaming / gib:.2f} GiB{still}")
 
 
 def paper_accounting(model_cfg, method: str = "full", options: dict | None = None) -> int:

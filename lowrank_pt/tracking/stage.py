@@ -33,7 +33,13 @@ class StageTracker:
     def __init__(self, *, engine, stage, index: int, model_cfg, tokens_per_step: int, precision: str,
                  zero_stage: int, micro_tokens: int = 0, accum: int = 1, start_step: int = 0, cache_dir: str = ".cache/lowrank_pt",
                  sync: bool | None = None, timer: PhaseTimer | None = None, flops_per_token: int | None = None,
-                 master_weights: str = "fp32", update: str = "step"):
+                 master_weights: str = "fp32", update: str = "step", method=None):
+        # A stage's method gives its FLOPs, its update and its options as decided at its start
+        # (GaLore's refresh: auto); without one, the dense Llama's and the stage's own.
+        self.options = dict(stage.options)
+        if method is not None:
+            flops_per_token = flops_per_token or method.flops_per_token(model_cfg)
+            update, self.options = method.update, method.decided_options()
         self.rank = dist.rank()
         self.world = dist.world_size()
         self.engine, self.stage, self.index = engine, stage, index
@@ -43,14 +49,13 @@ class StageTracker:
         self.timer = timer or PhaseTimer(sync)
         self.memory = memory.MemoryTracker(engine, self.timer)
         self.host_peak_resettable = memory.reset_peaks()
-        # The stage's method declares its model's count; without one, the dense Llama's.
         self.flops_per_token = flops_per_token or flops.flops_per_token(model_cfg)
         self.peak_flops, self.peak_source = self._device_peak(precision, cache_dir)
         # Tracking must never stop a run: a method the planner cannot lay out gets no formula.
         try:
             module = getattr(engine, "module", None)  # engine.weight_dtype, as the engine holds it
             int8 = module is not None and any(int8_weights.is_int8(m) for m in module.modules())
-            lay = planner.layout(model_cfg, stage.method, dict(stage.options), stage.optimizer.weight_decay,
+            lay = planner.layout(model_cfg, stage.method, self.options, stage.optimizer.weight_decay,
                                  stage.optimizer.state_dtype, weight_dtype="int8" if int8 else "bf16")
             self.formula = planner.state_bytes(lay, zero_stage, self.world, precision, self.rank,
                                                fp32_grad_accumulation=_accumulates_in_fp32(engine),
@@ -186,7 +191,7 @@ class StageTracker:
                 mem[key] = max(values)
         entry = {
             "name": self.stage.name, "index": self.index, "method": self.stage.method,
-            "options": dict(self.stage.options), "zero_stage": self.zero_stage, "precision": self.precision,
+            "options": self.options, "zero_stage": self.zero_stage, "precision": self.precision,
             "world_size": self.world, "device": _device_name(),
             "start_step": self.first_step, "end_step": end_step, "total_steps": total_steps,
             "complete": end_step >= total_steps,

@@ -174,10 +174,10 @@ class Trainer:
         # The data is ready before the tracker starts its clock and resets the memory peaks.
         loader, val_batches = self.streams.train(stage, micro), self.streams.validation(stage, micro)
         tracker = StageTracker(engine=engine, stage=stage, index=index, model_cfg=self.model_cfg,
-                               tokens_per_step=step_tokens, precision=run.engine.precision, update=method.update,
+                               tokens_per_step=step_tokens, precision=run.engine.precision, method=method,
                                master_weights=run.engine.master_weights, zero_stage=run.engine.zero_stage,
                                micro_tokens=micro * run.model.seq_len, accum=accum, start_step=start,
-                               cache_dir=run.data.cache_dir, flops_per_token=method.flops_per_token(self.model_cfg))
+                               cache_dir=run.data.cache_dir)
         for decided in filter(None, (method.describe(), tracker.describe())):  # what the stage chose and holds
             self.say(f"  {decided}")
         method.on_engine_ready(StageContext(engine=engine, total_steps=total, timer=tracker.timer, guard=self.guard,

@@ -157,9 +157,12 @@ def test_fira_with_lapack_signs_follows_fira_until_a_sign_flips(refs):
     reference, ours = refs["fira_lapack"]
     print(f"fira lapack: {max_diff(ours[8], reference[8]):.2e} at step 8, {max_diff(ours[STEPS], reference[STEPS]):.2e} at 13")
     assert max_diff(ours[8], reference[8]) < TOL  # two refreshes (steps 0 and 4) agree to rounding
-    # The refresh at step 8 flips a singular vector in one run only (rounding-level gradients):
-    # the runs part by ~1e-3, far more than rounding, far less than the ~4e-2 the weights move.
-    assert 1e-4 < max_diff(ours[STEPS], reference[STEPS]) < 1e-2
+    # Whether the refresh at step 8 flips a singular vector in one run only depends on the
+    # machine's LAPACK and kernels (rounding-level gradients). Where it flips, the runs part by
+    # ~1e-3: far more than rounding, far less than the ~4e-2 the weights move. Where it does not
+    # (measured on an AMX CPU), they agree to rounding to the end.
+    late = max_diff(ours[STEPS], reference[STEPS])
+    assert late < TOL or 1e-4 < late < 1e-2
 
 
 def test_weight_decay_placement_differs_by_lr_squared_terms(refs):

@@ -429,3 +429,48 @@ def test_plan_fit_command(capsys):
     assert cli(["plan", "--size", "60m", "--method", "full", "--precision", "bf16", "--fit", "0.01"]) == 2
     err = capsys.readouterr().err
     assert "no setting fits 0.01 GiB" in err and "--update per_layer" in err and "--state-dtype int8" in err
+
+
+# --- GaLore's refresh: auto ----------------------------------------------------------------------
+
+
+def test_refresh_auto_keeps_the_exact_refresh_while_it_fits():
+    """auto is the exact refresh while the plan with it peaks within 90% of the memory; past it,
+    the refresh in backward (randomized) at one micro-batch per step, the sketch with more, and
+    a svd the user set is kept."""
+    cfg = resolve(ModelConfig(size="60m", seq_len=1024), vocab_size=32000)
+    kw = dict(micro_batch=4, seq_len=1024, precision="bf16")
+    exact = planner.plan(cfg, "galore", {"rank": 64, "refresh": "step"}, **kw).total
+    roomy = int(exact / planner.AUTO_HEADROOM) + 1
+    fits = planner.plan(cfg, "galore", {"rank": 64}, device_bytes=roomy, **kw)
+    assert fits.inputs["options"]["refresh"] == "step" and "svd" not in fits.inputs["options"]
+    assert fits.total == exact and "-> step" in fits.inputs["refresh_auto"]
+    tight = planner.plan(cfg, "galore", {"rank": 64}, device_bytes=roomy - 2, **kw)
+    assert tight.inputs["options"] == {"rank": 64, "refresh": "backward", "svd": "randomized"}
+    backward = planner.plan(cfg, "galore", {"rank": 64, "refresh": "backward", "svd": "randomized"}, **kw)
+    assert tight.total == backward.total < exact
+    accum = planner.plan(cfg, "galore", {"rank": 64}, device_bytes=roomy - 2, grad_accum=4, **kw)
+    assert accum.inputs["options"] == {"rank": 64, "refresh": "step", "svd": "sketch"}
+    kept = planner.plan(cfg, "galore", {"rank": 64, "svd": "exact"}, device_bytes=roomy - 2, grad_accum=4, **kw)
+    assert kept.inputs["options"] == {"rank": 64, "svd": "exact", "refresh": "step"}
+    assert "no streaming refresh" in kept.inputs["refresh_auto"]
+
+
+@pytest.mark.parametrize("memory,expected", [(2**40, ("step", "exact")), (2**20, ("backward", "randomized"))])
+def test_refresh_auto_is_decided_at_the_stage_start_against_the_ranks_memory(monkeypatch, memory, expected):
+    """The run decides auto from its own config against the smallest memory over the ranks, says
+    so at the stage's start, and the tracker and summary plan the decided options."""
+    from lowrank_pt import methods
+    from lowrank_pt.config.recipe import load
+    from lowrank_pt.core import dist
+
+    monkeypatch.setattr(dist, "memory_bytes_per_rank", lambda: memory)
+    run = load("configs/tiny.yaml", ["stages.0.method=galore", "stages.0.options={rank: 4}",
+                                     "engine.precision=fp32"], environment=False)
+    method = methods.build(run.stages[0], run)
+    assert method.options.refresh == "auto"
+    method.prepare_model(LlamaModel(resolve(run.model, vocab_size=512)))
+    assert (method.options.refresh, method.options.svd) == expected
+    assert f"refresh auto -> {expected[0]}" in method.describe()
+    decided = method.decided_options()
+    assert decided["rank"] == 4 and (decided["refresh"], decided["svd"]) == expected

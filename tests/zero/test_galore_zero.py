@@ -406,16 +406,16 @@ def test_projectors_are_partitioned_at_zero3_and_halved_in_bf16(double):
 
 def test_bf16_projectors_train_alike_at_zero0_and_zero3(double, single):
     """bf16 projectors: ZeRO-3 on 2 ranks follows ZeRO-0 (one rounded basis on every rank), and
-    the run trains in the fp32-projector run's direction. ZeRO 3 vs 0 measured 2.4e-6 here
-    against 1.6e-7 with fp32 projectors (a reduction-order difference reaches the rounded basis's
-    products); a missed copy would show ~3e-2, the weights' own motion, so 1e-5 tells the two
-    apart. Against fp32 projectors the update differs by up to 6.4e-3 of 3.5e-2 (max |dW|): as
+    the run trains in the fp32-projector run's direction. ZeRO 3 vs 0 measured 2.4e-6 on one CPU
+    and 1.1e-5 on another (AMX kernels) against 1.6e-7 with fp32 projectors (a reduction-order
+    difference reaches the rounded basis's products); a missed copy would show ~3e-2, the
+    weights' own motion, so 1e-4 tells the two apart on both. Against fp32 projectors the update differs by up to 6.4e-3 of 3.5e-2 (max |dW|): as
     with bf16 activations (test_bf16_runs_track_fp32), the rank-8 subspaces of this tiny
     model's noisy gradients rotate under small changes, so the bound is that test's."""
     init = galore_tiny_model().state_dict()
     fp32 = single["stage0_weights"]
     for result in double:
-        assert max_diff(result["bf16_projector3"], result["bf16_projector0"]) < 1e-5
+        assert max_diff(result["bf16_projector3"], result["bf16_projector0"]) < 1e-4
         w = result["bf16_projector0"]
         update_change = max(((w[k] - fp32[k]).norm() / (fp32[k] - init[k]).norm()).item()
                             for k in fp32 if k.endswith("_proj.weight"))

@@ -35,10 +35,12 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 from torch import nn
 
+from lowrank_pt.config.checks import world_size
 from lowrank_pt.core import dist
 from lowrank_pt.core.owners import balanced_owners
 from lowrank_pt.methods import frozen_base
@@ -108,9 +110,13 @@ class GaLore(Method):
         backward: (step, kept bases, seconds, B's id -> adapter name)."""
         self.workload: tuple[int, int] | None = None
         """(tokens per micro-batch, micro-batches per step) the forward paths were chosen for."""
+        self.refresh_decided = ""
+        """refresh auto: what it decided, and why (printed at the stage's start)."""
 
     # --- before the engine exists -------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> None:
+        if self.options.refresh == "auto":
+            self.options = self._decide_refresh(model.cfg)
         o = self.options
         for p in model.parameters():
             p.requires_grad_(True)
@@ -144,6 +150,32 @@ class GaLore(Method):
         for adapter, path in zip(self.adapters.values(), paths):
             adapter.forward_path = path
 
+    def _decide_refresh(self, model_cfg) -> GaLoreOptions:
+        """``refresh: auto`` (``planner.resolve_refresh``) for this stage against the smallest memory
+        over the ranks, so every rank decides alike. Without a run (the planner's layout, which
+        decides ``auto`` itself before it builds one): the exact refresh."""
+        if self.run is None:
+            return replace(self.options, refresh="step")
+        from lowrank_pt.tracking import planner  # the planner builds methods: imported when used
+
+        run, stage = self.run, self.stage
+        micro, accum = stage.micro_and_accum(run.train)
+        memory = dist.min_over_ranks(dist.memory_bytes_per_rank())
+        chosen, self.refresh_decided = planner.resolve_refresh(
+            model_cfg, dict(stage.options), memory, zero_stage=run.engine.zero_stage, world=world_size(),
+            micro_batch=micro, seq_len=run.model.seq_len, precision=run.engine.precision,
+            activation_checkpointing=run.model.activation_checkpointing, weight_decay=stage.optimizer.weight_decay,
+            grad_accum=accum, state_dtype=stage.optimizer.state_dtype, master_weights=run.engine.master_weights,
+            weight_dtype=run.engine.weight_dtype, grad_accum_dtype=run.engine.grad_accum_dtype, update=self.update)
+        return replace(self.options, refresh=chosen["refresh"], svd=chosen.get("svd", self.options.svd))
+
+    def decided_options(self) -> dict:
+        """The stage's options, with what ``refresh: auto`` decided."""
+        decided = super().decided_options()
+        if self.refresh_decided:
+            decided.update(refresh=self.options.refresh, svd=self.options.svd)
+        return decided
+
     def forward_paths(self, tokens: int, accum: int, zero_stage: int, precision: str) -> list[str]:
         """Each adapter's forward path (``cost.assign``) for ``tokens`` per micro-batch and ``accum``
         micro-batches per step: the run's choice, and the planner's."""
@@ -162,7 +194,7 @@ class GaLore(Method):
     def describe(self) -> str:
         """The forward paths chosen and their FLOPs against full rank on the targeted linears."""
         if not self.adapters or self.workload is None:
-            return ""
+            return self.refresh_decided
         tokens, accum = self.workload
         adapters = list(self.adapters.values())
         counts: dict[str, int] = {}
@@ -171,8 +203,9 @@ class GaLore(Method):
         ours = sum(cost.flops(a.forward_path, a.shape, a.rank, a.side, tokens, accum) for a in adapters)
         full = sum(cost.full_rank_flops(a.shape, tokens, accum) for a in adapters)
         chosen = ", ".join(f"{p} x{n}" for p, n in counts.items())
-        return (f"galore forward ({self.options.forward}, {tokens} tokens/micro-batch, accum {accum}): {chosen}; "
-                f"{ours / full:.3f}x full-rank FLOPs on the {len(adapters)} targeted linears")
+        paths = (f"galore forward ({self.options.forward}, {tokens} tokens/micro-batch, accum {accum}): {chosen}; "
+                 f"{ours / full:.3f}x full-rank FLOPs on the {len(adapters)} targeted linears")
+        return "; ".join(filter(None, (paths, self.refresh_decided)))
 
     def _capture_kind(self, adapter: GaLoreLinear) -> str:
         """How ``adapter``'s refresh captures its gradient: ``backward`` (refresh=backward),

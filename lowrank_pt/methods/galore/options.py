@@ -14,6 +14,7 @@ from lowrank_pt.optim import projector
 
 PROJECTOR_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SVD_CHOICES = (*projector.SVD_METHODS, "sketch")
+REFRESH_CHOICES = ("auto", "step", "backward")
 
 
 @dataclass
@@ -42,8 +43,12 @@ class GaLoreOptions(MethodOptions):
     sketch refresh's step still steps in the old subspace, where its gradient is exact, and the
     new subspace serves from the next step (the sketches estimate the new subspace's gradient
     only roughly)."""
-    refresh: str = "step"
-    """Where a refresh computes the new subspaces. step: at the optimizer step, from what the
+    refresh: str = "auto"
+    """Where a refresh computes the new subspaces. auto: step (exact) where the stage's plan
+    (``lowrank-pt plan``) with it peaks within 90% of the rank's memory (its GPU's, or the host's
+    share per rank), else backward with svd randomized at one micro-batch per step, else step
+    with svd sketch (a svd set here is kept); decided at the stage's start, the same on every
+    rank (the smallest memory), and printed. step: at the optimizer step, from what the
     backward captured over the step's micro-batches on each matrix's owner rank (the full
     gradient, or with svd=sketch its sketches). backward: each matrix inside its own backward,
     as soon as its gradient exists, one matrix at a time: B's gradient is formed in the new basis
@@ -99,8 +104,8 @@ class GaLoreOptions(MethodOptions):
             raise ValueError(f"svd={self.svd!r}: allowed {list(SVD_CHOICES)}")
         if self.svd_niter < 0 or self.svd_oversample < 0:
             raise ValueError(f"svd_niter={self.svd_niter} and svd_oversample={self.svd_oversample} must be >= 0")
-        if self.refresh not in ("step", "backward"):
-            raise ValueError(f"refresh={self.refresh!r}: allowed ['step', 'backward']")
+        if self.refresh not in REFRESH_CHOICES:
+            raise ValueError(f"refresh={self.refresh!r}: allowed {list(REFRESH_CHOICES)}")
         if self.refresh == "backward" and self.svd == "sketch":
             raise ValueError("svd=sketch sums sketches over a step's micro-batches and needs refresh=step; "
                              "with refresh=backward, svd=randomized never forms the m×n gradient either")
