@@ -6,6 +6,9 @@ For each method (full, galore, apollo_mini) and each setting
     int8_states   optimizer.state_dtype=int8 (the rest as baseline)
     bf16_masters  engine.master_weights=bf16 (the rest as baseline)
     int8_weights  engine.weight_dtype=int8 (the rest as baseline)
+    step_bf16     engine.master_weights=bf16, optimizer.grad_clip=0: ordinary steps as per-layer
+                  updates need them
+    per_layer     step_bf16 with train.update=per_layer, compared with step_bf16 (bar: equal)
 
 the project's trainer runs one recipe, as ``lowrank-pt train`` would: the demo model (seq 256)
 on the embedded corpus (8000-token tokenizer), one stage of ``--steps`` optimizer steps, one rank,
@@ -15,9 +18,9 @@ run is its own process (``--child``: the recipe is loaded and checked by
 ``lowrank_pt.config.recipe.load``, then trained by ``lowrank_pt.train.run``), so that one failing
 cannot take down the others.
 
-Reported per run: the final validation loss and its difference to the same method's baseline,
-relative, in percent; the issue's bars: |difference| within 1% for int8_states and bf16_masters,
-within 2% for int8_weights. A combination the config checks refuse (a ``ConfigError``, or a
+Reported per run: the final validation loss and its difference to the same method's baseline
+(per_layer: to step_bf16), relative, in percent; the issues' bars: |difference| within 1% for
+int8_states and bf16_masters, within 2% for int8_weights, 0 for per_layer (exact by construction). A combination the config checks refuse (a ``ConfigError``, or a
 ``ValueError`` raised before the first training step: e.g. apollo_mini keeps fp32 states and
 masters) is a row "refused: <the message's first line>"; any other failure is "failed: ...", its
 traceback in the run's log (``DIR/runs/<method>-<setting>/train.log``, or
@@ -28,6 +31,7 @@ on a row whose loss or bytes equal its baseline's exactly.
     python tools/bench_quality.py --out bench_quality               # 12 runs (9 train) x 300 steps: 1-2 hours on 2 cores
     python tools/bench_quality.py --methods galore --settings baseline,int8_weights --steps 100
     python tools/bench_quality.py --steps 4 --threads 1 --out /tmp/bq  # a smoke test (minutes)
+    python tools/bench_quality.py --methods galore,apollo_mini --settings per_layer --grad-accum 4
 
 Run it alone: each run uses ``--threads`` torch threads (default 2), one run at a time.
 Writes ``DIR/results.json`` and ``DIR/bench.md`` (the table for BENCHMARKS.md); each run's recipe,
@@ -51,13 +55,18 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 METHODS = ("full", "galore", "apollo_mini")
-SETTINGS = {  # name: overrides of the baseline's keys, and the issue's bar (|relative difference|, %)
-    "baseline": ({}, None),
-    "int8_states": ({"optimizer.state_dtype": "int8"}, 1.0),
-    "bf16_masters": ({"engine.master_weights": "bf16"}, 1.0),
-    "int8_weights": ({"engine.weight_dtype": "int8"}, 2.0),
+STEP_BF16 = {"engine.master_weights": "bf16", "optimizer.grad_clip": 0.0}
+"""Ordinary steps as per-layer updates need them: bf16 weights updated in place, no global clipping."""
+SETTINGS = {  # name: overrides of the baseline's keys, the bar (|relative difference|, %), compared with
+    "baseline": ({}, None, None),
+    "int8_states": ({"optimizer.state_dtype": "int8"}, 1.0, "baseline"),
+    "bf16_masters": ({"engine.master_weights": "bf16"}, 1.0, "baseline"),
+    "int8_weights": ({"engine.weight_dtype": "int8"}, 2.0, "baseline"),
+    "step_bf16": (STEP_BF16, None, None),
+    "per_layer": ({**STEP_BF16, "train.update": "per_layer"}, 0.0, "step_bf16"),
 }
-BASELINE = {"optimizer.state_dtype": "fp32", "engine.master_weights": "fp32", "engine.weight_dtype": "bf16"}
+BASELINE = {"optimizer.state_dtype": "fp32", "engine.master_weights": "fp32", "engine.weight_dtype": "bf16",
+            "optimizer.grad_clip": None, "train.update": "step"}
 LR = {"full": 2e-3, "galore": 1e-2, "apollo_mini": 1e-2}
 """Peak learning rates: the demo recipe's for full-rank AdamW; the published 1e-2 for GaLore and
 APOLLO-Mini (tools/bench_methods.py, tools/bench_lowrank_optimizers.py). ``--lr method=value``."""
@@ -74,12 +83,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--settings", default=",".join(SETTINGS),
-                   help=f"comma list of {', '.join(SETTINGS)} (a method's baseline runs whenever it is listed)")
+                   help=f"comma list of {', '.join(SETTINGS)} (the setting each is compared with runs too)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps of every run")
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=VALUE",
                    help="peak learning rate of a method (repeatable); default " +
                         ", ".join(f"{m} {v:g}" for m, v in LR.items()))
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per step (the demo recipe's 8)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per step: each holds micro-batch / grad-accum sequences")
     p.add_argument("--eval-sequences", type=int, default=64, help="validation sequences of the final evaluation")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init and the data order (every run)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of each run (OMP_NUM_THREADS)")
@@ -98,9 +109,12 @@ def parse_args(argv=None):
     for s in args.settings:
         if s not in SETTINGS:
             p.error(f"--settings: unknown setting {s!r}; allowed {', '.join(SETTINGS)}")
-    if "baseline" in args.settings:
-        args.settings.remove("baseline")
-    args.settings = ["baseline"] + args.settings
+    ordered = []  # each setting after the one it is compared with
+    for name in args.settings:
+        for needed in (SETTINGS[name][2], name):
+            if needed is not None and needed not in ordered:
+                ordered.append(needed)
+    args.settings = ordered
     args.lrs = dict(LR)
     for item in args.lr:
         method, sep, value = item.partition("=")
@@ -112,6 +126,8 @@ def parse_args(argv=None):
             p.error(f"--lr {item!r}: {value!r} is not a number")
     if args.steps < 1:
         p.error("--steps must be >= 1")
+    if args.grad_accum < 1 or args.micro_batch % args.grad_accum:
+        p.error(f"--grad-accum {args.grad_accum} must be >= 1 and divide --micro-batch {args.micro_batch}")
     return args
 
 
@@ -205,12 +221,15 @@ def recipe(args, method: str, setting: str, run_dir: str) -> dict:
         "model": {"size": "demo", "seq_len": 256},
         "data": {"source": "embedded", "vocab_size": 8000, "cache_dir": os.path.abspath(args.cache_dir)},
         "engine": engine,
-        "train": {"micro_batch_size": args.micro_batch, "grad_accum": 1, "log_every": min(10, args.steps),
+        "train": {"micro_batch_size": args.micro_batch // args.grad_accum, "grad_accum": args.grad_accum,
+                  "update": keys["train.update"], "log_every": min(10, args.steps),
                   "eval_every": args.steps, "eval_sequences": args.eval_sequences, "save_every": 0,
                   "keep_last": 1, "tensorboard": False, "progress": True, "sample_prompts": []},
         "stages": [{
             "name": "main", "method": method, "steps": args.steps,
-            "optimizer": {"lr": args.lrs[method], "state_dtype": keys["optimizer.state_dtype"]},
+            "optimizer": {"lr": args.lrs[method], "state_dtype": keys["optimizer.state_dtype"],
+                          **({"grad_clip": keys["optimizer.grad_clip"]} if keys["optimizer.grad_clip"] is not None
+                             else {})},
             "schedule": {"kind": "cosine", "warmup_steps": max(1, args.steps // 10), "min_lr_ratio": 0.1},
             "options": dict(OPTIONS[method]),
         }],
@@ -301,17 +320,18 @@ def run_one(args, method: str, setting: str) -> dict:
 def compare(rows: list[dict]) -> None:
     """Each row's relative difference to its method's baseline (``vs_baseline_pct``) and whether
     it is within its bar; flags a loss equal to the baseline's."""
-    base = {r["method"]: r for r in rows if r["setting"] == "baseline"}
+    base = {(r["method"], r["setting"]): r for r in rows}
     for r in rows:
-        b = base.get(r["method"])
+        r["compared_with"] = SETTINGS[r["setting"]][2]
+        b = base.get((r["method"], r["compared_with"]))
         r["vs_baseline_pct"] = r["within_bar"] = None
         r["notes"] = []
-        if r["setting"] == "baseline" or r["status"] != "ok" or b is None or b["status"] != "ok":
+        if r["compared_with"] is None or r["status"] != "ok" or b is None or b["status"] != "ok":
             continue
         r["vs_baseline_pct"] = 100.0 * (r["eval_loss"] - b["eval_loss"]) / b["eval_loss"]
         if r["bar_pct"] is not None:
             r["within_bar"] = abs(r["vs_baseline_pct"]) <= r["bar_pct"]
-        if r["eval_loss"] == b["eval_loss"]:
+        if r["eval_loss"] == b["eval_loss"] and r["bar_pct"] != 0:
             r["notes"].append("loss identical to the baseline's: is the switch in effect?")
         if r.get("held_bytes") and r["held_bytes"] == b.get("held_bytes"):
             r["notes"].append("held state bytes identical to the baseline's")
@@ -337,13 +357,14 @@ def markdown(results: dict, args) -> str:
              f"Command: `{results['command']}`", "",
              f"Date: {results['date']}; commit {results['commit']}", "",
              f"Machine: {results['machine']}; each run in its own process with {args.threads} threads", "",
-             f"Model: demo LLaMA, seq 256, micro-batch {args.micro_batch} (one rank, ZeRO 0, precision bf16), "
+             f"Model: demo LLaMA, seq 256, {args.micro_batch} sequences per step in {args.grad_accum} "
+             "micro-batch(es) (one rank, ZeRO 0, precision bf16), "
              f"embedded corpus (8000-token tokenizer), seed {args.seed} for every run; cosine schedule, "
              f"{max(1, args.steps // 10)} warm-up steps; validation loss on {args.eval_sequences} sequences "
              "after the last step. Learning rates and options: " +
              "; ".join(f"{m} lr {args.lrs[m]:g} {OPTIONS[m] or ''}".strip() for m in args.methods) + ".", "",
-             "| method | setting | val loss | vs baseline | bar | within bar? | held state MiB | s/step |",
-             "|---|---|---:|---:|---:|:---:|---:|---:|"]
+             "| method | setting | val loss | vs | vs baseline | bar | within bar? | held state MiB | s/step |",
+             "|---|---|---:|---|---:|---:|:---:|---:|---:|"]
     for r in rows:
         if r["status"] == "ok":
             loss = f"{r['eval_loss']:.4f}"
@@ -353,10 +374,12 @@ def markdown(results: dict, args) -> str:
         bar = cell(r["bar_pct"], "±{:g}%")
         within = "–" if r.get("within_bar") is None else ("yes" if r["within_bar"] else "**no**")
         held_cell = cell((r.get("held_bytes") or {}).get("total"), "{:.2f}", MIB)
-        lines.append(f"| {r['method']} | {r['setting']} | {loss} | {diff} | {bar} | {within} | {held_cell} | "
+        lines.append(f"| {r['method']} | {r['setting']} | {loss} | {r.get('compared_with') or '–'} | {diff} | {bar} | "
+                     f"{within} | {held_cell} | "
                      f"{cell(r.get('step_time_s'), '{:.3f}')} |")
     notes = [f"- {r['method']} / {r['setting']}: {n}" for r in rows for n in r.get("notes", [])]
-    lines += ["", ("vs baseline: (val loss − the method's baseline val loss) / baseline, in percent; within "
+    lines += ["", ("vs baseline: (val loss − the val loss of the same method's setting named under vs) / that "
+                   "loss, in percent; within "
                    "bar: |vs baseline| ≤ bar. Held state: the bytes the run held at its end by category, "
                    "summed (params, masters, gradients, optimizer states, method and ZeRO buffers: "
                    "summary.json, measured).")]

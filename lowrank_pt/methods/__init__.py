@@ -44,8 +44,11 @@ def parse_options(method: str, options: dict) -> Any:
     return parsed
 
 
-def build(stage, run) -> Method:
-    return METHODS[stage.method](parse_options(stage.method, stage.options), stage, run)
+def build(stage, run, plan_refresh=None) -> Method:
+    """The stage's method; ``plan_refresh`` decides GaLore's ``refresh: auto`` (``Method.plan_refresh``)."""
+    method = METHODS[stage.method](parse_options(stage.method, stage.options), stage, run)
+    method.plan_refresh = plan_refresh
+    return method
 
 
 __all__ = ["METHODS", "Method", "build", "parse_options"]

@@ -135,6 +135,11 @@ class Method:
             return 0.0 if self.update == "per_layer" else self.default_grad_clip
         return float(clip)
 
+    plan_refresh = None
+    """What decides GaLore's ``refresh: auto`` from the stage's plan (``planner.resolve_refresh``,
+    given by the trainer through ``methods.build``: the planner builds methods, so methods do not
+    import it). None: auto is the exact refresh."""
+
     def decided_options(self) -> dict:
         """The stage's options with what the method decided at its start (an ``auto`` resolved):
         what the tracker plans and the summary records."""

@@ -7,8 +7,7 @@ the checkpoint's owners; ``train_loop`` takes the optimizer steps (``Cadence`` s
 evaluate, save and stop; the ``StageTracker`` keeps the loss and throughput window; the
 ``CheckpointManager`` saves); ``finish_stage`` writes the summary and samples. The next stage
 takes the finished stage's weights straight from its engine, one module at a time
-(``Method.plain_weights``), into a model that at ZeRO-3 is partitioned as it is built, so no rank
-ever holds the whole model.
+(``Method.plain_weights``), into a model partitioned as it is built at ZeRO-3: no rank holds it all.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from lowrank_pt.eval.scores import describe, evaluate
 from lowrank_pt.methods.base import Method, StageContext
 from lowrank_pt.model.llama import LlamaModel, resolve
 from lowrank_pt.objectives import LMObjective, build_objective, objective_class
+from lowrank_pt.tracking import planner
 from lowrank_pt.tracking.metrics import MetricsLogger, truncate_after
 from lowrank_pt.tracking.stage import StageTracker
 from lowrank_pt.tracking.summary import write_stage_summary
@@ -150,7 +150,7 @@ class Trainer:
         micro, accum = stage.micro_and_accum(run.train)
         step_tokens = tokens_per_step(stage, run, self.world_size)
         total = stage_steps(stage, step_tokens)
-        method = methods.build(stage, run)
+        method = methods.build(stage, run, plan_refresh=planner.resolve_refresh)
         ds_config = E.deepspeed_config(run.engine, micro, accum, method.grad_clip(), self.world_size)
         if self.finished is not None:  # its moments are not carried: free them before anything is built
             zero_io.release_optimizer_state(self.finished.engine)

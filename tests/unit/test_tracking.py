@@ -467,9 +467,13 @@ def test_refresh_auto_is_decided_at_the_stage_start_against_the_ranks_memory(mon
     monkeypatch.setattr(dist, "memory_bytes_per_rank", lambda: memory)
     run = load("configs/tiny.yaml", ["stages.0.method=galore", "stages.0.options={rank: 4}",
                                      "engine.precision=fp32"], environment=False)
-    method = methods.build(run.stages[0], run)
+    model_cfg = resolve(run.model, vocab_size=512)
+    undecided = methods.build(run.stages[0], run)  # no planner given: the exact refresh
+    undecided.prepare_model(LlamaModel(model_cfg))
+    assert undecided.options.refresh == "step" and undecided.decided_options() == {"rank": 4}
+    method = methods.build(run.stages[0], run, plan_refresh=planner.resolve_refresh)
     assert method.options.refresh == "auto"
-    method.prepare_model(LlamaModel(resolve(run.model, vocab_size=512)))
+    method.prepare_model(LlamaModel(model_cfg))
     assert (method.options.refresh, method.options.svd) == expected
     assert f"refresh auto -> {expected[0]}" in method.describe()
     decided = method.decided_options()

@@ -17,11 +17,36 @@ so a rank holds one matrix's refresh at a time (see the class).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lowrank_pt.core import dist
 from lowrank_pt.methods.galore import sketch
 from lowrank_pt.optim import projector
+
+
+def plan_capture(adapter, o) -> None:
+    """Set what ``adapter``'s refresh captures under options ``o`` and what it holds, for the planner
+    and the tracker: ``capture_kind`` (backward with refresh=backward, sketch with svd=sketch where
+    the sketches are smaller than the gradient, else gradient), ``capture_numel``,
+    ``refresh_held`` and ``refresh_working``."""
+    m, n = adapter.shape
+    reproject = adapter.rank if o.moments_on_refresh == "reproject" else 0
+    small = sketch.sketch_numel(adapter.shape, adapter.rank, o.svd_oversample, adapter.side) < math.prod(adapter.shape)
+    adapter.capture_kind = ("backward" if o.refresh == "backward" else
+                            "sketch" if o.svd == "sketch" and small else "gradient")
+    if adapter.capture_kind == "backward":  # kept until the step: the new basis (its ZeRO-3 shard) and C
+        adapter.capture_numel = 0
+        adapter.refresh_held = (adapter.galore_basis.numel(), adapter.galore_basis.element_size(), reproject)
+        rows, cols = sketch.a_shape(adapter.shape, adapter.side)
+        k = min(adapter.rank + o.svd_oversample, m, n)
+        # exact: the gradient, then its SVD's factors; randomized: the iteration's blocks and the basis
+        adapter.refresh_working = (m * n + min(m, n) * (m + n) if o.svd == "exact"
+                                   else 2 * (rows + cols) * k + 2 * adapter.rank * rows)
+    elif adapter.capture_kind == "sketch":  # and the new basis, kept from the refresh to after the step
+        adapter.capture_numel = sketch.sketch_numel(adapter.shape, adapter.rank, o.svd_oversample, adapter.side)
+        adapter.refresh_held = (adapter.galore_basis.numel(), adapter.galore_basis.element_size(), reproject)
 
 
 def _reduce_to_owner(t: torch.Tensor, owner: int, world: int, rank: int) -> bool:

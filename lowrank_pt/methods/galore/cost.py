@@ -84,6 +84,11 @@ def assign(shapes: list[tuple[int, int]], ranks: list[int], sides: list[str], to
     return out
 
 
+def element_bytes(precision: str) -> int:
+    """Bytes of one element of the training dtype (fp32, or bf16/fp16): what a W_eff copy takes."""
+    return 4 if precision == "fp32" else 2
+
+
 def cache_bytes(shapes: list[tuple[int, int]], paths: list[str], dtype_bytes: int) -> int:
     """Bytes of the W_eff copies the ``step`` matrices keep while an optimizer step runs."""
     return sum(m * n * dtype_bytes for (m, n), p in zip(shapes, paths) if p == "step")

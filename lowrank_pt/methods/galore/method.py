@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -40,14 +39,13 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from lowrank_pt.config.checks import world_size
 from lowrank_pt.core import dist
 from lowrank_pt.core.owners import balanced_owners
 from lowrank_pt.methods import frozen_base
 from lowrank_pt.methods.base import Method, is_matrix
-from lowrank_pt.methods.galore import cost, sketch
+from lowrank_pt.methods.galore import cost
 from lowrank_pt.methods.galore.adapter import GaLoreLinear, merged_state_dict, wrap_linears
-from lowrank_pt.methods.galore.capture import BackwardRefresh, GradientCapture, SketchCapture
+from lowrank_pt.methods.galore.capture import BackwardRefresh, GradientCapture, SketchCapture, plan_capture
 from lowrank_pt.methods.galore.options import PROJECTOR_DTYPES, GaLoreOptions
 from lowrank_pt.model.targets import check_targets
 from lowrank_pt.optim import projector
@@ -55,11 +53,6 @@ from lowrank_pt.zero import frozen as zero_frozen
 from lowrank_pt.zero import state as zero_io
 
 log = logging.getLogger(__name__)
-
-
-def _element_bytes(precision: str) -> int:
-    """Bytes of one element of the training dtype (fp32, or bf16/fp16): what a W_eff copy takes."""
-    return 4 if precision == "fp32" else 2
 
 
 def _kept_on_host(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -116,7 +109,7 @@ class GaLore(Method):
     # --- before the engine exists -------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> None:
         if self.options.refresh == "auto":
-            self.options = self._decide_refresh(model.cfg)
+            self.options = self._decide_refresh(model)
         o = self.options
         for p in model.parameters():
             p.requires_grad_(True)
@@ -125,22 +118,7 @@ class GaLore(Method):
         decay = self.stage.optimizer.weight_decay > 0
         for adapter in self.adapters.values():
             adapter.use_decay = decay
-            m, n = adapter.shape
-            adapter.capture_kind = self._capture_kind(adapter)
-            if adapter.capture_kind == "backward":  # kept until the step: the new basis (its ZeRO-3 shard) and C
-                adapter.capture_numel = 0
-                adapter.refresh_held = (adapter.galore_basis.numel(), adapter.galore_basis.element_size(),
-                                        adapter.rank if o.moments_on_refresh == "reproject" else 0)
-                rows, cols = sketch.a_shape(adapter.shape, adapter.side)
-                k = min(adapter.rank + o.svd_oversample, m, n)
-                # exact: the gradient, then its SVD's factors; randomized: the iteration's blocks and the basis
-                adapter.refresh_working = (m * n + min(m, n) * (m + n) if o.svd == "exact"
-                                           else 2 * (rows + cols) * k + 2 * adapter.rank * rows)
-            elif adapter.capture_kind == "sketch":  # and the new basis, kept from the refresh to after the step
-                adapter.capture_numel = sketch.sketch_numel(adapter.shape, adapter.rank, o.svd_oversample,
-                                                            adapter.side)
-                adapter.refresh_held = (adapter.galore_basis.numel(), adapter.galore_basis.element_size(),
-                                        adapter.rank if o.moments_on_refresh == "reproject" else 0)
+            plan_capture(adapter, o)
         if self.run is not None:  # the paths follow the run's workload (without one: call, or the option's)
             micro, accum = self.stage.micro_and_accum(self.run.train)
             self.workload = (micro * self.run.model.seq_len, accum)
@@ -150,19 +128,17 @@ class GaLore(Method):
         for adapter, path in zip(self.adapters.values(), paths):
             adapter.forward_path = path
 
-    def _decide_refresh(self, model_cfg) -> GaLoreOptions:
-        """``refresh: auto`` (``planner.resolve_refresh``) for this stage against the smallest memory
-        over the ranks, so every rank decides alike. Without a run (the planner's layout, which
-        decides ``auto`` itself before it builds one): the exact refresh."""
-        if self.run is None:
+    def _decide_refresh(self, model) -> GaLoreOptions:
+        """``refresh: auto`` by ``self.plan_refresh`` (the trainer's: ``planner.resolve_refresh``) for
+        this stage, against the smallest memory over the ranks, so every rank decides alike.
+        Without it (the planner's own layout, which decides before it builds one): the exact refresh."""
+        if self.plan_refresh is None or self.run is None:
             return replace(self.options, refresh="step")
-        from lowrank_pt.tracking import planner  # the planner builds methods: imported when used
-
         run, stage = self.run, self.stage
         micro, accum = stage.micro_and_accum(run.train)
         memory = dist.min_over_ranks(dist.memory_bytes_per_rank())
-        chosen, self.refresh_decided = planner.resolve_refresh(
-            model_cfg, dict(stage.options), memory, zero_stage=run.engine.zero_stage, world=world_size(),
+        chosen, self.refresh_decided = self.plan_refresh(
+            model.cfg, dict(stage.options), memory, zero_stage=run.engine.zero_stage, world=dist.world_size(),
             micro_batch=micro, seq_len=run.model.seq_len, precision=run.engine.precision,
             activation_checkpointing=run.model.activation_checkpointing, weight_decay=stage.optimizer.weight_decay,
             grad_accum=accum, state_dtype=stage.optimizer.state_dtype, master_weights=run.engine.master_weights,
@@ -183,13 +159,13 @@ class GaLore(Method):
         adapters = list(self.adapters.values())
         return cost.assign([a.shape for a in adapters], [a.rank for a in adapters], [a.side for a in adapters],
                            tokens, accum, zero_stage, o.forward, int(o.forward_cache_gb * 2**30),
-                           _element_bytes(precision))
+                           cost.element_bytes(precision))
 
     def step_cache_bytes(self, tokens: int, accum: int, zero_stage: int, precision: str) -> int:
         """The W_eff copies of the adapters on the ``step`` path, in the training dtype."""
         adapters = list(self.adapters.values())
         return cost.cache_bytes([a.shape for a in adapters], self.forward_paths(tokens, accum, zero_stage, precision),
-                                _element_bytes(precision))
+                                cost.element_bytes(precision))
 
     def describe(self) -> str:
         """The forward paths chosen and their FLOPs against full rank on the targeted linears."""
@@ -206,15 +182,6 @@ class GaLore(Method):
         paths = (f"galore forward ({self.options.forward}, {tokens} tokens/micro-batch, accum {accum}): {chosen}; "
                  f"{ours / full:.3f}x full-rank FLOPs on the {len(adapters)} targeted linears")
         return "; ".join(filter(None, (paths, self.refresh_decided)))
-
-    def _capture_kind(self, adapter: GaLoreLinear) -> str:
-        """How ``adapter``'s refresh captures its gradient: ``backward`` (refresh=backward),
-        ``sketch`` (svd=sketch and its sketches smaller than its gradient) or ``gradient``."""
-        o = self.options
-        if o.refresh == "backward":
-            return "backward"
-        small = sketch.sketch_numel(adapter.shape, adapter.rank, o.svd_oversample, adapter.side) < math.prod(adapter.shape)
-        return "sketch" if o.svd == "sketch" and small else "gradient"
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         """B of every adapter in group 0 (eps scaled by alpha); then full-rank AdamW groups."""
