@@ -73,6 +73,7 @@ def child(args) -> dict:
     from lowrank_pt.methods.base import StageContext
     from lowrank_pt.model.llama import LlamaModel, ModelConfig, resolve
     from lowrank_pt.tracking import planner
+    from lowrank_pt.zero.partition import allreduce_bucket_numel
     from lowrank_pt.zero import engine as E
     from lowrank_pt.zero.held import state_bytes
     from lowrank_pt.zero.per_layer import PerLayerUpdates
@@ -110,8 +111,9 @@ def child(args) -> dict:
     lay = planner.layout(cfg, args.child_method, options, 0.0, state_dtype)
     plan = planner.state_bytes(lay, 0, 1, "bf16", master_weights=masters, update=update)
     keys = ("params", "master_params", "grads", "optimizer_states")
+    bucket = allreduce_bucket_numel([n for g in lay.groups for n in g]) * 2 if update == "step" else 0
     return {"setting": args.child, "method": args.child_method, "peak_rss": peak_rss(),
-            "held": {k: held[k] for k in keys}, "planned": {k: plan[k] for k in keys}}
+            "held": {k: held[k] for k in keys}, "planned": {k: plan[k] for k in keys}, "allreduce_bucket": bucket}
 
 
 def main(argv=None) -> int:
@@ -136,15 +138,22 @@ def main(argv=None) -> int:
     lines = [f"# Bytes per parameter: {args.size}, one CPU rank, ZeRO 0, bf16, {args.steps} steps of each method",
              "", f"`{command_line('bench_bytes.py', argv)}` on {machine()}", "",
              "| method | state_dtype / master_weights / update | peak RSS GiB | planned state GiB | held state GiB | "
-             "RSS saved GiB | planner's saving GiB | saved / planned |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "RSS saved GiB | planner's saving GiB | saved / planned | + all-reduce bucket GiB | saved / both |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
         base = next(b for b in runs if b["method"] == r["method"])
         planned, held = sum(r["planned"].values()), sum(r["held"].values())
         saved = (base["peak_rss"] - r["peak_rss"]) / GIB
         plan_saving = (sum(base["planned"].values()) - planned) / GIB
+        bucket_saving = (base.get("allreduce_bucket", 0) - r.get("allreduce_bucket", 0)) / GIB
         ratio = f"{saved / plan_saving:.2f}" if plan_saving else "–"
+        both = f"{saved / (plan_saving + bucket_saving):.2f}" if plan_saving + bucket_saving else "–"
         lines.append(f"| {r['method']} | {r['setting']} | {r['peak_rss'] / GIB:.2f} | {planned / GIB:.2f} | "
-                     f"{held / GIB:.2f} | {saved:.2f} | {plan_saving:.2f} | {ratio} |")
+                     f"{held / GIB:.2f} | {saved:.2f} | {plan_saving:.2f} | {ratio} | {bucket_saving:.2f} | {both} |")
+    lines += ["", "planner's saving: the held state (params, masters, gradients, optimizer states) the planner "
+              "counts; + all-reduce bucket: also the flattened copy of a gradient bucket that DeepSpeed's ZeRO-0 "
+              "all-reduce makes in an ordinary step (``zero.partition.allreduce_bucket_numel``), which per-layer "
+              "updates do not make."]
     text = "\n".join(lines) + "\n"
     save(args.out, {"runs": runs, "command": command_line("bench_bytes.py", argv)}, text)
     return 0

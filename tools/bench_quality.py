@@ -1,6 +1,6 @@
 """Benchmark: what the memory-saving switches cost in training quality.
 
-For each method (full, galore, apollo_mini) and each setting
+For each method (full, galore, apollo_mini; galore_weights on request) and each setting
 
     baseline      optimizer.state_dtype=fp32, engine.master_weights=fp32, engine.weight_dtype=bf16
     int8_states   optimizer.state_dtype=int8 (the rest as baseline)
@@ -54,7 +54,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-METHODS = ("full", "galore", "apollo_mini")
+METHODS = ("full", "galore", "galore_weights", "apollo_mini")
+DEFAULT_METHODS = ("full", "galore", "apollo_mini")
 STEP_BF16 = {"engine.master_weights": "bf16", "optimizer.grad_clip": 0.0}
 """Ordinary steps as per-layer updates need them: bf16 weights updated in place, no global clipping."""
 SETTINGS = {  # name: overrides of the baseline's keys, the bar (|relative difference|, %), compared with
@@ -67,12 +68,13 @@ SETTINGS = {  # name: overrides of the baseline's keys, the bar (|relative diffe
 }
 BASELINE = {"optimizer.state_dtype": "fp32", "engine.master_weights": "fp32", "engine.weight_dtype": "bf16",
             "optimizer.grad_clip": None, "train.update": "step"}
-LR = {"full": 2e-3, "galore": 1e-2, "apollo_mini": 1e-2}
+LR = {"full": 2e-3, "galore": 1e-2, "galore_weights": 1e-2, "apollo_mini": 1e-2}
 """Peak learning rates: the demo recipe's for full-rank AdamW; the published 1e-2 for GaLore and
 APOLLO-Mini (tools/bench_methods.py, tools/bench_lowrank_optimizers.py). ``--lr method=value``."""
 OPTIONS = {
     "full": {},
     "galore": {"rank": 64, "update_proj_gap": 50, "scale": 0.25},  # tools/bench_methods.py's
+    "galore_weights": {"rank": 64, "update_proj_gap": 50, "scale": 0.25},  # the same, on the weights
     "apollo_mini": {"update_proj_gap": 50},  # rank 1, tensor scale, scale 128: APOLLO-Mini's defaults
 }
 """Each method's options (``stages.0.options``)."""
@@ -81,7 +83,8 @@ MIB = 2**20
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma list of {', '.join(METHODS)} (default {', '.join(DEFAULT_METHODS)})")
     p.add_argument("--settings", default=",".join(SETTINGS),
                    help=f"comma list of {', '.join(SETTINGS)} (the setting each is compared with runs too)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps of every run")

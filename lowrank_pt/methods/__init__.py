@@ -13,12 +13,14 @@ from lowrank_pt.methods.apollo_mini import APOLLOMini
 from lowrank_pt.methods.base import Method
 from lowrank_pt.methods.fira import Fira
 from lowrank_pt.methods.galore.method import GaLore
+from lowrank_pt.methods.galore_weights import GaLoreWeights
 from lowrank_pt.methods.lora import LoRA
 from lowrank_pt.methods.relora import ReLoRA
 
 METHODS: dict[str, type[Method]] = {
     "full": Method,
     "galore": GaLore,
+    "galore_weights": GaLoreWeights,
     "relora": ReLoRA,
     "lora": LoRA,
     "apollo": APOLLO,

@@ -25,7 +25,9 @@ matrix's step count from 1 and a refresh whenever ``t-1`` is a multiple of ``upd
    previous step's limited norm, ``S ← S / max(‖S‖ / (‖S_prev‖ + 1e-8), γ)·γ`` — the norm grows by
    at most γ per step.
 6. The update: APOLLO ``W ← W - η_t·√scale·S`` (``scale_front`` applies ``√scale`` before the
-   limiter, as apollo-torch's option); Fira ``W ← W - η_t·(α·back(ψ) + S)``. Weight decay is
+   limiter, as apollo-torch's option); Fira ``W ← W - η_t·(α·back(ψ) + S)``; GaLore (its published
+   optimizer, galore-torch's GaLoreAdamW, on the weight itself) ``W ← W - η_t·α·back(ψ)``, with no
+   scales, residual or limiter (steps 3-5 skipped). Weight decay is
    torch's decoupled decay, ``W ← (1 - lr·wd)·W`` before the update (both references decay after
    it: they differ by ``lr²·wd`` times the update).
 
@@ -67,7 +69,8 @@ log = logging.getLogger(__name__)
 PROJECTIONS = ("random", "svd")
 SCALE_TYPES = ("channel", "tensor")
 RESIDUALS = ("scaled", "exact")
-UPDATES = ("apollo", "fira")
+UPDATES = ("apollo", "fira", "galore")
+BASIS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SEED_DRAWS = 15
 """apollo-torch's seed chain: a refresh seeds a CPU generator with the previous seed and takes the
 last of this many int64 draws."""
@@ -98,6 +101,12 @@ class ProjectedAdam(FragmentOptimizer):
         for group in self.param_groups:
             if "rank" in group:
                 check_group(group)
+        dtypes = {g.get("basis_dtype", "fp32") for g in self.param_groups if "rank" in g} or {"fp32"}
+        if len(dtypes) > 1:
+            raise ValueError(f"one basis_dtype per optimizer, got {sorted(dtypes)}")
+        self.basis_dtype = BASIS_DTYPES[dtypes.pop()]
+        """Storage of the SVD bases (a group's ``basis_dtype``): fp32, or bf16, rounded once per
+        refresh; the projection and the update use the stored basis, in fp32."""
         self.kept_bases = 0
         """SVD refreshes that kept the previous basis (a zero or non-finite gradient, a failed SVD)."""
 
@@ -128,6 +137,8 @@ class ProjectedAdam(FragmentOptimizer):
         return out
 
     def new_state_tensor(self, name: str, numel: int, device) -> torch.Tensor:
+        if name == "basis":
+            return torch.zeros(numel, dtype=self.basis_dtype, device=device)
         if name == "seed":  # on the host: it seeds a generator every step, without a device sync
             return torch.zeros(numel, dtype=torch.int64)
         if name == "limiter":  # negative: no previous norm yet
@@ -135,6 +146,8 @@ class ProjectedAdam(FragmentOptimizer):
         return torch.zeros(numel, dtype=torch.float32, device=device)
 
     def state_element_size(self, name: str) -> int:
+        if name == "basis":
+            return self.basis_dtype.itemsize
         return 8 if name == "seed" else 4
 
     def init_piece_state(self, state: dict, piece: Piece) -> None:
@@ -234,7 +247,7 @@ class ProjectedAdam(FragmentOptimizer):
                     full = torch.zeros(plan.shape[1], device=device)
                     full[lo:hi] = w["s"]
                     local[plan.spec.index] = full
-            elif plan.cut and o["side"] == "left":  # fira: ψ of every column, for P·ψ
+            elif plan.cut and o["side"] == "left":  # fira, galore: ψ of every column, for P·ψ
                 lo, hi = plan.columns(rank)
                 full = torch.zeros(o["r"], plan.shape[1], device=device)
                 full[:, lo:hi] = w["psi"]
@@ -248,11 +261,12 @@ class ProjectedAdam(FragmentOptimizer):
                 w["s"] = total[0].sqrt() / (total[1].sqrt() + 1e-8)
             elif o["update"] == "apollo" and plan.cut and o["side"] == "left":
                 w["s"] = summed[plan.spec.index]
-            elif o["update"] == "fira":
+            elif o["update"] in ("fira", "galore"):
                 if plan.cut and o["side"] == "left":
                     w["psi"] = summed[plan.spec.index]
-                channel_dim = 1 if o["side"] == "right" else 0
-                w["s"] = w["psi"].norm(dim=channel_dim) / (w["R"].norm(dim=channel_dim) + 1e-8)
+                if o["update"] == "fira":
+                    channel_dim = 1 if o["side"] == "right" else 0
+                    w["s"] = w["psi"].norm(dim=channel_dim) / (w["R"].norm(dim=channel_dim) + 1e-8)
 
         # 4-6. the scaled gradient S of each row block, the limiter (phase C: the sum of squares of
         # a cut matrix's S), the update. S is made when used and dropped (one block at a time): a
@@ -295,6 +309,9 @@ class ProjectedAdam(FragmentOptimizer):
         """Limit S (``norm``: a cut matrix's, summed over its holders; else S's own) and update."""
         piece, group, flat, grad, state = item
         plan = piece.plan
+        if plan.options["update"] == "galore":
+            self._apply(piece, group, flat, w["t"], self._back(piece, w["psi"], w["basis"]) * group["alpha"])
+            return
         scaled = self._scaled(item, w)
         limit = plan.options["limit"]
         if limit > 0:
@@ -304,15 +321,19 @@ class ProjectedAdam(FragmentOptimizer):
             factor = torch.where((previous >= 0) & (ratio > limit), ratio / limit, torch.ones_like(ratio))
             scaled = scaled / factor
             previous.copy_(norm / factor)
-        t = w["t"]
-        beta1, beta2 = group["betas"]
-        step_size = group["lr"] * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
         if plan.options["update"] == "apollo":
             update = scaled
             if not group["scale_front"]:
                 update *= math.sqrt(group["scale"])
         else:
             update = self._back(piece, w["psi"], w["basis"]) * group["alpha"] + scaled
+        self._apply(piece, group, flat, w["t"], update)
+
+    @staticmethod
+    def _apply(piece: Piece, group: dict, flat: torch.Tensor, t: int, update: torch.Tensor) -> None:
+        """Decoupled weight decay, then ``W ← W - η_t·update`` on the rank's part of the row block."""
+        beta1, beta2 = group["betas"]
+        step_size = group["lr"] * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
         stored = piece.segment(flat)
         segment = stored if stored.dtype == torch.float32 else stored.float()  # bf16 masters: update in fp32
         if group["weight_decay"] != 0:
@@ -333,7 +354,7 @@ class ProjectedAdam(FragmentOptimizer):
             drawn = torch.randn(shape, generator=gen, device=device, dtype=torch.float32) / math.sqrt(r)
             return drawn if o["side"] == "right" else drawn[i_lo:i_hi]
         at, numel = piece.extra["basis"]
-        flat = aligned(state["basis"][at:at + numel])
+        flat = aligned(state["basis"][at:at + numel]).float()  # bf16 bases: one fp32 copy while stepped
         return flat.view(r, n) if o["side"] == "right" else flat.view(i_hi - i_lo, r)
 
     @staticmethod
@@ -413,35 +434,16 @@ def check_group(group: dict) -> None:
     if int(group["update_proj_gap"]) < 1:
         raise ValueError(f"update_proj_gap={group['update_proj_gap']} must be >= 1")
     for key, allowed in (("proj", PROJECTIONS), ("proj_type", projector.PROJ_TYPES), ("scale_type", SCALE_TYPES),
-                         ("residual", RESIDUALS), ("update", UPDATES), ("sign_rule", projector.SIGN_RULES)):
+                         ("residual", RESIDUALS), ("update", UPDATES), ("sign_rule", projector.SIGN_RULES),
+                         ("basis_dtype", BASIS_DTYPES)):
         if group[key] not in allowed:
             raise ValueError(f"{key}={group[key]!r}: allowed {list(allowed)}")
     if group["update"] == "fira" and (group["proj"] != "svd" or group["scale_type"] != "channel"):
         raise ValueError("fira projects on the gradient's singular vectors (proj=svd) with channel scales")
+    if group["update"] == "galore" and (group["proj"] != "svd" or float(group["norm_growth_limit"]) != 0):
+        raise ValueError("galore projects on the gradient's singular vectors (proj=svd) and has no norm-growth "
+                         "limiter (norm_growth_limit=0)")
     if float(group["norm_growth_limit"]) < 0 or 0 < float(group["norm_growth_limit"]) < 1:
         raise ValueError(f"norm_growth_limit={group['norm_growth_limit']}: 0 (off) or >= 1")
     if not float(group["scale"]) > 0 or not float(group["alpha"]) > 0:
         raise ValueError(f"scale={group['scale']} and alpha={group['alpha']} must be > 0")
-
-
-_COMMON = dict(update_proj_gap=200, proj_type="std", norm_growth_limit=1.01, seed=1, sign_rule="canonical",
-               scale=1.0, scale_front=False, alpha=0.25, residual="scaled")
-
-
-class APOLLOAdamW(ProjectedAdam):
-    """APOLLO (Zhu et al., arXiv 2412.05270) on the 2-D params of groups with a ``rank``; torch
-    AdamW elsewhere. Group keys and defaults (apollo-torch's): ``rank`` (256 in the paper's
-    60M-350M runs), ``update_proj_gap`` 200, ``scale`` 1 (the update is multiplied by √scale),
-    ``proj`` random, ``proj_type`` std, ``scale_type`` channel, ``scale_front`` False,
-    ``norm_growth_limit`` 1.01, ``seed`` 1. APOLLO-Mini is rank 1, ``scale_type`` tensor, scale 128."""
-
-    GROUP_DEFAULTS = {**_COMMON, "update": "apollo", "proj": "random", "scale_type": "channel"}
-
-
-class FiraAdamW(ProjectedAdam):
-    """Fira (Chen et al., arXiv 2410.01623) on the 2-D params of groups with a ``rank``; torch AdamW
-    elsewhere. Group keys and defaults (fira's): ``rank`` (128 in its 60M run), ``update_proj_gap``
-    200, ``alpha`` 0.25, ``proj_type`` std, ``norm_growth_limit`` 1.01, ``residual`` scaled,
-    ``sign_rule`` canonical (lapack: the SVD's own signs, as fira)."""
-
-    GROUP_DEFAULTS = {**_COMMON, "update": "fira", "proj": "svd", "scale_type": "channel"}

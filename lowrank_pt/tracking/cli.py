@@ -30,7 +30,7 @@ PLAN_ROWS = (
     ("method_transient", "method transient (GaLore refresh at the step: owned gradients or sketches)"),
     ("refresh_working", "GaLore refresh in backward: one matrix's working set"),
     ("refresh_kept_on_host", "GaLore refresh in backward or by sketch: new bases kept in host memory until the step"),
-    ("zero_transient", "ZeRO reduce bucket (during backward, stages 1-2)"),
+    ("zero_transient", "gradient reduce bucket (stages 1-2 during backward; stage 0's flattened all-reduce bucket)"),
     ("step_cache", "GaLore W_eff kept through each step (forward path step)"),
     ("total", "peak estimate"),
 )

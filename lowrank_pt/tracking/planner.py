@@ -73,6 +73,7 @@ from lowrank_pt.zero.method_buffers import is_method_buffer
 from lowrank_pt.zero.partition import (
     DEEPSPEED_REDUCE_BUCKET,
     DEEPSPEED_SUB_GROUP,
+    allreduce_bucket_numel,
     group_shapes,
     padded_group,
     piece_of,
@@ -333,6 +334,9 @@ def plan(model_cfg, method: str = "full", options: dict | None = None, zero_stag
     out["refresh_working"] = 4 * (lay.working + (tokens * lay.working_per_token if precision != "fp32" else 0))
     out["refresh_kept_on_host"] = kept_bytes(lay, world, zero_stage, past_step=True)
     out["zero_transient"] = reduce_bucket_size * DTYPE_BYTES[precision] if zero_stage in (1, 2) else 0
+    if zero_stage == 0 and update == "step":  # DeepSpeed's all-reduce flattens each bucket of gradients
+        sizes = [n for g in lay.groups for n in g]
+        out["zero_transient"] = allreduce_bucket_numel(sizes) * DTYPE_BYTES[precision]
     out["step_cache"] = lay.step_cache(tokens, grad_accum, zero_stage, precision)
     resident = sum(out[c] for c in (*STATE_CATEGORIES, "zero_buffers"))
     out["resident"] = resident

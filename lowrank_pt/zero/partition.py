@@ -67,6 +67,22 @@ DEEPSPEED_REDUCE_BUCKET = 500_000_000
 """DeepSpeed's default ``zero_optimization.reduce_bucket_size`` (elements)."""
 DEEPSPEED_SUB_GROUP = 1_000_000_000
 """DeepSpeed's default ``zero_optimization.sub_group_size`` (elements, stage 3)."""
+DEEPSPEED_ALLREDUCE_BUCKET = 500_000_000
+"""Elements per bucket of DeepSpeed's ZeRO-0 gradient all-reduce (``engine.allreduce_gradients``'
+default): it gathers gradients until a bucket passes this many, flattens them into one new
+tensor, reduces it and copies back, so a step holds one flattened copy of a bucket beside the
+gradients, even on one rank."""
+
+
+def allreduce_bucket_numel(sizes: list[int], bucket: int = DEEPSPEED_ALLREDUCE_BUCKET) -> int:
+    """The largest flattened bucket DeepSpeed's ZeRO-0 all-reduce makes of gradients of ``sizes``
+    (elements, in order): tensors are added until the bucket passes ``bucket``."""
+    largest = numel = 0
+    for n in sizes:
+        numel += n
+        if numel > bucket:
+            largest, numel = max(largest, numel), 0
+    return max(largest, numel)
 
 ALIGN = 2
 """DeepSpeed's ``nccl_start_alignment_factor``: stages 1-2 pad a group's flat buffer to a multiple

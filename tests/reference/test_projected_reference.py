@@ -1,5 +1,6 @@
-"""APOLLO, APOLLO-Mini and Fira at ZeRO 0 against their reference packages (apollo-torch 1.0.3,
-fira 1.0.2), and the fragment optimizer's full-rank path against torch's AdamW.
+"""APOLLO, APOLLO-Mini, Fira and GaLore on the weights at ZeRO 0 against their reference packages
+(apollo-torch 1.0.3, fira 1.0.2, galore-torch 1.0), and the fragment optimizer's full-rank path
+against torch's AdamW.
 
 Tiny LLaMA (hidden 64, 2 layers, vocab 64, seq 16), 13 steps, refresh every 4 (refreshes at 0, 4,
 8 and 12), lr 3e-3, betas (0.9, 0.95), eps 1e-12, no weight decay, no clipping, constant LR. Ours
@@ -18,6 +19,8 @@ Measured here (max |ΔW| after 13 steps; the weights move by 3.4e-2, APOLLO-Mini
   singular vector of one matrix in one run only; the moments kept across the refresh then push
   along that vector with opposite signs. With canonical signs on both sides (fira's SVD patched
   with ``projector.canonical_signs``; ours by default): 1.7e-7 over all four refreshes.
+- GaLore on the weights (``galore_weights``) against galore-torch's GaLoreAdamW with its basis
+  signs made canonical: 1.2e-7 (the weights move by 3.5e-2).
 - Weight decay 0.1: the references decay after the update (``p -= lr·wd·p``), ours before it, as
   torch's AdamW: 2.7e-5 after 13 steps (an ``lr·wd·update`` term per step).
 """
@@ -117,6 +120,7 @@ def references(rank, world):
     torch.set_num_threads(1)
     import apollo_torch
     import fira
+    import galore_torch
 
     out = {"init": tiny_model().state_dict()}
     apollo_group = dict(rank=8, update_proj_gap=GAP, scale=1.0, proj="random", proj_type="std", scale_type="channel")
@@ -134,6 +138,22 @@ def references(rank, world):
     fira_ref = lambda m: fira.FiraAdamW(reference_groups(m, **fira_group), no_deprecation_warning=True, **KW)  # noqa: E731
     out["fira_lapack"] = (plain_run(fira_ref, snapshots=(8,)),
                           method_run("fira", {"rank": 8, "update_proj_gap": GAP, "sign_rule": "lapack"}, snapshots=(8,))[0])
+    # GaLore on the weights against galore-torch 1.0's GaLoreAdamW, its basis signs made canonical.
+    from galore_torch.galore_projector import GaLoreProjector
+
+    from lowrank_pt.optim import projector
+
+    original = GaLoreProjector.get_orthogonal_matrix
+    GaLoreProjector.get_orthogonal_matrix = (
+        lambda self, weights, rank, type: projector.canonical_signs(original(self, weights, rank, type), type))
+    try:
+        galore_group = dict(rank=8, update_proj_gap=GAP, scale=0.25, proj_type="std")
+        out["galore_weights"] = (
+            plain_run(lambda m: galore_torch.GaLoreAdamW(reference_groups(m, **galore_group),
+                                                         no_deprecation_warning=True, **KW))[STEPS],
+            method_run("galore_weights", {"rank": 8, "update_proj_gap": GAP})[0][STEPS])
+    finally:
+        GaLoreProjector.get_orthogonal_matrix = original
     canonical = canonical_fira()
     out["fira"] = (plain_run(lambda m: canonical(reference_groups(m, **fira_group), no_deprecation_warning=True, **KW))[STEPS],
                    method_run("fira", {"rank": 8, "update_proj_gap": GAP})[0][STEPS])
@@ -145,7 +165,7 @@ def refs():
     return spawn(references, 1)[0]
 
 
-@pytest.mark.parametrize("name", ["apollo", "apollo_mini", "fira"])
+@pytest.mark.parametrize("name", ["apollo", "apollo_mini", "fira", "galore_weights"])
 def test_methods_follow_their_reference_at_zero_0(refs, name):
     reference, ours = refs[name]
     print(f"{name}: {max_diff(ours, reference):.2e} (moved {max_diff(reference, refs['init']):.2e})")

@@ -478,3 +478,29 @@ def test_refresh_auto_is_decided_at_the_stage_start_against_the_ranks_memory(mon
     assert f"refresh auto -> {expected[0]}" in method.describe()
     decided = method.decided_options()
     assert decided["rank"] == 4 and (decided["refresh"], decided["svd"]) == expected
+
+
+def test_the_zero0_allreduce_bucket_is_deepspeeds():
+    """An ordinary ZeRO-0 step flattens its gradients bucket by bucket (DeepSpeed's
+    ``allreduce_no_retain``): the planner's largest bucket is the largest DeepSpeed makes."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from lowrank_pt.zero.partition import allreduce_bucket_numel
+
+    class Recorder:
+        def __init__(self):
+            self.buckets = []
+
+        def allreduce_and_copy(self, small_bucket, dp_group, dp_world_size=None):
+            self.buckets.append(sum(t.numel() for t in small_bucket))
+
+    sizes = [7, 300, 5, 120, 120, 64, 1000, 3]
+    for per_bucket in (10, 100, 250, 400, 10_000):
+        rec = Recorder()
+        DeepSpeedEngine.allreduce_no_retain(rec, [torch.empty(n) for n in sizes], None, numel_per_bucket=per_bucket)
+        assert allreduce_bucket_numel(sizes, per_bucket) == max(rec.buckets), per_bucket
+    cfg = resolve(ModelConfig(size="60m", seq_len=256), vocab_size=32000)
+    step = planner.plan(cfg, "full", zero_stage=0, precision="bf16")
+    per_layer = planner.plan(cfg, "full", zero_stage=0, precision="bf16", master_weights="bf16", update="per_layer")
+    assert step.bytes["zero_transient"] == 2 * step.layout["trainable_params"]  # one bucket: under 5e8 elements
+    assert per_layer.bytes["zero_transient"] == 0

@@ -27,6 +27,7 @@ CASES = {
     "apollo": ("apollo", {"rank": 4, "update_proj_gap": GAP}),
     "apollo_mini": ("apollo_mini", {"update_proj_gap": GAP}),
     "fira": ("fira", {"rank": 4, "update_proj_gap": GAP}),
+    "galore_weights": ("galore_weights", {"rank": 4, "update_proj_gap": GAP}),
 }
 
 

@@ -1,4 +1,4 @@
-"""APOLLO, APOLLO-Mini and Fira under DeepSpeed ZeRO 1-3 on 1 and 2 ranks: they follow ZeRO 0 as
+"""APOLLO, APOLLO-Mini, Fira and GaLore on the weights under DeepSpeed ZeRO 1-3 on 1 and 2 ranks: they follow ZeRO 0 as
 closely as full-rank AdamW does between the same stages (measured in the same runs), the
 optimizer-state bytes each rank holds equal the methods' formula, fragments planned from sizes are
 DeepSpeed's, and a resume across a refresh is bit-identical (ZeRO 0 and 3).
@@ -33,6 +33,9 @@ fira         0        0        4.5e-7   2.9e-7   2.8e-7   3.5e-7   4.1e-7
 fira_left    0        0        3.1e-7   2.8e-7   2.4e-7   2.4e-7   2.9e-7
 ===========  =======  =======  =======  =======  =======  =======  =======
 
+``galore_weights`` (GaLore's update on the weights, right and left projections) is held to the
+same tolerance.
+
 On one rank ZeRO 1-2 are bit-identical to ZeRO 0 (operands kept 64-byte aligned: BLAS rounds by
 alignment). Elsewhere the differences are a few ulps of a unit weight, as AdamW's: ZeRO's own
 reduction order, and a cut matrix's projection summed over row blocks instead of formed in one
@@ -56,6 +59,8 @@ CASES = {
     "apollo_mini": ("apollo_mini", {"update_proj_gap": GAP}, LR / math.sqrt(128)),
     "fira": ("fira", {"rank": 4, "update_proj_gap": GAP}, LR),
     "fira_left": ("fira", {"rank": 4, "update_proj_gap": GAP, "proj_type": "left"}, LR),
+    "galore_weights": ("galore_weights", {"rank": 4, "update_proj_gap": GAP}, LR),
+    "galore_weights_left": ("galore_weights", {"rank": 4, "update_proj_gap": GAP, "proj_type": "left"}, LR),
 }
 UNIT_ULP = 2.0 ** -23
 """One ulp of a weight of size 1 (the norm gains): the floor of any two runs' agreement."""
@@ -337,7 +342,7 @@ def test_planned_fragments_are_deepspeeds(zero_stage, world):
 def resume(rank, world, checkpoint_dir):
     torch.set_num_threads(1)
     out = {}
-    for case in ("apollo", "apollo_mini", "fira"):
+    for case in ("apollo", "apollo_mini", "fira", "galore_weights"):
         for zero_stage in (0, 3):
             engine, method = build(case, zero_stage, world)
             straight = train(engine, method, rank, world, 0, 10)
@@ -360,7 +365,7 @@ def resumed(tmp_path_factory):
     return spawn(resume, 2, str(tmp_path_factory.mktemp("projected_ckpt")))
 
 
-@pytest.mark.parametrize("case", ["apollo", "apollo_mini", "fira"])
+@pytest.mark.parametrize("case", ["apollo", "apollo_mini", "fira", "galore_weights"])
 @pytest.mark.parametrize("zero_stage", [0, 3])
 def test_resume_across_a_refresh_is_bit_identical(resumed, case, zero_stage):
     for result in resumed:
