@@ -12,7 +12,7 @@ import torch
 
 from lowrank_pt.core import dist
 from lowrank_pt.optim import lowbit
-from lowrank_pt.optim.lowbit import round_to_bf16
+from lowrank_pt.optim.lowbit import round_to_bf16, rounding_generator
 from lowrank_pt.zero.params import full_shape
 from lowrank_pt.zero.partition import (
     FlatLayout,
@@ -200,7 +200,7 @@ class FragmentOptimizer(torch.optim.Optimizer):
                 keys.append(key)
                 state = self.state[t]
                 if not geo.pieces:
-                    self._adamw(group, t, t.grad, state)
+                    self._adamw(group, t, t.grad, state, (self._index.get(id(t), -1), *key))
                     steps[key] = int(state["step"].item())
                     continue
                 if not state:
@@ -211,7 +211,8 @@ class FragmentOptimizer(torch.optim.Optimizer):
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 for offset, length, at in geo.runs:
                     self._adamw_update(group, flat[offset:offset + length], grad[offset:offset + length],
-                                       m[at:at + length], v[at:at + length], steps[key])
+                                       m[at:at + length], v[at:at + length], steps[key],
+                                       (self._index.get(id(t), -1), *key, offset))
                 items += [(piece, group, flat, grad, state) for piece in geo.pieces]
         cut = sorted(itertools.chain.from_iterable(self._cut_by_key.get(k, []) for k in set(keys)),
                      key=lambda plan: plan.spec.index)
@@ -253,19 +254,20 @@ class FragmentOptimizer(torch.optim.Optimizer):
     def new_state_tensor(self, name: str, numel: int, device) -> torch.Tensor:
         return torch.zeros(numel, dtype=torch.float32, device=device)
 
-    def _adamw(self, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
-        """torch.optim.AdamW's single-tensor update, state and all."""
+    def _adamw(self, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict, key: tuple = ()) -> None:
+        """torch.optim.AdamW's single-tensor update, state and all (``key``: what ``p`` is, for
+        its stochastic rounding: ``lowbit.rounding_generator``)."""
         if not state:  # fp32 moments, also for a bf16 param (bf16 masters)
             state["step"] = torch.tensor(0.0)
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
         state["step"] += 1
-        self._adamw_update(group, p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"].item())
+        self._adamw_update(group, p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"].item(), key)
 
     @staticmethod
-    def _adamw_update(group: dict, p, grad, exp_avg, exp_avg_sq, step: float) -> None:
+    def _adamw_update(group: dict, p, grad, exp_avg, exp_avg_sq, step: float, key: tuple = ()) -> None:
         """torch's AdamW step on ``p``; a bf16 ``p`` (bf16 masters) is updated in fp32 and
-        stochastically rounded back (``lowbit.round_to_bf16``)."""
+        stochastically rounded back (``lowbit.round_to_bf16``, its bits keyed by ``step`` and ``key``)."""
         stored = p
         if p.dtype != torch.float32:
             p, grad = p.float(), grad.float()
@@ -279,7 +281,7 @@ class FragmentOptimizer(torch.optim.Optimizer):
         denom = (exp_avg_sq.sqrt() / bias_correction2 ** 0.5).add_(eps)
         p.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
         if stored is not p:
-            stored.copy_(round_to_bf16(p))
+            stored.copy_(round_to_bf16(p, rounding_generator(step, *key)))
 
     # --- reductions ---------------------------------------------------------------------------------
     @staticmethod

@@ -41,11 +41,22 @@ MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 def round_to_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """``x`` (fp32) rounded to bf16 stochastically: up (away from zero) with probability equal to
     the dropped low 16 bits' share of one bf16 step, so the expectation is ``x`` exactly.
-    Random bits come from ``generator`` (default: torch's global CPU generator, which checkpoints
-    save per rank, so a resumed run draws the same bits)."""
+    Random bits come from ``generator`` (the optimizers pass ``rounding_generator``'s; default:
+    torch's global CPU generator)."""
     bits = x.detach().float().contiguous().view(torch.int32)
     noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, generator=generator).to(bits.device)
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def rounding_generator(step: int, *key: int) -> torch.Generator:
+    """The random bits of one stochastic rounding, seeded by the optimizer step and what is rounded
+    (a tensor's index, an element offset): every rank draws the same bits for the same elements, so
+    ZeRO-0 replicas stay identical; the bits do not depend on the order tensors are stepped in, so
+    per-layer updates equal an ordinary step; and a resumed run draws what the straight run did."""
+    seed = int(step)
+    for k in key:
+        seed = (seed * 1_000_003 + int(k) + 1) % (2**61 - 1)
+    return torch.Generator().manual_seed(seed)
 
 
 def _quant_utils():
@@ -159,6 +170,8 @@ class LowBitAdamW(torch.optim.Optimizer):
             raise ValueError(f"LowBitAdamW: bad lr={lr}, betas={betas}, eps={eps} or weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.state_dtype = state_dtype
+        self.index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        """Each tensor's place among those it was built with, which keys its stochastic rounding."""
 
     def load_state_dict(self, state_dict: dict) -> None:
         load_keeping_dtypes(self, state_dict, super().load_state_dict)
@@ -239,11 +252,14 @@ class LowBitAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for g, group in enumerate(self.param_groups):
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
+            for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
+                # A tensor this optimizer was built with keeps its index (per-layer updates step it
+                # alone); ZeRO 1-2 hand it flat partitions in their place, keyed by their group.
+                key = self.index.get(id(p), -1 - 1000 * g - i)
                 state = self.state[p]
                 if not state:
                     state.update(self._init_state(p))
@@ -268,7 +284,7 @@ class LowBitAdamW(torch.optim.Optimizer):
                     weight.addcdiv_(m, denom, value=-step_size)
                     self._store(state, lo, hi, m, v)
                     if p.dtype == torch.bfloat16:
-                        flat[lo:hi] = round_to_bf16(weight)
+                        flat[lo:hi] = round_to_bf16(weight, rounding_generator(step, key, lo))
                     elif p.dtype != torch.float32:
                         flat[lo:hi] = weight
         return loss

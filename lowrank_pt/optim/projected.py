@@ -61,7 +61,7 @@ import torch
 from lowrank_pt.core import dist
 from lowrank_pt.optim import projector
 from lowrank_pt.optim.fragment_optimizer import FragmentOptimizer
-from lowrank_pt.optim.lowbit import round_to_bf16
+from lowrank_pt.optim.lowbit import round_to_bf16, rounding_generator
 from lowrank_pt.zero.partition import Fragment, MatrixPlan, ParamSpec, Piece, aligned
 
 log = logging.getLogger(__name__)
@@ -340,7 +340,7 @@ class ProjectedAdam(FragmentOptimizer):
             segment.mul_(1 - group["lr"] * group["weight_decay"])
         segment.add_(piece.own(update), alpha=-step_size)
         if segment is not stored:  # rounded back stochastically: small updates kept in expectation
-            stored.copy_(round_to_bf16(segment))
+            stored.copy_(round_to_bf16(segment, rounding_generator(t, piece.frag.param, piece.frag.start)))
 
     def _basis(self, piece: Piece, state: dict, device) -> torch.Tensor:
         """The projection this step: right ``Q`` (r×n); left the block's rows of ``P`` (rows×r)."""

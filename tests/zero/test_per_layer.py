@@ -7,7 +7,8 @@ accumulation 1 and 4 every method's weights and optimizer state equal the ordina
 bit (each update reads one tensor's gradient and state; the micro-batches before the last
 accumulate as an ordinary step does). A run that steps at every micro-batch (GaLore issue #78's
 bug) is the negative control: the accumulation test tells it apart. On 2 ranks the gradients are
-all-reduced in the hooks with DeepSpeed's arithmetic: bit for bit again; a NaN loss on one rank
+all-reduced in the hooks with DeepSpeed's arithmetic: bit for bit again, in bf16 without fp32
+masters too (stochastic rounding keyed by step and tensor, the same on both ranks); a NaN loss on one rank
 skips the step on both with nothing applied; a NaN gradient behind a finite loss stops the run.
 The most gradient bytes held at once equal the planner's formula.
 """
@@ -189,6 +190,18 @@ def _two_ranks(rank, world):
             train(engine, method, 1, rank, world)
             runs.append(state(engine))
         out[case] = sorted(k for k in runs[0] if not torch.equal(runs[0][k], runs[1][k]))
+    # bf16 weights without fp32 masters, each update stochastically rounded: the rounding's bits are
+    # keyed by step and tensor, so the two ranks' replicas stay identical and per-layer updates
+    # round as an ordinary step does (AdamW, and the fragment optimizer's projected path).
+    for case in ("full", "galore_weights"):
+        runs = []
+        for per_layer in (False, True):
+            engine, method = build(case, per_layer, 1, world=2, precision="bf16")
+            torch.manual_seed(100 + rank)  # as the trainer seeds each rank's own randomness
+            train(engine, method, 1, rank, world)
+            runs.append(state(engine))
+        out[f"bf16_{case}"] = sorted(k for k in runs[0] if not torch.equal(runs[0][k], runs[1][k]))
+        out[f"bf16_{case}_weights"] = {k: v for k, v in runs[1].items() if k.startswith("w.")}
     # A NaN loss on rank 1 (its gradient finite): skipped on both ranks, nothing applied.
     engine, method = build("full", True, 1, world=2)
     train(engine, method, 1, rank, world, steps=2)
@@ -219,8 +232,12 @@ def _two_ranks(rank, world):
 
 def test_two_ranks_bit_for_bit_and_the_guard():
     results = spawn(_two_ranks, 2, timeout=600)
+    for case in ("full", "galore_weights"):  # bf16 replicas equal on both ranks, and trained
+        a, b = (r[f"bf16_{case}_weights"] for r in results)
+        assert all(torch.equal(a[k], b[k]) for k in a), case
     for r in results:
         assert r["full"] == [] and r["galore_backward"] == []
+        assert r["bf16_full"] == [] and r["bf16_galore_weights"] == []
         assert r["nan_loss_skipped"] is True
         assert r["nan_loss_changed"] == []
         assert r["lr_moved"] == 1  # the schedule moves on, as with an ordinary skipped step
