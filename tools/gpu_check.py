@@ -17,7 +17,8 @@ an 8000-token vocabulary): tokens/s and MFU from the stage's summary.json entry,
 ``torch.cuda.max_memory_allocated`` beside the planner's predicted peak for the same run.
 
 Part 3, memory switches: the 1B size trained by GaLore (r512, bf16, ZeRO 0, a few steps) under
-each of ``--switches`` (none; int8 optimizer states; bf16 masters; int8 frozen bases; all three):
+each of ``--switches`` (none; int8 optimizer states; bf16 masters; int8 frozen bases; all three;
+per-layer updates with int8 states and bf16 masters):
 ``max_memory_allocated`` beside the planner's peak for the same switches.
 
 Also one line on the fused AdamW that ZeRO stage 0 uses on CUDA: its largest difference from the
@@ -66,6 +67,8 @@ SWITCHES = {
     "int8_weights": (["engine.weight_dtype=int8"], {"weight_dtype": "int8"}, {}),
     "all": (["engine.master_weights=bf16", "engine.weight_dtype=int8"],
             {"state_dtype": "int8", "master_weights": "bf16", "weight_dtype": "int8"}, {"state_dtype": "int8"}),
+    "per_layer": (["engine.master_weights=bf16", "train.update=per_layer"],
+                  {"state_dtype": "int8", "master_weights": "bf16", "update": "per_layer"}, {"state_dtype": "int8"}),
 }
 """The bytes-per-parameter switches part 3 runs (``--switches``)."""
 SWITCH_OPTIONS = {"galore": {"rank": 512, "update_proj_gap": 200}}
@@ -386,9 +389,11 @@ def bench(size: str, method: str, args, data_cache: str, switch: str = "none") -
         row["mfu"] = entry.get("mfu")
         row["peak_source"] = entry.get("peak_source")
         cfg = resolve(ModelConfig(size=size, seq_len=args.bench_seq_len), vocab_size=_vocab(run_dir, args))
+        device_bytes = (torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available()
+                        else planner.DEFAULT_DEVICE_BYTES)  # what the run decided GaLore's refresh: auto by
         plan = planner.plan(cfg, method, options, zero_stage=args.bench_zero_stage, world=1,
                             micro_batch=args.bench_micro_batch, seq_len=args.bench_seq_len,
-                            precision=args.precision, **plan_keys)
+                            precision=args.precision, device_bytes=device_bytes, **plan_keys)
         row["planned_peak"] = plan.total
         row["planned_resident"] = plan.bytes["resident"]
         measured = row["max_memory_allocated"]

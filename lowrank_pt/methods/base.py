@@ -140,6 +140,11 @@ class Method:
     given by the trainer through ``methods.build``: the planner builds methods, so methods do not
     import it). None: auto is the exact refresh."""
 
+    def refresh_working_numel(self, groups: list[dict]) -> int:
+        """fp32 elements a refresh of the method's own optimizer holds at once (the planner's
+        refresh working set; ``groups`` as ``zero.partition.group_shapes`` gives them); none here."""
+        return 0
+
     def decided_options(self) -> dict:
         """The stage's options with what the method decided at its start (an ``auto`` resolved):
         what the tracker plans and the summary records."""

@@ -91,6 +91,14 @@ class ProjectedMethod(Method):
         state_dtype = self.stage.optimizer.state_dtype if self.stage is not None else "fp32"
         return self.Optimizer.planned_state_bytes(groups, zero_stage, world, rank, sub_group_size, state_dtype)
 
+    def refresh_working_numel(self, groups: list[dict]) -> int:
+        """An SVD refresh (``proj: svd``) holds one matrix's gradient in fp32 and its SVD's factors
+        (U and Vᴴ) at a time: the largest projected matrix's, as GaLore's exact refresh counts it."""
+        if {**self.Optimizer.GROUP_DEFAULTS, **self.group_options()}["proj"] != "svd":
+            return 0
+        shapes = [s for g in groups if "rank" in g for s in g["shapes"] if len(s) == 2]
+        return max((m * n + min(m, n) * (m + n) for m, n in shapes), default=0)
+
     def after_step(self, engine, step: int) -> dict:
         """Reports SVD refreshes that kept the previous basis (a zero or non-finite gradient)."""
         kept = self.optimizer.kept_bases if self.optimizer is not None else 0

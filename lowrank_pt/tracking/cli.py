@@ -28,7 +28,8 @@ PLAN_ROWS = (
     ("resident", "resident state, total"),
     ("activations", "activations (estimate, one micro-batch)"),
     ("method_transient", "method transient (GaLore refresh at the step: owned gradients or sketches)"),
-    ("refresh_working", "GaLore refresh in backward: one matrix's working set"),
+    ("refresh_working", "a refresh's working set, one matrix (GaLore in backward; an SVD refresh of fira, "
+                        "galore_weights)"),
     ("refresh_kept_on_host", "GaLore refresh in backward or by sketch: new bases kept in host memory until the step"),
     ("zero_transient", "gradient reduce bucket (stages 1-2 during backward; stage 0's flattened all-reduce bucket)"),
     ("step_cache", "GaLore W_eff kept through each step (forward path step)"),

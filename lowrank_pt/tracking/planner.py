@@ -103,7 +103,8 @@ class Layout:
     held_past_step: list[tuple[int, int, int]] = field(default_factory=list)
     """A sketch refresh: the same, kept from the refresh until after the optimizer step."""
     working: int = 0
-    """A refresh in backward: fp32 elements alive while one matrix's subspace is computed (the largest)."""
+    """A refresh in backward (GaLore), or an SVD refresh of a projected optimizer (fira,
+    galore_weights): fp32 elements alive while one matrix's subspace is computed (the largest)."""
     working_per_token: int = 0
     """A refresh in backward under bf16/fp16: fp32 copies of the matrix's activations, m + n per token (the largest)."""
     method_params: list[tuple[int, int]] = field(default_factory=list)
@@ -172,6 +173,7 @@ def layout(model_cfg, method: str = "full", options: dict | None = None, weight_
                 working = max(working, mod.refresh_working)
                 per_token = max(per_token, sum(mod.shape))
     shapes = group_shapes(groups)
+    working = max(working, m.refresh_working_numel(shapes))
     return Layout(groups=[[p.numel() for p in g["params"]] for g in groups], frozen=frozen,
                   buffer_bytes=buffer_bytes, captures=captures, held=held, held_past_step=past, working=working,
                   working_per_token=per_token,

@@ -504,3 +504,14 @@ def test_the_zero0_allreduce_bucket_is_deepspeeds():
     per_layer = planner.plan(cfg, "full", zero_stage=0, precision="bf16", master_weights="bf16", update="per_layer")
     assert step.bytes["zero_transient"] == 2 * step.layout["trainable_params"]  # one bucket: under 5e8 elements
     assert per_layer.bytes["zero_transient"] == 0
+
+
+def test_an_svd_refresh_of_a_projected_optimizer_is_planned():
+    """fira and galore_weights refresh each matrix by an SVD of its fp32 gradient: the planner
+    counts the largest matrix's gradient and factors; APOLLO's random projection needs none."""
+    cfg = resolve(ModelConfig(size="60m", seq_len=256), vocab_size=32000)
+    m, n = cfg.intermediate_size, cfg.hidden_size  # the MLP's matrices are the largest targeted
+    expected = 4 * (m * n + min(m, n) * (m + n))
+    for method in ("fira", "galore_weights"):
+        assert planner.plan(cfg, method, {"rank": 64}).bytes["refresh_working"] == expected, method
+    assert planner.plan(cfg, "apollo", {"rank": 64}).bytes["refresh_working"] == 0
