@@ -18,7 +18,7 @@ master_weights bf16        stochastically rounded weights instead of fp32 master
 weight_dtype int8          int8 frozen bases (lora, relora, galore)                  3
 GaLore's subspace          refresh=backward svd=randomized (one micro-batch per     0.5 / 1
                            step, a randomized solve) / svd=sketch
-projector_dtype bf16       GaLore: bases rounded once per refresh                   0.5
+projector_dtype bf16       galore, galore_weights: bases rounded once per refresh   0.5
 zero_stage k               communication (k = 1, 2, 3; only with more than one GPU) 0.5·k
 =========================  ======================================================  =====
 """
@@ -66,13 +66,13 @@ class Fit:
 
 
 def method_variants(method: str, options: dict):
-    """(method options the search adds, their price): GaLore's subspace solves and projector dtype,
-    each only where the user's own options leave it open."""
-    if method != "galore":
+    """(method options the search adds, their price): GaLore's subspace solves (the adapter's) and
+    projector dtype, each only where the user's own options leave it open."""
+    if method not in ("galore", "galore_weights"):
         yield {}, 0.0
         return
     subspaces = [({}, 0.0)]
-    if "refresh" not in options:  # the search decides what refresh: auto would
+    if method == "galore" and "refresh" not in options:  # the search decides what refresh: auto would
         subspaces = [({"refresh": "step"}, 0.0)]
         if options.get("svd") != "sketch":
             subspaces.append(({"refresh": "backward", "svd": options.get("svd", "randomized")}, 0.5))
