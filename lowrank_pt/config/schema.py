@@ -39,9 +39,10 @@ class OptimizerConfig:
     state_dtype: str = "fp32"
     """How AdamW stores its two moments: fp32 (8 bytes per trained element), bf16 (4), or int8
     (8-bit blockwise, as 8-bit Adam: about 2.03 bytes); the update is computed in fp32 either way.
-    The projected optimizers of apollo, apollo_mini and fira store their Adam moments (by
-    channel and projection) the same way, each step working on them decoded; a method that edits
-    moments (relora's pruning, galore's moments_on_refresh=reproject) edits them decoded too."""
+    The projected optimizers of apollo, apollo_mini, fira and galore_weights store their Adam
+    moments (by channel and projection) the same way, each step working on them decoded; a method
+    that edits moments (relora's pruning, galore's moments_on_refresh=reproject) edits them decoded
+    too."""
 
 
 @dataclass
@@ -109,7 +110,7 @@ class EngineConfig:
     themselves, at ZeRO 1-3 DeepSpeed's bf16_master_weights_and_grads partitions); each update is
     computed in fp32 and applied with stochastic rounding, so updates below half a bf16 step are
     kept in expectation. Every method: AdamW's and the projected optimizers of apollo,
-    apollo_mini and fira alike."""
+    apollo_mini, fira and galore_weights alike."""
     weight_dtype: str = "bf16"
     """How frozen bases are stored: bf16 (the training dtype: the module's own frozen params), or
     int8 (blockwise absmax codes, 256 per fp32 scale along each row, dequantised in forward; a
@@ -178,7 +179,8 @@ class TrainConfig:
     """step: one optimizer step after the step's last backward, every gradient held until then.
     per_layer: each trained tensor is updated as soon as its gradient is final in the last
     micro-batch's backward, and its gradient freed, so at grad_accum 1 the step holds one
-    tensor's gradient at a time; the same result as step (bit for bit in fp32). ZeRO 0 only; fp32,
+    tensor's gradient at a time; the same result as step (bit for bit, in fp32 and in bf16 with
+    bf16 masters: stochastic rounding is keyed by step and tensor). ZeRO 0 only; fp32,
     or bf16 with engine.master_weights bf16; no optimizer.grad_clip (a global norm needs every
     gradient first; null means off here). With grad_accum > 1 the micro-batches before the last
     hold their gradients as step does, so only methods that train small tensors (lora, relora,
