@@ -34,7 +34,7 @@ def test_the_table_runs_on_cpu(tmp_path):
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, SCRIPT, "--device", "cpu", "--tiny", "--out", str(out),
                            "--zero-stages", "3", "--methods", "relora,galore", "--bench-methods", "full",
-                           "--switches", "all"],
+                           "--switches", "all,per_layer"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
     result = json.loads((out / "gpu_check.json").read_text())
@@ -46,8 +46,10 @@ def test_the_table_runs_on_cpu(tmp_path):
     assert [r.get("masters") for r in result["matrix"]] == ["ok", "ok"]
     (bench,) = result["bench"]
     assert bench["size"] == "tiny" and bench["tokens_per_s"] > 0 and bench["planned_peak"] > 0
-    (switch,) = result["switches"]  # int8 states, bf16 masters and int8 bases together, planned alike
-    assert switch["switch"] == "all" and switch["planned_peak"] > 0 and "error" not in switch, switch
-    assert "| tiny | galore | all |" in table
+    # int8 states, bf16 masters and int8 bases together; per-layer updates: each planned alike
+    assert [s["switch"] for s in result["switches"]] == ["all", "per_layer"]
+    for switch in result["switches"]:
+        assert switch["planned_peak"] > 0 and "error" not in switch, switch
+    assert "| tiny | galore | all |" in table and "| tiny | galore | per_layer |" in table
     assert result["fused_adamw"]["max_abs_diff"] < 1e-5
     assert "ALL CHECKS PASSED" in table and "| relora | 3 | bf16 |" in table and done.stdout.endswith(table)
