@@ -317,15 +317,15 @@ def plan(model_cfg, method: str = "full", options: dict | None = None, zero_stag
     (``lay``: its ``layout``, where the caller has it already). GaLore's ``refresh: auto`` (its
     default) is decided against ``device_bytes`` per GPU (``resolve_refresh``)."""
     seq_len = seq_len or model_cfg.seq_len
-    auto = None
-    if method == "galore" and (options or {}).get("refresh", "auto") == "auto":
-        options, auto = resolve_refresh(
+    if method == "galore" and (options or {}).get("refresh", "auto") == "auto":  # decided, then planned
+        _, auto, decided = resolve_refresh(
             model_cfg, dict(options or {}), device_bytes, zero_stage=zero_stage, world=world, micro_batch=micro_batch,
             seq_len=seq_len, precision=precision, activation_checkpointing=activation_checkpointing, rank=rank,
             weight_decay=weight_decay, reduce_bucket_size=reduce_bucket_size, grad_accum=grad_accum,
             state_dtype=state_dtype, master_weights=master_weights, weight_dtype=weight_dtype,
             grad_accum_dtype=grad_accum_dtype, update=update)
-        lay = None  # a layout the caller built for auto was built for the exact refresh
+        decided.inputs["refresh_auto"] = auto
+        return decided
     lay = lay or layout(model_cfg, method, options, weight_decay, state_dtype, weight_dtype)
     out = state_bytes(lay, zero_stage, world, precision, rank, reduce_bucket_size, master_weights=master_weights,
                       fp32_grad_accumulation=grad_accum_dtype == "fp32", update=update, grad_accum=grad_accum)
@@ -350,16 +350,14 @@ def plan(model_cfg, method: str = "full", options: dict | None = None, zero_stag
               "activation_checkpointing": activation_checkpointing, "rank": rank, "state_dtype": state_dtype,
               "master_weights": master_weights, "weight_dtype": weight_dtype, "grad_accum_dtype": grad_accum_dtype,
               "update": update}
-    if auto:
-        inputs["refresh_auto"] = auto
     info = {"total_params": lay.total_params, "trainable_params": lay.trainable, "frozen_params": sum(lay.frozen),
             "groups": len(lay.groups)}
     return Plan(inputs=inputs, bytes=out, layout=info)
 
 
-def resolve_refresh(model_cfg, options: dict, device_bytes: int, **plan_kwargs) -> tuple[dict, str]:
+def resolve_refresh(model_cfg, options: dict, device_bytes: int, **plan_kwargs) -> tuple[dict, str, Plan]:
     """GaLore's ``refresh: auto``, decided for one plan: (``options`` with ``refresh``, and ``svd``
-    where the user left it unset, decided; why, in one line).
+    where the user left it unset, decided; why, in one line; the plan with them).
 
     The exact refresh at the step while the plan with it peaks within ``AUTO_HEADROOM`` of
     ``device_bytes``. Past that, a streaming refresh: in backward with randomized subspace
@@ -368,11 +366,11 @@ def resolve_refresh(model_cfg, options: dict, device_bytes: int, **plan_kwargs) 
     leaves the exact capture, the only one they allow)."""
     exact = dict(options, refresh="step")
     limit = int(AUTO_HEADROOM * device_bytes)
-    peak = plan(model_cfg, "galore", exact, device_bytes=device_bytes, **plan_kwargs).total
-    gib = 2**30
+    exact_plan = plan(model_cfg, "galore", exact, device_bytes=device_bytes, **plan_kwargs)
+    peak, gib = exact_plan.total, 2**30
     if peak <= limit:
         return exact, (f"refresh auto -> step (exact): the plan peaks at {peak / gib:.2f} GiB, within "
-                       f"{AUTO_HEADROOM:.0%} of {device_bytes / gib:.1f} GiB")
+                       f"{AUTO_HEADROOM:.0%} of {device_bytes / gib:.1f} GiB"), exact_plan
     svd = options.get("svd")
     if plan_kwargs.get("grad_accum", 1) == 1 and svd != "sketch":
         chosen = dict(options, refresh="backward", svd=svd or "randomized")
@@ -381,12 +379,12 @@ def resolve_refresh(model_cfg, options: dict, device_bytes: int, **plan_kwargs) 
     else:
         return exact, (f"refresh auto -> step (exact): svd={svd} with {plan_kwargs.get('grad_accum')} micro-batches "
                        f"per step has no streaming refresh; the plan peaks at {peak / gib:.2f} GiB, over "
-                       f"{AUTO_HEADROOM:.0%} of {device_bytes / gib:.1f} GiB")
-    streaming = plan(model_cfg, "galore", chosen, device_bytes=device_bytes, **plan_kwargs).total
-    still = "; still over it: lowrank-pt plan --fit finds the switches that fit" if streaming > limit else ""
+                       f"{AUTO_HEADROOM:.0%} of {device_bytes / gib:.1f} GiB"), exact_plan
+    streaming = plan(model_cfg, "galore", chosen, device_bytes=device_bytes, **plan_kwargs)
+    still = "; still over it: lowrank-pt plan --fit finds the switches that fit" if streaming.total > limit else ""
     return chosen, (f"refresh auto -> {chosen['refresh']} (svd {chosen['svd']}): the exact refresh would peak at "
                     f"{peak / gib:.2f} GiB, over {AUTO_HEADROOM:.0%} of {device_bytes / gib:.1f} GiB; this peaks at "
-                    f"{streaming / gib:.2f} GiB{still}")
+                    f"{streaming.total / gib:.2f} GiB{still}"), streaming
 
 
 def paper_accounting(model_cfg, method: str = "full", options: dict | None = None) -> int:

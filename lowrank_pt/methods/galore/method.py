@@ -137,7 +137,7 @@ class GaLore(Method):
         run, stage = self.run, self.stage
         micro, accum = stage.micro_and_accum(run.train)
         memory = dist.min_over_ranks(dist.memory_bytes_per_rank())
-        chosen, self.refresh_decided = self.plan_refresh(
+        chosen, self.refresh_decided, _ = self.plan_refresh(
             model.cfg, dict(stage.options), memory, zero_stage=run.engine.zero_stage, world=dist.world_size(),
             micro_batch=micro, seq_len=run.model.seq_len, precision=run.engine.precision,
             activation_checkpointing=run.model.activation_checkpointing, weight_decay=stage.optimizer.weight_decay,
