@@ -309,21 +309,9 @@ class FragmentOptimizer(torch.optim.Optimizer):
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's load, but integer state tensors (seeds) keep their dtype and device as saved."""
-        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        by_id = dict(zip(saved_ids, params))
-        integers = {pid: {k: v.clone() for k, v in s.items() if torch.is_tensor(v) and not v.is_floating_point()}
-                    for pid, s in state_dict["state"].items()}
-        super().load_state_dict(state_dict)
-        for pid, values in integers.items():
-            if pid in by_id:
-                self.state[by_id[pid]].update(values)
-        if self.state_dtype == "bf16":  # torch cast them to the param's dtype; saved as bf16, exact
-            for state in self.state.values():
-                for key in lowbit.MOMENT_KEYS:
-                    if key in state:
-                        state[key] = state[key].to(torch.bfloat16)
+        """torch's load, but every state tensor (seeds, fp32 moments beside a bf16 param) keeps the
+        dtype it was saved with (``lowbit.load_keeping_dtypes``)."""
+        lowbit.load_keeping_dtypes(self, state_dict, super().load_state_dict)
 
     # --- the formula ---------------------------------------------------------------------------------
     @classmethod
