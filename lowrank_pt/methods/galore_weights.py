@@ -39,6 +39,10 @@ class GaLoreWeightsOptions(MethodOptions):
     sign_rule: str = "canonical"
     """Signs of the basis vectors, as galore's sign_rule: canonical (continuous in the gradient, so
     kept moments keep their direction) or lapack (the SVD's own signs, as galore-torch keeps them)."""
+    svd: str = "exact"
+    """How a refresh finds the top-r subspace: exact (torch.linalg.svd, as galore-torch) or
+    randomized (subspace iteration, 2 power iterations, 8 extra directions: its working set is
+    the gradient and a few (m + n)×(r + 8) blocks instead of the SVD's factors)."""
     projector_dtype: str = "fp32"
     """Storage of each basis (optimizer state, r·n or m·r per matrix): fp32, or bf16 to halve it,
     rounded once per refresh (the projection and the update use the rounded basis, in fp32)."""
@@ -62,4 +66,4 @@ class GaLoreWeights(ProjectedMethod):
     @classmethod
     def group_options_of(cls, o) -> dict:
         return {"rank": o.rank, "update_proj_gap": o.update_proj_gap, "alpha": o.scale, "proj_type": o.proj_type,
-                "sign_rule": o.sign_rule, "basis_dtype": o.projector_dtype}
+                "sign_rule": o.sign_rule, "basis_dtype": o.projector_dtype, "svd": o.svd}

@@ -92,11 +92,17 @@ class ProjectedMethod(Method):
         return self.Optimizer.planned_state_bytes(groups, zero_stage, world, rank, sub_group_size, state_dtype)
 
     def refresh_working_numel(self, groups: list[dict]) -> int:
-        """An SVD refresh (``proj: svd``) holds one matrix's gradient in fp32 and its SVD's factors
-        (U and Vᴴ) at a time: the largest projected matrix's, as GaLore's exact refresh counts it."""
-        if {**self.Optimizer.GROUP_DEFAULTS, **self.group_options()}["proj"] != "svd":
+        """An SVD refresh (``proj: svd``) holds one matrix's gradient in fp32 and, at a time, its
+        SVD's factors (U and Vᴴ, as GaLore's exact refresh counts them) or, with ``svd:
+        randomized``, three (m + n)×(r + 8) blocks of the subspace iteration: the largest
+        projected matrix's."""
+        options = {**self.Optimizer.GROUP_DEFAULTS, **self.group_options()}
+        if options["proj"] != "svd":
             return 0
         shapes = [s for g in groups if "rank" in g for s in g["shapes"] if len(s) == 2]
+        if options["svd"] == "randomized":
+            width = lambda m, n: min(int(options["rank"]) + 8, m, n)  # noqa: E731
+            return max((m * n + 3 * (m + n) * width(m, n) for m, n in shapes), default=0)
         return max((m * n + min(m, n) * (m + n) for m, n in shapes), default=0)
 
     def after_step(self, engine, step: int) -> dict:

@@ -116,7 +116,7 @@ class ProjectedAdam(FragmentOptimizer):
         return {"side": projector.projection_side(shape, group["proj_type"]),
                 "r": projector.effective_rank(shape, int(group["rank"])), "gap": int(group["update_proj_gap"]),
                 "proj": group["proj"], "update": group["update"], "scale_type": group["scale_type"],
-                "limit": float(group["norm_growth_limit"]), "sign_rule": group["sign_rule"],
+                "limit": float(group["norm_growth_limit"]), "sign_rule": group["sign_rule"], "svd": group["svd"],
                 "seed": int(group["seed"]) + self._order[spec.index]}
 
     def moment_shape(self, plan: MatrixPlan, rank: int, frag: Fragment) -> tuple[int, int]:
@@ -388,7 +388,7 @@ class ProjectedAdam(FragmentOptimizer):
 
     def _new_basis(self, plan: MatrixPlan, grad: torch.Tensor) -> torch.Tensor | None:
         o = plan.options
-        basis, why = projector.new_basis(grad, o["r"], o["side"], "exact", sign_rule=o["sign_rule"])
+        basis, why = projector.new_basis(grad, o["r"], o["side"], o["svd"], seed=o["seed"], sign_rule=o["sign_rule"])
         if basis is None:
             self.kept_bases += 1
             log.warning("%s: %s keeps its previous basis: %s", type(self).__name__, plan.spec.name, why)
@@ -435,7 +435,7 @@ def check_group(group: dict) -> None:
         raise ValueError(f"update_proj_gap={group['update_proj_gap']} must be >= 1")
     for key, allowed in (("proj", PROJECTIONS), ("proj_type", projector.PROJ_TYPES), ("scale_type", SCALE_TYPES),
                          ("residual", RESIDUALS), ("update", UPDATES), ("sign_rule", projector.SIGN_RULES),
-                         ("basis_dtype", BASIS_DTYPES)):
+                         ("basis_dtype", BASIS_DTYPES), ("svd", projector.SVD_METHODS)):
         if group[key] not in allowed:
             raise ValueError(f"{key}={group[key]!r}: allowed {list(allowed)}")
     if group["update"] == "fira" and (group["proj"] != "svd" or group["scale_type"] != "channel"):

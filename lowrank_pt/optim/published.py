@@ -6,7 +6,7 @@ from __future__ import annotations
 from lowrank_pt.optim.projected import ProjectedAdam
 
 _COMMON = dict(update_proj_gap=200, proj_type="std", norm_growth_limit=1.01, seed=1, sign_rule="canonical",
-               scale=1.0, scale_front=False, alpha=0.25, residual="scaled", basis_dtype="fp32")
+               scale=1.0, scale_front=False, alpha=0.25, residual="scaled", basis_dtype="fp32", svd="exact")
 
 
 class APOLLOAdamW(ProjectedAdam):

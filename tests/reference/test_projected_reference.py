@@ -231,3 +231,26 @@ def test_options_are_checked_at_config_time():
         with pytest.raises(ConfigError):
             methods.parse_options(name, bad)
     assert math.isclose(methods.parse_options("apollo_mini", {}).scale, 128.0)
+
+
+def test_galore_weights_randomized_refresh_finds_the_exact_subspace_of_a_low_rank_gradient():
+    """``svd: randomized`` (the smaller refresh working set the planner counts) against the exact
+    SVD on a gradient of rank r: the same subspace (projectors equal to rounding), so the same step."""
+    from lowrank_pt import methods
+    from lowrank_pt.core.errors import ConfigError
+    from lowrank_pt.optim import GaLoreAdamW
+
+    torch.manual_seed(0)
+    grad = torch.randn(40, 3) @ torch.randn(3, 24)  # rank 3, rows > cols: projected on the right
+    results = {}
+    for svd in ("exact", "randomized"):
+        p = torch.nn.Parameter(torch.zeros(40, 24))
+        opt = GaLoreAdamW([{"params": [p], "rank": 3, "update_proj_gap": 10, "svd": svd}], lr=1e-2)
+        p.grad = grad.clone()
+        opt.step()
+        results[svd] = p.detach().clone()
+    torch.testing.assert_close(results["randomized"], results["exact"], rtol=1e-4, atol=1e-6)
+    assert results["exact"].abs().max() > 1e-3  # it stepped
+    assert methods.parse_options("galore_weights", {"svd": "randomized"}).svd == "randomized"
+    with pytest.raises(ConfigError):
+        methods.parse_options("galore_weights", {"svd": "lowrank"})
