@@ -123,14 +123,23 @@ def tiny_engine(zero_stage: int, precision: str, method=None, model=None, micro_
     stage = StageConfig(steps=100, optimizer=OptimizerConfig(lr=lr), schedule=ScheduleConfig(kind="constant"))
     method = method or Method(None, stage, None)
     method.prepare_model(model)
-    if int8_bases:
+    if int8_bases and method.has_frozen_base:
         from lowrank_pt.model import int8_weights
 
         int8_weights.store_bases(model)
+    elif int8_bases:  # the weights the optimizer updates (ZeRO 0, bf16 masters)
+        from lowrank_pt.model import int8_trained
+
+        int8_trained.store(model)
     # The method's own stage says how the moments are stored (optimizer.state_dtype).
     stored = method.stage.optimizer.state_dtype if method.stage is not None else "fp32"
     optimizer = build_optimizer(method.param_groups(model), OptimizerConfig(lr=lr, state_dtype=stored),
                                 master_weights=master_weights)
+    if int8_bases and not method.has_frozen_base:
+        from lowrank_pt.methods.base import int8_weight_draws
+        from lowrank_pt.model import int8_trained
+
+        int8_trained.steps_through_codes(optimizer, int8_weight_draws)
     engine_cfg = EngineConfig(zero_stage=zero_stage, precision=precision, master_weights=master_weights)
     ds = E.deepspeed_config(engine_cfg, micro_batch_size, grad_accum, grad_clip, dist.world_size())
     engine = E.initialize(model, optimizer, method.lr_lambda(100), ds,

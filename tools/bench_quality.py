@@ -5,7 +5,10 @@ For each method (full, galore, apollo_mini; galore_weights on request) and each 
     baseline      optimizer.state_dtype=fp32, engine.master_weights=fp32, engine.weight_dtype=bf16
     int8_states   optimizer.state_dtype=int8 (the rest as baseline)
     bf16_masters  engine.master_weights=bf16 (the rest as baseline)
-    int8_weights  engine.weight_dtype=int8 (the rest as baseline)
+    int8_weights  engine.weight_dtype=int8 (the rest as baseline): frozen bases (galore)
+    int8_updated  engine.weight_dtype=int8 with engine.master_weights=bf16, compared with
+                  bf16_masters: the weights the optimizer updates in int8 (full, apollo_mini,
+                  galore_weights; they need bf16 masters)
     step_bf16     engine.master_weights=bf16, optimizer.grad_clip=0: ordinary steps as per-layer
                   updates need them
     per_layer     step_bf16 with train.update=per_layer, compared with step_bf16 (bar: equal)
@@ -20,7 +23,7 @@ cannot take down the others.
 
 Reported per run: the final validation loss and its difference to the same method's baseline
 (per_layer: to step_bf16), relative, in percent; the issues' bars: |difference| within 1% for
-int8_states and bf16_masters, within 2% for int8_weights, 0 for per_layer (exact by construction). A combination the config checks refuse (a ``ConfigError``, or a
+int8_states and bf16_masters, within 2% for int8_weights and int8_updated, 0 for per_layer (exact by construction). A combination the config checks refuse (a ``ConfigError``, or a
 ``ValueError`` raised before the first training step: e.g. apollo_mini keeps fp32 states and
 masters) is a row "refused: <the message's first line>"; any other failure is "failed: ...", its
 traceback in the run's log (``DIR/runs/<method>-<setting>/train.log``, or
@@ -30,6 +33,7 @@ on a row whose loss or bytes equal its baseline's exactly.
 
     python tools/bench_quality.py --out bench_quality               # 12 runs (9 train) x 300 steps: 1-2 hours on 2 cores
     python tools/bench_quality.py --methods galore --settings baseline,int8_weights --steps 100
+    python tools/bench_quality.py --methods full,apollo_mini --settings int8_updated
     python tools/bench_quality.py --steps 4 --threads 1 --out /tmp/bq  # a smoke test (minutes)
     python tools/bench_quality.py --methods galore,apollo_mini --settings per_layer --grad-accum 4
 
@@ -63,6 +67,7 @@ SETTINGS = {  # name: overrides of the baseline's keys, the bar (|relative diffe
     "int8_states": ({"optimizer.state_dtype": "int8"}, 1.0, "baseline"),
     "bf16_masters": ({"engine.master_weights": "bf16"}, 1.0, "baseline"),
     "int8_weights": ({"engine.weight_dtype": "int8"}, 2.0, "baseline"),
+    "int8_updated": ({"engine.weight_dtype": "int8", "engine.master_weights": "bf16"}, 2.0, "bf16_masters"),
     "step_bf16": (STEP_BF16, None, None),
     "per_layer": ({**STEP_BF16, "train.update": "per_layer"}, 0.0, "step_bf16"),
 }

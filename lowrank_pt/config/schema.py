@@ -112,12 +112,14 @@ class EngineConfig:
     kept in expectation. Every method: AdamW's and the projected optimizers of apollo,
     apollo_mini, fira and galore_weights alike."""
     weight_dtype: str = "bf16"
-    """How frozen bases are stored: bf16 (the training dtype: the module's own frozen params), or
-    int8 (blockwise absmax codes, 256 per fp32 scale along each row, dequantised in forward; a
-    merge into the base, ReLoRA's restart or GaLore's subspace install, re-quantises with
-    stochastic rounding). int8 is for the methods with a frozen base (lora, relora, galore), with
-    precision bf16, at every ZeRO stage (ZeRO-3 partitions the codes and scales like the weights);
-    exports are dequantised."""
+    """How the blocks' weights are stored: bf16 (the training dtype), or int8 (blockwise absmax
+    codes, 256 per fp32 scale along each row, dequantised in forward and backward), with precision
+    bf16. For the methods with a frozen base (lora, relora, galore) int8 holds the base, at every
+    ZeRO stage (ZeRO-3 partitions the codes and scales like the weights); a merge into it,
+    ReLoRA's restart or GaLore's subspace install, re-quantises with stochastic rounding. For the
+    others (full, apollo, apollo_mini, fira, galore_weights) it holds the weights the optimizer
+    updates, at ZeRO 0 with master_weights bf16: each step dequantises one matrix, updates it in
+    fp32 and re-quantises it with stochastic rounding. Exports are dequantised."""
     grad_accum_dtype: Optional[str] = None
     """DeepSpeed's ``data_types.grad_accum_dtype``: the dtype gradients are accumulated in over the
     micro-batches of a step. null keeps DeepSpeed's default (the training dtype); fp32 with

@@ -36,10 +36,11 @@ import torch
 from torch import nn
 
 from lowrank_pt.core.timer import NULL_TIMER, NullTimer, PhaseTimer
-from lowrank_pt.model import int8_weights
+from lowrank_pt.model import int8_trained, int8_weights
 from lowrank_pt.model.llama import flops_per_token
 from lowrank_pt.objectives.base import LMObjective
 from lowrank_pt.optim import lowbit, schedule
+from lowrank_pt.optim.lowbit import rounding_generator
 from lowrank_pt.optim.adamw import build_optimizer
 from lowrank_pt.zero import partition as fragments
 from lowrank_pt.zero import state as zero_io
@@ -86,6 +87,13 @@ def is_matrix(p: torch.Tensor) -> bool:
     """Whether ``p`` is a matrix (weight decay applies), by its full shape: a param built
     partitioned under ZeRO-3 holds a 1-D placeholder, whose own ``ndim`` says nothing."""
     return len(full_shape(p)) >= 2
+
+
+def int8_weight_draws(count: int, index: int, row: int) -> torch.Generator:
+    """The stochastic-rounding draws of an int8 weight's rows from ``row`` at its ``count``-th update
+    (``model.int8_trained``), keyed apart from the optimizers' own bf16 roundings (whose keys are
+    (step, tensor, offset))."""
+    return rounding_generator(count, -8, index, row)
 
 
 class Method:
@@ -169,9 +177,7 @@ class Method:
             cls.check_per_layer(options, stage, run)
         if run is not None and run.engine.weight_dtype == "int8":
             if not cls.has_frozen_base:
-                raise ValueError(f"method={cls.name} with engine.weight_dtype=int8: int8 storage is built for frozen "
-                                 "bases (lora, relora, galore); int8 weights that the optimizer updates are not "
-                                 "built yet: use weight_dtype bf16")
+                cls.check_int8_updated(run)
             if getattr(options, "base_in_fp32", False):
                 raise ValueError("options.base_in_fp32=true with engine.weight_dtype=int8: the base is stored "
                                  "either in fp32 or in int8; drop one")
@@ -180,6 +186,23 @@ class Method:
             raise ValueError(f"schedule.kind=jagged_cosine re-warms the LR every schedule.restart_every steps, "
                              f"which is {sched.restart_every}: set it >= 1, or use kind cosine (method "
                              f"{stage.method} does not restart; relora sets its own restarts)")
+
+    @classmethod
+    def check_int8_updated(cls, run: Any) -> None:
+        """Refuse int8 storage of the weights this method updates (``model.int8_trained``) where it
+        cannot hold (ValueError naming the keys): it needs ZeRO 0 and bf16 masters, since
+        DeepSpeed's ZeRO 1-3 groups and its fp32 masters would each hold a 16- or 32-bit copy of
+        every weight beside the codes."""
+        if run.engine.zero_stage != 0:
+            raise ValueError(f"method={cls.name} with engine.weight_dtype=int8 at engine.zero_stage="
+                             f"{run.engine.zero_stage}: the int8 weights this method updates are built for ZeRO 0 "
+                             "(ZeRO 1-3 copy every trained weight into 16-bit flat groups); use zero_stage 0, or "
+                             "weight_dtype bf16")
+        if run.engine.master_weights != "bf16":
+            raise ValueError(f"method={cls.name} with engine.weight_dtype=int8 and engine.master_weights="
+                             f"{run.engine.master_weights}: fp32 masters would hold every int8 weight in 32 bits; "
+                             "set engine.master_weights: bf16 (the int8 weight is its own master, updated with "
+                             "stochastic rounding)")
 
     @classmethod
     def check_per_layer(cls, options: Any, stage: Any, run: Any) -> None:
@@ -208,7 +231,19 @@ class Method:
         over them), before the engine exists: with ``engine.weight_dtype: int8``, store the frozen
         bases as int8 codes and scales (``lowrank_pt.model.int8_weights``)."""
         if self.run is not None and self.run.engine.weight_dtype == "int8":
-            int8_weights.store_bases(model)
+            if self.has_frozen_base:
+                int8_weights.store_bases(model)
+            else:
+                int8_trained.store(model)
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The stage's optimizer over this method's param groups of the prepared ``model``
+        (``build_optimizer``); where the weights it updates are int8 codes, it steps them through
+        their codes (``int8_trained.steps_through_codes``)."""
+        optimizer = self.build_optimizer(self.param_groups(model), self.stage, self.run.engine)
+        if int8_trained.stored_numel(model):
+            int8_trained.steps_through_codes(optimizer, int8_weight_draws)
+        return optimizer
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         """Optimizer groups of the trainable params: weight decay on matrices only."""
@@ -376,7 +411,7 @@ class Method:
                 by_module.setdefault(name.rpartition(".")[0], []).append((name, buf, False))
         for members in by_module.values():
             part = {name: zero_io.full_param(engine, t) if is_param else t.detach().float().cpu().clone()
-                    for name, t, is_param in members}
+                    for name, t, is_param in members if not int8_trained.is_placeholder(t)}
             yield from self.to_plain(part, self.options).items()
 
     def export_weights(self, engine) -> dict[str, torch.Tensor]:
@@ -388,8 +423,9 @@ class Method:
     @classmethod
     def to_plain(cls, state: dict[str, torch.Tensor], options: Any) -> dict[str, torch.Tensor]:
         """Turn a full state dict of a model this method prepared into the plain model's
-        (adapters merged). Used for stage hand-over, ``init_from`` and export."""
-        return state
+        (adapters merged; int8 weights dequantised). Used for stage hand-over, ``init_from`` and
+        export."""
+        return int8_weights.dequantised(state)
 
 
 _LM = LMObjective()

@@ -148,10 +148,15 @@ def store_bases(model: nn.Module) -> int:
 
 
 def dequantised(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` (a full state dict) with every int8 base replaced by its fp32 value and its
-    scales dropped; a new dict, ``state`` unchanged."""
+    """``state`` (a full state dict) with every int8 weight replaced by its fp32 value and its
+    scales dropped; a new dict, ``state`` unchanged. Both layouts: a frozen base's (codes under
+    ``weight``, and a trained int8 weight's in a checkpoint) and a live trained one's (codes
+    under ``weight_codes``, beside its placeholder ``weight`` and update count:
+    ``model.int8_trained``)."""
     out = dict(state)
     for key in [k for k in state if k.endswith("." + SCALE_KEY)]:
         prefix = key[: -len(SCALE_KEY) - 1]
-        out[f"{prefix}.weight"] = dequantise(out[f"{prefix}.weight"], out.pop(key))
+        codes = out.pop(f"{prefix}.weight_codes", None)
+        out.pop(f"{prefix}.weight_updates", None)
+        out[f"{prefix}.weight"] = dequantise(out[f"{prefix}.weight"] if codes is None else codes, out.pop(key))
     return out

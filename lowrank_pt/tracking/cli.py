@@ -33,6 +33,7 @@ PLAN_ROWS = (
     ("refresh_kept_on_host", "GaLore refresh in backward or by sketch: new bases kept in host memory until the step"),
     ("zero_transient", "gradient reduce bucket (stages 1-2 during backward; stage 0's flattened all-reduce bucket)"),
     ("step_cache", "GaLore W_eff kept through each step (forward path step)"),
+    ("int8_step", "an int8 weight's step: the matrix dequantised in fp32 (the largest)"),
     ("total", "peak estimate"),
 )
 
@@ -82,7 +83,8 @@ def plan_markdown(p) -> str:
         value = p.bytes.get(key, 0)
         bold = "**" if key in ("resident", "total") else ""
         lines.append(f"| {bold}{label}{bold} | {value / GIB:.2f} | {value:,} |")
-    lines += ["", "peak estimate = resident + activations + the larger of the two transients."]
+    lines += ["", "peak estimate = resident + activations + the larger of the step's transients (a refresh "
+              "and an int8 weight's step together) and the gradient bucket."]
     return "\n".join(lines)
 
 
@@ -223,7 +225,8 @@ def register(subparsers) -> None:
     pl.add_argument("--master-weights", default="fp32", choices=("fp32", "bf16"),
                     help="the weights the optimizer updates (engine.master_weights; bf16 with --precision bf16)")
     pl.add_argument("--weight-dtype", default="bf16", choices=("bf16", "int8"),
-                    help="how frozen bases are stored (engine.weight_dtype; int8 for lora/relora/galore)")
+                    help="how weights are stored (engine.weight_dtype): int8 frozen bases (lora, relora, "
+                         "galore) or int8 updated weights (other methods, ZeRO 0, --master-weights bf16)")
     pl.add_argument("--grad-accum-dtype", default=None, choices=("fp32", "bf16"),
                     help="DeepSpeed's gradient accumulation dtype (engine.grad_accum_dtype; fp32 counts at ZeRO 1)")
     pl.add_argument("--update", default="step", choices=("step", "per_layer"),

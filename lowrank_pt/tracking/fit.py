@@ -15,7 +15,8 @@ activation_checkpointing   a second forward of every block in backward (~1/3 mor
 update per_layer           no global gradient clipping (the update itself is exact) 0.5
 state_dtype bf16 / int8    rounded Adam moments (BENCHMARKS.md: quality)            1 / 2
 master_weights bf16        stochastically rounded weights instead of fp32 masters   2
-weight_dtype int8          int8 frozen bases (lora, relora, galore)                  3
+weight_dtype int8          int8 frozen bases (lora, relora, galore) or int8 weights  3
+                           updated with stochastic rounding (other methods, ZeRO 0)
 GaLore's subspace          refresh=backward svd=randomized (one micro-batch per     0.5 / 1
                            step, a randomized solve) / svd=sketch
 projector_dtype bf16       galore, galore_weights: bases rounded once per refresh   0.5
@@ -26,6 +27,7 @@ zero_stage k               communication (k = 1, 2, 3; only with more than one G
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 from dataclasses import dataclass
 
 from lowrank_pt import methods
@@ -110,7 +112,7 @@ def allowed(method: str, options: dict, setting: dict, precision: str, grad_accu
         check_update(engine, setting["update"])
         cls = methods.METHODS[method]
         if setting["weight_dtype"] == "int8" and not cls.has_frozen_base:
-            return False
+            cls.check_int8_updated(SimpleNamespace(engine=engine))
         if setting["update"] == "per_layer":
             stage = StageConfig(method=method, steps=1, options=dict(options), update="per_layer")
             cls.check_per_layer(methods.parse_options(method, options), stage, None)

@@ -66,7 +66,7 @@ from lowrank_pt import methods
 from lowrank_pt.config.recipe import OptimizerConfig, StageConfig
 from lowrank_pt.core.owners import owned_bytes
 from lowrank_pt.methods.base import Method
-from lowrank_pt.model import int8_weights
+from lowrank_pt.model import int8_trained, int8_weights
 from lowrank_pt.model.llama import LlamaModel
 from lowrank_pt.zero.held import STATE_CATEGORIES
 from lowrank_pt.zero.method_buffers import is_method_buffer
@@ -110,7 +110,12 @@ class Layout:
     method_params: list[tuple[int, int]] = field(default_factory=list)
     frozen_int8: list[int] = field(default_factory=list)
     """Elements of frozen bases stored as int8 codes (``engine.weight_dtype: int8``), 1 byte each
-    (their fp32 scales are method buffers, in ``method_params``)."""
+    (their fp32 scales are method buffers, in ``method_params``); also the codes of int8 weights
+    the method updates."""
+    int8_trained: list[int] = field(default_factory=list)
+    """Elements of each trained weight stored as int8 codes (``model.int8_trained``): in ``groups``
+    (their states and gradients are full-size) but holding one bf16 element each as params, and
+    dequantised in fp32 one at a time at the step."""
     total_params: int = 0
     optimizer_formula: Optional[Callable[[int, int, int, int], int]] = field(default=None, repr=False)
     """``(zero_stage, world, rank, sub_group_size) -> bytes`` of optimizer state: the method's
@@ -139,11 +144,10 @@ def layout(model_cfg, method: str = "full", options: dict | None = None, weight_
         model = LlamaModel(model_cfg)
         m = methods.METHODS[method](parsed, stage, None)
         m.prepare_model(model)
-        if weight_dtype == "int8":
-            if not m.has_frozen_base:
-                raise ValueError(f"weight_dtype int8 with method {method}: int8 storage is built for frozen bases "
-                                 "(lora, relora, galore)")
+        if weight_dtype == "int8" and m.has_frozen_base:
             int8_weights.store_bases(model)
+        elif weight_dtype == "int8":  # the weights the method updates (ZeRO 0: config checks it)
+            int8_trained.store(model)
         groups = m.param_groups(model)
     trainable_ids = {id(p) for g in groups for p in g["params"]}
     seen, frozen, method_params = set(), [], []
@@ -177,9 +181,10 @@ def layout(model_cfg, method: str = "full", options: dict | None = None, weight_
     return Layout(groups=[[p.numel() for p in g["params"]] for g in groups], frozen=frozen,
                   buffer_bytes=buffer_bytes, captures=captures, held=held, held_past_step=past, working=working,
                   working_per_token=per_token,
-                  method_params=method_params, frozen_int8=frozen_int8, every_gradient_steps=m.needs_every_gradient(0),
-                  total_params=sum(p.numel() for n, p in model.named_parameters()
-                                   if not n.endswith(int8_weights.SCALE_KEY)),  # an int8 base counts once
+                  method_params=method_params, frozen_int8=frozen_int8,
+                  int8_trained=int8_trained.stored_numel(model), every_gradient_steps=m.needs_every_gradient(0),
+                  total_params=sum(p.numel() for n, p in model.named_parameters()  # an int8 weight counts once
+                                   if not n.endswith((int8_weights.SCALE_KEY, int8_trained.CODES_KEY))),
                   optimizer_formula=lambda stage, world, rank, sub: m.optimizer_state_bytes(shapes, stage, world,
                                                                                             rank, sub),
                   step_cache=m.step_cache_bytes)
@@ -235,6 +240,7 @@ def state_bytes(lay: Layout, zero_stage: int, world: int, precision: str, rank: 
     else:
         raise ValueError(f"zero_stage={zero_stage}: allowed 0, 1, 2, 3")
     out["params"] += sum(piece_of(n, W) if zero_stage == 3 else n for n in lay.frozen_int8)  # 1 byte each
+    out["params"] -= sum(n - 1 for n in lay.int8_trained) * b  # a trained int8 weight's param: one element
     return out
 
 
@@ -340,10 +346,13 @@ def plan(model_cfg, method: str = "full", options: dict | None = None, zero_stag
         sizes = [n for g in lay.groups for n in g]
         out["zero_transient"] = allreduce_bucket_numel(sizes) * DTYPE_BYTES[precision]
     out["step_cache"] = lay.step_cache(tokens, grad_accum, zero_stage, precision)
+    out["int8_step"] = int8_trained.largest_step_bytes(lay.int8_trained)
     resident = sum(out[c] for c in (*STATE_CATEGORIES, "zero_buffers"))
     out["resident"] = resident
-    out["total"] = resident + out["activations"] + out["step_cache"] + max(out["method_transient"] + out["refresh_working"],
-                                                         out["zero_transient"])
+    # A gradient bucket is all-reduced and freed before the step; a projected optimizer's refresh
+    # runs inside the step of its matrix, while that matrix is dequantised (an int8 weight).
+    out["total"] = resident + out["activations"] + out["step_cache"] + max(
+        out["method_transient"] + out["refresh_working"] + out["int8_step"], out["zero_transient"])
     inputs = {"size": model_cfg.size, "method": method, "options": dict(options or {}), "zero_stage": zero_stage,
               "world": world, "micro_batch": micro_batch, "grad_accum": grad_accum, "seq_len": seq_len,
               "precision": precision,

@@ -51,7 +51,7 @@ def materialise(build_model: Callable[[], torch.nn.Module], method, ds_config: d
     gc.collect()
     release_host_heap()
     engine_cfg = method.run.engine
-    optimizer = method.build_optimizer(method.param_groups(model), method.stage, engine_cfg)
+    optimizer = method.make_optimizer(model)
     engine = initialize(model, optimizer, method.lr_lambda(total_steps), ds_config, masters=held,
                         cast_to=torch.bfloat16 if bf16_params(engine_cfg) else None)
     release_host_heap()  # the per-param copies DeepSpeed flattened into its buffers

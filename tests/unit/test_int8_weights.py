@@ -145,9 +145,12 @@ def test_the_config_refuses_int8_bases_where_they_cannot_work():
     said = refusal("lora", "fp32", weight_dtype="int8")  # precision fp32
     assert "engine.weight_dtype=int8" in said and "engine.precision=fp32" in said
     assert refusal("relora", "fp32", precision="bf16", weight_dtype="int8", zero_stage=3) is None
-    for method in ("full", "apollo_mini"):  # no frozen base: the weights are the optimizer's
-        said = refusal(method, "fp32", precision="bf16", weight_dtype="int8")
-        assert "engine.weight_dtype=int8" in said and f"method={method}" in said
+    for method in ("full", "apollo_mini", "galore_weights"):  # no frozen base: int8 updated weights
+        assert refusal(method, "int8", precision="bf16", weight_dtype="int8", master_weights="bf16") is None
+        said = refusal(method, "fp32", precision="bf16", weight_dtype="int8")  # fp32 masters
+        assert "engine.weight_dtype=int8" in said and "engine.master_weights=fp32" in said and f"method={method}" in said
+        said = refusal(method, "fp32", precision="bf16", weight_dtype="int8", master_weights="bf16", zero_stage=1)
+        assert "engine.weight_dtype=int8" in said and "engine.zero_stage=1" in said
     said = refusal("lora", "fp32", precision="bf16", weight_dtype="int8", options={"base_in_fp32": True})
     assert "base_in_fp32" in said and "weight_dtype=int8" in said
     assert "engine.weight_dtype" in refusal("lora", "fp32", precision="bf16", weight_dtype="int4")
