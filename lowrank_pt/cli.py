@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lowrank_pt.checkpoint import export
+from lowrank_pt.checkpoint import cli as export_cli
 from lowrank_pt.checkpoint.export import load_model
 from lowrank_pt.core.errors import DataError
 from lowrank_pt.core.failures import debug_from_env, run_guarded
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data_cli.register(sub)
     tracking_cli.register(sub)
-    export.register(sub)
+    export_cli.register(sub)
     register_generate(sub)
     return parser
 

@@ -3,8 +3,9 @@
 ``export_hf(run_dir_or_checkpoint, out_dir)`` writes a directory that
 ``transformers.AutoModelForCausalLM`` and ``AutoTokenizer`` load offline:
 
-    config.json         LlamaForCausalLM: our shape, rms_norm_eps, rope_theta, no biases,
-                        num_key_value_heads = num_heads, max_position_embeddings = seq_len,
+    config.json         LlamaForCausalLM (Qwen2ForCausalLM with q/k/v biases): our shape,
+                        rms_norm_eps, rope_theta and scaling, num_key_value_heads, head_dim,
+                        max_position_embeddings = seq_len,
                         tie_word_embeddings, bos/eos/pad ids; plus a "lowrank_pt" entry (our
                         ModelConfig and where the weights came from) that transformers ignores
     model.safetensors   model.embed_tokens.weight, model.layers.N.*, model.norm.weight,
@@ -21,8 +22,9 @@ RoPE (rotate-half, ``cat(freqs, freqs)``), RMSNorm (fp32 normalisation, weight a
 cast back) and SwiGLU match ``LlamaForCausalLM`` exactly, and logits agree to float rounding.
 
 The weights are ``checkpoint.load_plain_weights``: any ZeRO stage and rank count, the saving stage's
-low-rank adapters merged. ``import_hf`` reads such a directory (or any Llama checkpoint of the
-same architecture) back into our ModelConfig and state dict, e.g. for ``stages.N.init_from``.
+low-rank adapters merged. ``import_hf`` reads such a directory, or an open model of the Llama,
+Mistral or Qwen2 families (``hf_import``), back into our ModelConfig and state dict; a run's
+``stages.N.init_from`` streams it (``init_weights_streamed``).
 """
 
 from __future__ import annotations
@@ -34,15 +36,17 @@ import shutil
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import sentencepiece as spm
 import torch
 import yaml
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lowrank_pt.checkpoint import store as checkpoint
+from lowrank_pt.checkpoint.hf_import import (FAMILIES, WEIGHTS, config_from_hf, is_hf_dir, read_config, stored_shapes,
+                                             stream_weights)
 from lowrank_pt.data import Tokenizer
 from lowrank_pt.data.config import DataConfig
 from lowrank_pt.data.prepare import tokenizer_for
@@ -50,19 +54,12 @@ from lowrank_pt.model.llama import MODEL_SIZES, LlamaModel, ModelConfig, resolve
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS = "model.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The template of lowrank_pt.data.sft in Jinja, for tokenizer.apply_chat_template.
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
 )
-
-
-def is_hf_dir(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a Hugging Face model directory (config.json and safetensors weights)."""
-    p = Path(path)
-    return (p / "config.json").is_file() and ((p / WEIGHTS).is_file() or (p / f"{WEIGHTS}.index.json").is_file())
 
 
 # --- finding what a checkpoint was made with ----------------------------------------------------
@@ -100,18 +97,12 @@ def run_data_config(config_path: str | os.PathLike):
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), data or {}))
 
 
-def init_source_config(path: str) -> ModelConfig:
+def init_source_config(path: str, seq_len: int | None = None) -> ModelConfig:
     """The ModelConfig of the weights a ``stages.N.init_from`` path names, read without loading
     them: an exported Hugging Face dir's config.json, or the meta.json of a checkpoint (a run
     dir's newest), which must verify. ValueError / OSError say what is wrong."""
     if is_hf_dir(path):
-        where = os.path.join(path, "config.json")
-        try:
-            return config_from_hf(json.loads(Path(where).read_text(encoding="utf-8")), where)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{where} is unreadable ({e})") from None
-        except KeyError as e:
-            raise ValueError(f"{where} lacks {e}") from None
+        return hf_source_config(path, seq_len)
     ckpt = checkpoint.resolve(path)
     problem = checkpoint.verify(ckpt)
     if problem:
@@ -124,24 +115,34 @@ def init_source_config(path: str) -> ModelConfig:
 
 def hf_config(cfg: ModelConfig, bos_id: int, eos_id: int, pad_id: int, dtype: str = "float32",
               extra: Optional[dict] = None) -> dict:
-    """config.json of LlamaForCausalLM for a resolved ModelConfig."""
+    """config.json of a resolved ModelConfig: LlamaForCausalLM, or Qwen2ForCausalLM where the
+    model has q/k/v biases (Llama's attention_bias would bias o_proj too)."""
+    family = "qwen2" if cfg.attention_bias else "llama"
+    rope = {"rope_type": cfg.rope_scaling or "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling:
+        rope["factor"] = cfg.rope_factor
+    if cfg.rope_scaling == "llama3":
+        rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor)
+    if cfg.rope_scaling in ("llama3", "dynamic"):
+        rope["original_max_position_embeddings"] = cfg.rope_original_max_positions
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [FAMILIES[family]],
+        "model_type": family,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_heads,
-        "head_dim": cfg.hidden_size // cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": cfg.seq_len,
+        # dynamic NTK scaling raises the base against it: the original context, not ours
+        "max_position_embeddings": cfg.rope_original_max_positions if cfg.rope_scaling == "dynamic" else cfg.seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,  # transformers 4.x
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # transformers 5
-        "rope_scaling": None,
-        "attention_bias": False,
+        "rope_parameters": rope,  # transformers 5
+        "rope_scaling": {k: v for k, v in rope.items() if k != "rope_theta"} if cfg.rope_scaling else None,
+        "attention_bias": cfg.attention_bias,
         "attention_dropout": 0.0,
         "mlp_bias": False,
         "pretraining_tp": 1,
@@ -217,8 +218,11 @@ def write_tokenizer(tokenizer_path: str, out_dir: str | Path, seq_len: int) -> N
 
 
 def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | os.PathLike,
-            tokenizer_path: Optional[str] = None, dtype: str = "float32", extra: Optional[dict] = None) -> str:
-    """Write a plain state dict of our model as a Hugging Face Llama directory; returns its path."""
+            tokenizer_path: Optional[str] = None, dtype: str = "float32", extra: Optional[dict] = None,
+            max_shard_bytes: int = 5 * 10**9) -> str:
+    """Write a plain state dict of our model as a Hugging Face Llama directory; returns its path.
+    Weights beyond ``max_shard_bytes`` go to shards ``model-0000i-of-0000n.safetensors`` with
+    ``model.safetensors.index.json``, as transformers writes them."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: allowed {list(DTYPES)}")
     out = Path(out_dir)
@@ -231,13 +235,39 @@ def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | os.
         ids = (tok.bos_id, tok.eos_id, tok.pad_id)
     else:
         ids = (1, 2, 3)  # the fixed ids of our trained tokenizers (lowrank_pt.data.tokenizer)
-    tmp = out / f".{WEIGHTS}.tmp-{os.getpid()}"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / WEIGHTS)
+    write_shards(tensors, out, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(hf_config(cfg, *ids, dtype, extra), indent=2) + "\n")
     if tokenizer_path is not None:
         write_tokenizer(tokenizer_path, out, cfg.seq_len)
     return str(out)
+
+
+def write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
+    """``tensors`` as one safetensors file, or shards of at most ``max_shard_bytes`` (a larger
+    tensor alone in its shard) with an index; each file written under a temporary name and
+    renamed, and the files of an earlier export of another layout removed."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    names = [WEIGHTS] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                                for i in range(len(shards))]
+    for stale in [*out.glob("model-*-of-*.safetensors"), out / WEIGHTS, out / f"{WEIGHTS}.index.json"]:
+        if stale.name not in names:
+            stale.unlink(missing_ok=True)
+    for name, shard in zip(names, shards):
+        tmp = out / f".{name}.tmp-{os.getpid()}"
+        save_file(shard, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, out / name)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+        (out / f"{WEIGHTS}.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def plain_checkpoint(path: str) -> tuple[str, ModelConfig, dict[str, torch.Tensor]]:
@@ -255,7 +285,7 @@ def plain_checkpoint(path: str) -> tuple[str, ModelConfig, dict[str, torch.Tenso
 
 
 def export_hf(checkpoint_path_or_run_dir: str, out_dir: str, tokenizer_path: Optional[str] = None,
-              dtype: str = "float32") -> str:
+              dtype: Optional[str] = None, max_shard_bytes: int = 5 * 10**9) -> str:
     """Consolidate a checkpoint (a run dir's newest, or one checkpoint dir; any ZeRO stage and rank
     count) into a Hugging Face Llama directory, adapters merged; returns ``out_dir``.
 
@@ -263,10 +293,23 @@ def export_hf(checkpoint_path_or_run_dir: str, out_dir: str, tokenizer_path: Opt
     """
     ckpt, cfg, state = plain_checkpoint(checkpoint_path_or_run_dir)
     meta = checkpoint.read_meta(ckpt)
+    dtype = dtype or ("bfloat16" if meta.get("precision") == "bf16" else "float32")
     tokenizer_path = tokenizer_path or find_tokenizer(ckpt)
     extra = {"source": os.path.abspath(ckpt), "method": meta.get("method"),
              "stage": meta.get("stage_name"), "global_step": meta.get("global_step")}
-    return save_hf(state, cfg, out_dir, tokenizer_path, dtype, extra)
+    return save_hf(state, cfg, out_dir, tokenizer_path, dtype, extra, max_shard_bytes)
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size written as 500MB, 5GB, 2GiB or a plain number."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for unit, factor in units.items():
+        if t.endswith(unit) and t[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[: -len(unit)]) * factor)
+    if t.isdigit():
+        return int(t)
+    raise ValueError(f"--max-shard-size {text!r}: give a size such as 500MB or 5GB")
 
 
 # --- import ------------------------------------------------------------------------------------
@@ -278,73 +321,33 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
-    """Our ModelConfig for a Llama config.json; ValueError for what our model cannot represent."""
-    if hf.get("model_type") != "llama":
-        raise ValueError(f"{where}: model_type={hf.get('model_type')!r}, only 'llama' is supported")
-    heads = hf["num_attention_heads"]
-    checks = {
-        "num_key_value_heads": (hf.get("num_key_value_heads", heads), heads),
-        "head_dim": (hf.get("head_dim") or hf["hidden_size"] // heads, hf["hidden_size"] // heads),
-        "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
-        "attention_bias": (hf.get("attention_bias", False), False),
-        "mlp_bias": (hf.get("mlp_bias", False), False),
-    }
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    checks["rope_type"] = (rope.get("rope_type", rope.get("type", "default")), "default")
-    for key, (value, ours) in checks.items():
-        if value != ours:
-            raise ValueError(f"{where}: {key}={value!r} is not supported (our model has {ours!r})")
-    saved = (hf.get("lowrank_pt") or {}).get("model", {})
-    shape = dict(hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
-                 num_layers=hf["num_hidden_layers"], num_heads=heads)
-    size = saved.get("size") or next((name for name, s in MODEL_SIZES.items() if s == shape), "tiny")
-    return ModelConfig(
-        size=size, **shape, vocab_size=hf["vocab_size"],
-        seq_len=hf.get("max_position_embeddings", saved.get("seq_len", 256)),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        init_std=hf.get("initializer_range", 0.02),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        activation_checkpointing=saved.get("activation_checkpointing", False),
-    )
-
-
-def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    index = directory / f"{WEIGHTS}.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = [WEIGHTS]
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(load_file(str(directory / name)))
-    return state
-
-
-def import_hf(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Our ModelConfig and plain state dict from a Hugging Face Llama directory. Tensors keep the
-    stored dtype (an exact round trip); ``LlamaModel.load_state_dict`` casts into its params."""
+def hf_source_config(directory: str | os.PathLike, seq_len: int | None = None) -> ModelConfig:
+    """The ModelConfig of a Hugging Face directory (``hf_import.config_from_hf``), its tensors'
+    names and shapes checked against it from the file headers (no tensor is read)."""
     directory = Path(directory)
     if not is_hf_dir(directory):
         raise FileNotFoundError(f"{directory} is not a Hugging Face model dir (config.json + {WEIGHTS})")
-    cfg = config_from_hf(json.loads((directory / "config.json").read_text()), str(directory / "config.json"))
-    state = {}
-    for name, tensor in _read_safetensors(directory).items():
-        if name.endswith("rotary_emb.inv_freq"):
-            continue  # derived from the config, as our rope tables
-        state[name if name == "lm_head.weight" else name.removeprefix("model.")] = tensor
-    if cfg.tie_embeddings and "embed_tokens.weight" in state:
-        state.setdefault("lm_head.weight", state["embed_tokens.weight"])
-    expected = _expected_shapes(cfg)
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    cfg = config_from_hf(read_config(directory), str(directory / "config.json"), seq_len)
+    expected, stored = _expected_shapes(cfg), stored_shapes(directory)
+    if cfg.tie_embeddings:
+        stored.setdefault("lm_head.weight", stored.get("embed_tokens.weight"))
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{directory}: weights do not fit the config: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != expected[name]:
-            raise ValueError(f"{directory}: {name} has shape {tuple(tensor.shape)}, the config says {expected[name]}")
-    return cfg, state
+    for name, shape in stored.items():
+        if shape != expected[name]:
+            raise ValueError(f"{directory}: {name} has shape {shape}, the config says {expected[name]}")
+    return cfg
+
+
+def import_hf(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Our ModelConfig and plain state dict from a Hugging Face directory (Llama, Mistral, Qwen2
+    families: ``hf_import``), whole, for export round trips and ``generate``. Tensors keep the
+    stored dtype (an exact round trip); ``LlamaModel.load_state_dict`` casts into its params. A
+    run's ``init_from`` streams them instead (``hf_import.stream_weights``)."""
+    cfg = hf_source_config(directory)
+    return cfg, dict(stream_weights(directory, cfg.tie_embeddings))
 
 
 def load_init_weights(path: str) -> dict[str, torch.Tensor]:
@@ -355,21 +358,16 @@ def load_init_weights(path: str) -> dict[str, torch.Tensor]:
     return plain_checkpoint(path)[2]
 
 
+def init_weights_streamed(path: str) -> Iterator[tuple[str, torch.Tensor]] | None:
+    """``stages.N.init_from``'s weights one tensor at a time, for a Hugging Face dir (every rank
+    reads the files itself; a ZeRO-3 rank keeps its partition of each); None for a run's checkpoint,
+    which ``load_init_weights`` reads whole."""
+    if not is_hf_dir(path):
+        return None
+    return ((name, t.float()) for name, t in stream_weights(path))
+
+
 # --- command line ------------------------------------------------------------------------------
-
-
-def _export_command(args) -> int:
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        print(f"error: export --out {args.out} is a file; give a directory (new, or one to overwrite)",
-              file=sys.stderr)
-        return 2
-    try:
-        out = export_hf(args.source, args.out, args.tokenizer, args.dtype)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
 
 
 def load_model(source: str, tokenizer_path: Optional[str] = None, dtype: torch.dtype = torch.float32):
@@ -384,13 +382,3 @@ def load_model(source: str, tokenizer_path: Optional[str] = None, dtype: torch.d
     model = LlamaModel(resolve(cfg))
     model.load_state_dict(state)
     return model.to(dtype).eval(), Tokenizer(tokenizer_path)
-
-
-def register(subparsers) -> None:
-    """Add ``export`` to the ``lowrank-pt`` subcommands."""
-    p = subparsers.add_parser("export", help="write a checkpoint as a Hugging Face Llama dir (adapters merged)")
-    p.add_argument("source", metavar="RUN_DIR", help="run dir (its newest checkpoint) or one checkpoint dir")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--tokenizer", default=None, help="sentencepiece .model; default: the run's own")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the saved weights")
-    p.set_defaults(func=_export_command)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from typing import Any, Optional
 
 import yaml
@@ -127,8 +128,32 @@ def load(path: Optional[str], overrides: list[str] = (), environment: bool = Tru
         run: RunConfig = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise _om_error(e, path or "config") from None
+    if run.model.size == INIT_FROM:
+        run.model = model_of_init_from(run)
     validate(run, environment=environment)
     return run
+
+
+INIT_FROM = "init_from"
+"""``model.size: init_from``: the model of the first stage's ``init_from`` weights."""
+
+
+def model_of_init_from(run: RunConfig) -> ModelConfig:
+    """The model the first stage with an ``init_from`` starts from (a Hugging Face dir's
+    config.json, a checkpoint's meta.json): every shape, RoPE and norm field is theirs; seq_len
+    and activation checkpointing stay the run's."""
+    stage = next((s for s in run.stages if s.init_from), None)
+    if stage is None:
+        raise ConfigError("model.size=init_from takes the model of a stage's init_from, and no stage has one; "
+                          "set stages.N.init_from, or a named size")
+    if not os.path.exists(stage.init_from):
+        raise ConfigError(f"model.size=init_from: stages ({stage.name}).init_from={stage.init_from}: no such file "
+                          "or directory (a Hugging Face dir, a run dir or a checkpoint dir)")
+    try:
+        source = init_source_config(stage.init_from, run.model.seq_len)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.size=init_from: {stage.name}.init_from={stage.init_from}: {e}") from None
+    return replace(source, seq_len=run.model.seq_len, activation_checkpointing=run.model.activation_checkpointing)
 
 
 def tokens_per_step(stage: StageConfig, run: RunConfig, world: int | None = None) -> int:
@@ -201,8 +226,9 @@ def _validate_hand_overs(run: RunConfig) -> None:
 def _validate_model(run: RunConfig, environment: bool) -> ModelConfig:
     m = run.model
     if m.size not in MODEL_SIZES:
-        choice("model.size", m.size, sorted(MODEL_SIZES))
-    for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size"):
+        choice("model.size", m.size, [*sorted(MODEL_SIZES), INIT_FROM])
+    for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                "vocab_size"):
         value = getattr(m, key)
         if value is not None and value < 1:
             raise ConfigError(f"model.{key}={value} must be >= 1 (or null: the size's value)")
@@ -331,7 +357,7 @@ def _check_init_from(path: str, key: str, model_cfg: ModelConfig) -> None:
         raise ConfigError(f"{key}={path}: no such file or directory (a run dir, a checkpoint dir or an "
                           "exported Hugging Face dir)")
     try:
-        saved = init_source_config(path)
+        saved = init_source_config(path, model_cfg.seq_len)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key}={path}: {e}") from None
     differs = shape_difference(saved, model_cfg)

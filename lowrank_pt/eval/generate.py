@@ -33,31 +33,31 @@ class Generation:
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, per layer: [batch, heads, max_len, head_dim]."""
+    """Keys and values of the positions seen so far, per layer: [batch, kv heads, max_len, head_dim]."""
 
     def __init__(self, model: LlamaModel, batch_size: int = 1, max_len: Optional[int] = None):
         cfg = model.cfg
         self.max_len = max_len or cfg.seq_len
-        head_dim = cfg.hidden_size // cfg.num_heads
         weight = model.embed_tokens.weight
-        shape = (batch_size, cfg.num_heads, self.max_len, head_dim)
+        shape = (batch_size, cfg.num_kv_heads, self.max_len, cfg.head_dim)
         self.keys = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in model.layers]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.length = 0
 
 
 def _attention(attn, x, cos, sin, keys, values, start: int):
-    b, t, d = x.shape
+    b, t, _ = x.shape
     q, k, v = attn.project(x, cos, sin)
     end = start + t
     keys[:, :, start:end] = k
     values[:, :, start:end] = v
     if start == 0:  # prefill from empty: the training forward's own kernel
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=attn.grouped)
     else:  # query i sits at position start + i and sees keys 0 .. start + i
         mask = None if t == 1 else torch.ones(t, end, dtype=torch.bool, device=x.device).tril(start)
-        out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask)
-    return attn.o_proj(out.transpose(1, 2).reshape(b, t, d))
+        out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
+                                             enable_gqa=attn.grouped)
+    return attn.o_proj(out.transpose(1, 2).reshape(b, t, attn.num_heads * attn.head_dim))
 
 
 @torch.no_grad()

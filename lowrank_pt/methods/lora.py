@@ -98,6 +98,11 @@ class LoRAOptions(MethodOptions):
     output's row over the input dimension (a constant in the backward, as peft's default) and m a
     trainable magnitude per output (initialised to ‖V‖_row: the same function; no weight
     decay). Merged as m ⊙ V/‖V‖_row at hand-over and export. Costs one m×n·r product per forward."""
+    train_full_rank: bool = True
+    """Train the params no adapter wraps (embeddings, norms, the head, linears left unwrapped) at
+    full rank, as the ReLoRA paper's LoRA baseline. false freezes them, as peft does: the stage
+    then trains the adapters alone, and ``lowrank-pt export --adapter`` can write it as a peft
+    adapter (an adapter cannot carry full-rank changes)."""
     lora_ga_gamma: float = 16.0
     """init=lora_ga: γ of the stable scale ζ = m^¼/√γ of the factors."""
     base_in_fp32: bool = False
@@ -160,6 +165,10 @@ class LoRA(Method):
         self.wrapped = wrap_linears(model, o.target_modules, o.rank, o.alpha, o.dropout, seed=o.seed,
                                     scaling=o.scaling, dora=o.dora, base_in_fp32=o.base_in_fp32)
         check_init_fits(o, [(n, m.out_features, m.in_features) for n, m in lowrank_modules(model)])
+        if not o.train_full_rank:
+            adapters = {id(p) for _, m in lowrank_modules(model) for p in m.adapter_params()}
+            for p in model.parameters():
+                p.requires_grad_(id(p) in adapters)
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         """The base groups (weight decay on matrices only; DoRA's magnitudes are vectors: none),

@@ -23,7 +23,9 @@ from lowrank_pt.zero.params import gathered
 class ModelConfig:
     size: str = "tiny"
     """Named size: one of MODEL_SIZES (tiny, small, demo, 60m, 130m, 350m, 1b, 7b); the fields
-    below left at null take the size's values."""
+    below left at null take the size's values. ``init_from``: the model of the first stage's
+    init_from weights (a Hugging Face Llama, Mistral or Qwen2 dir, or a run's checkpoint): every
+    shape, RoPE and norm field is theirs; seq_len and activation_checkpointing stay these."""
     hidden_size: Optional[int] = None
     """Width of the residual stream."""
     intermediate_size: Optional[int] = None
@@ -31,13 +33,33 @@ class ModelConfig:
     num_layers: Optional[int] = None
     """Number of decoder blocks."""
     num_heads: Optional[int] = None
-    """Attention heads; hidden_size must divide by it."""
+    """Attention (query) heads; hidden_size must divide by it unless head_dim is set."""
+    num_kv_heads: Optional[int] = None
+    """Key/value heads (grouped-query attention: each serves num_heads / num_kv_heads query heads,
+    as Llama 3, Mistral and Qwen2 do); null: num_heads (multi-head attention)."""
+    head_dim: Optional[int] = None
+    """Width of one head; null: hidden_size / num_heads (set where a model's differs)."""
+    attention_bias: bool = False
+    """Biases on the query, key and value projections (Qwen2's); the output projection has none."""
     vocab_size: Optional[int] = None
     """Vocabulary size; null takes it from the tokenizer (the usual case)."""
     seq_len: int = 256
     """Training sequence length (tokens per sample) and RoPE table length."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
+    rope_scaling: Optional[str] = None
+    """RoPE frequency scaling as Hugging Face defines it: null (none), llama3 (Llama 3.1's
+    piecewise scaling by rope_factor between the low and high frequency factors), linear
+    (positions divided by rope_factor) or dynamic (NTK: the base raised for seq_len past
+    rope_original_max_positions, computed once for seq_len)."""
+    rope_factor: float = 1.0
+    """The scaling's factor (rope_scaling's ``factor``)."""
+    rope_low_freq_factor: float = 1.0
+    """llama3: wavelengths longer than rope_original_max_positions / this are divided by rope_factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3: wavelengths shorter than rope_original_max_positions / this are kept."""
+    rope_original_max_positions: Optional[int] = None
+    """llama3 and dynamic: the context the model was pre-trained with (original_max_position_embeddings)."""
     norm_eps: float = 1e-6
     """RMSNorm epsilon."""
     init_std: float = 0.02
@@ -70,11 +92,25 @@ def resolve(cfg: ModelConfig, vocab_size: Optional[int] = None) -> ModelConfig:
     out = replace(cfg, **filled)
     if out.vocab_size is None:
         out = replace(out, vocab_size=vocab_size if vocab_size is not None else 32000)
-    if out.hidden_size % out.num_heads or (out.hidden_size // out.num_heads) % 2:
-        raise ValueError(
-            f"model.hidden_size={out.hidden_size} must divide into num_heads={out.num_heads} heads of even width"
-        )
+    if out.head_dim is None:
+        if out.hidden_size % out.num_heads:
+            raise ValueError(f"model.hidden_size={out.hidden_size} must divide into num_heads={out.num_heads} heads "
+                             "(or set model.head_dim)")
+        out = replace(out, head_dim=out.hidden_size // out.num_heads)
+    if out.head_dim % 2:
+        raise ValueError(f"model.head_dim={out.head_dim} must be even (RoPE rotates pairs)")
+    if out.num_kv_heads is None:
+        out = replace(out, num_kv_heads=out.num_heads)
+    if out.num_kv_heads < 1 or out.num_heads % out.num_kv_heads:
+        raise ValueError(f"model.num_heads={out.num_heads} must be a multiple of num_kv_heads={out.num_kv_heads}")
+    if out.rope_scaling not in ROPE_SCALINGS:
+        raise ValueError(f"model.rope_scaling={out.rope_scaling!r}: allowed {list(ROPE_SCALINGS)}")
+    if out.rope_scaling in ("llama3", "dynamic") and out.rope_original_max_positions is None:
+        raise ValueError(f"model.rope_scaling={out.rope_scaling} needs model.rope_original_max_positions")
     return out
+
+
+ROPE_SCALINGS = (None, "llama3", "linear", "dynamic")
 
 
 class RMSNorm(nn.Module):
@@ -90,9 +126,31 @@ class RMSNorm(nn.Module):
         return xf.to(x.dtype) * self.weight
 
 
-def rope_tables(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+def inv_frequencies(cfg: "ModelConfig") -> torch.Tensor:
+    """RoPE's inverse frequencies (float64) of a resolved config, with its scaling (the arithmetic of
+    transformers' ``rope_init_fn`` for each type; dynamic for a sequence of seq_len tokens)."""
+    dim, theta = cfg.head_dim, cfg.rope_theta
+    if cfg.rope_scaling == "dynamic" and cfg.seq_len > cfg.rope_original_max_positions:
+        f, orig = cfg.rope_factor, cfg.rope_original_max_positions
+        theta = theta * ((f * cfg.seq_len / orig) - (f - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float64) / dim)
+    if cfg.rope_scaling == "linear":
+        inv_freq = inv_freq / cfg.rope_factor
+    elif cfg.rope_scaling == "llama3":
+        orig, f = cfg.rope_original_max_positions, cfg.rope_factor
+        low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > orig / low, inv_freq / f, inv_freq)
+        smooth = (orig / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / f + smooth * scaled
+        medium = (wavelen >= orig / high) & (wavelen <= orig / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_tables(cfg: "ModelConfig") -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = inv_frequencies(cfg)
+    angles = torch.outer(torch.arange(cfg.seq_len, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().float(), angles.sin().float()
 
@@ -106,29 +164,32 @@ def apply_rope(x, cos, sin):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.num_heads = cfg.num_heads
-        self.head_dim = cfg.hidden_size // cfg.num_heads
-        d = cfg.hidden_size
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
-        self.o_proj = nn.Linear(d, d, bias=False)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        d, q_width, kv_width = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(d, q_width, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, kv_width, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, kv_width, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q_width, d, bias=False)
+
+    @property
+    def grouped(self) -> bool:
+        """Whether key/value heads serve several query heads (scaled_dot_product_attention's enable_gqa)."""
+        return self.num_kv_heads != self.num_heads
 
     def project(self, x, cos, sin):
-        """Queries, keys and values [batch, heads, t, head_dim], RoPE applied (shared with the
-        KV-cache path of lowrank_pt.eval.generate)."""
+        """Queries [batch, heads, t, head_dim] and keys and values [batch, kv heads, t, head_dim],
+        RoPE applied (shared with the KV-cache path of lowrank_pt.eval.generate)."""
         b, t, _ = x.shape
-        shape = (b, t, self.num_heads, self.head_dim)
-        q = self.q_proj(x).view(shape).transpose(1, 2)
-        k = self.k_proj(x).view(shape).transpose(1, 2)
-        v = self.v_proj(x).view(shape).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x, cos, sin):
-        b, t, d = x.shape
+        b, t, _ = x.shape
         q, k, v = self.project(x, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, d))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.grouped)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -171,7 +232,7 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rope_tables(cfg.hidden_size // cfg.num_heads, cfg.seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg)
         # Not persistent: derived from the config, so checkpoints hold only learned weights.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -187,6 +248,8 @@ class LlamaModel(nn.Module):
             with gathered([p], modifier_rank=0):
                 if name.endswith("norm.weight") or "layernorm" in name:
                     p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
                 else:  # drawn in fp32 whatever p's dtype: the same values as an fp32 build cast later
                     scale = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
                     p.copy_(torch.empty(p.shape, dtype=torch.float32, device=p.device).normal_(0.0, scale))
@@ -214,12 +277,14 @@ class LlamaModel(nn.Module):
 def count_parameters(cfg: ModelConfig) -> int:
     """Parameter count of a resolved config, from the shapes alone (no allocation)."""
     d, f, L, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
-    per_layer = 4 * d * d + 3 * d * f + 2 * d
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    per_layer = 2 * d * q + 2 * d * kv + 3 * d * f + 2 * d + ((q + 2 * kv) if cfg.attention_bias else 0)
     embeddings = v * d * (1 if cfg.tie_embeddings else 2)
     return L * per_layer + embeddings + d
 
 
-SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size", "tie_embeddings")
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+              "attention_bias", "vocab_size", "tie_embeddings")
 """The model fields a checkpoint's weights depend on (a resume or init_from must match them)."""
 
 
@@ -252,5 +317,7 @@ def flops_per_token(cfg) -> int:
     smaller count.
     """
     d, f, L, v, t = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size, cfg.seq_len
-    n_matmul = L * (4 * d * d + 3 * d * f) + v * d  # block linears + output head
-    return 6 * n_matmul + 12 * L * d * t
+    q = cfg.num_heads * (cfg.head_dim or d // cfg.num_heads)
+    kv = (cfg.num_kv_heads or cfg.num_heads) * (cfg.head_dim or d // cfg.num_heads)
+    n_matmul = L * (2 * d * q + 2 * d * kv + 3 * d * f) + v * d  # block linears + output head
+    return 6 * n_matmul + 12 * L * q * t

@@ -220,6 +220,10 @@ class LowRankLinear(nn.Module):
         self.register_buffer("lora_scale", torch.tensor(self.scale, dtype=torch.float32))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    def adapter_params(self) -> list[nn.Parameter]:
+        """What the adapter trains: A, B and DoRA's magnitude."""
+        return [self.lora_A, self.lora_B, *([self.lora_magnitude] if self.dora else [])]
+
     def base_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """``W0`` in ``dtype`` (an fp32 base buffer is cast, an int8 one dequantised; a frozen
         param already is)."""

@@ -278,8 +278,10 @@ def activation_bytes(model_cfg, micro_batch: int, seq_len: int, precision: str,
     backward) and ``working`` (what is alive on top of it at the worst moment).
 
     Per token, for this LLaMA (SwiGLU, RMSNorm computed in fp32, fused attention that keeps no
-    T×T matrix): a block saves about ``(4f + 6d)·b + 16·d`` bytes (the MLP's four f-wide
-    tensors, attention's inputs/q/k/v/output, and the two fp32 vectors each RMSNorm keeps); the
+    T×T matrix): a block saves about ``(4f + 2d + 2q + 2kv)·b + 16·d`` bytes (the MLP's four
+    f-wide tensors; attention's two d-wide inputs, q and its output (q = heads × head_dim wide), k
+    and v (kv wide: fewer heads under grouped-query attention); ``(4f + 6d)·b`` with multi-head
+    attention; and the two fp32 vectors each RMSNorm keeps); the
     head keeps the fp32 log-probabilities, ``4·V``. Checked against autograd's saved tensors on
     CPU (within 12%, tests/unit/test_tracking.py::test_activation_estimate_matches_autograd). With
     activation checkpointing a block keeps only its input (``d·b``) and one block's activations
@@ -288,8 +290,9 @@ def activation_bytes(model_cfg, micro_batch: int, seq_len: int, precision: str,
     """
     b = DTYPE_BYTES[precision]
     d, f, L, V = model_cfg.hidden_size, model_cfg.intermediate_size, model_cfg.num_layers, model_cfg.vocab_size
+    q, kv = model_cfg.num_heads * model_cfg.head_dim, model_cfg.num_kv_heads * model_cfg.head_dim
     tokens = micro_batch * seq_len
-    block = (4 * f + 6 * d) * b + 16 * d
+    block = (4 * f + 2 * d + 2 * q + 2 * kv) * b + 16 * d
     head = 4 * V + 3 * d * 4 + 16  # log-probs, final norm, ids and labels
     if checkpointing:
         saved = tokens * (L * d * b + head)

@@ -24,7 +24,7 @@ import torch
 from lowrank_pt import methods
 from lowrank_pt.checkpoint import resume
 from lowrank_pt.checkpoint import store as checkpoint
-from lowrank_pt.checkpoint.export import load_init_weights
+from lowrank_pt.checkpoint.export import init_weights_streamed, load_init_weights
 from lowrank_pt.checkpoint.manager import CheckpointManager
 from lowrank_pt.config.recipe import RunConfig, StageConfig, stage_steps, tokens_per_step, write_run_config
 from lowrank_pt.core import dist
@@ -195,11 +195,11 @@ class Trainer:
         if resume_path is not None or stage.init_from:  # a stage's own source wins over the carried weights
             self.finished = None
         if resume_path is None and stage.init_from:
-            def from_init(model, plain):
-                weights = weights_from_rank0(lambda: load_init_weights(stage.init_from), model, plain,
-                                             self.run.engine.zero_stage, f"init_from={stage.init_from}")
+            def from_init(model, plain):  # a Hugging Face dir streams from disk on every rank
                 self.say(f"stage {stage.name}: weights from {stage.init_from}")  # they fit the model
-                return weights
+                return init_weights_streamed(stage.init_from) or weights_from_rank0(
+                    lambda: load_init_weights(stage.init_from), model, plain, self.run.engine.zero_stage,
+                    f"init_from={stage.init_from}")
 
             return from_init
         if self.finished is None:

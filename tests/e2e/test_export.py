@@ -13,7 +13,7 @@ from fixtures import TINY, spawn
 
 from lowrank_pt.checkpoint import store as checkpoint
 from lowrank_pt.checkpoint.export import checkpoint_config, export_hf, import_hf, load_model, save_hf
-from lowrank_pt.checkpoint.export import register as register_export
+from lowrank_pt.checkpoint.cli import register as register_export
 from lowrank_pt.checkpoint.store import load_plain_weights
 from lowrank_pt.cli import register_generate
 from lowrank_pt.data import DataConfig, Tokenizer, TokenShard, prepare_data, validation_batches

@@ -59,3 +59,26 @@ def test_named_sizes_resolve_and_reject_unknown():
         assert resolve(ModelConfig(size=size)).num_layers == MODEL_SIZES[size]["num_layers"]
     with pytest.raises(ValueError, match="model.size"):
         resolve(ModelConfig(size="huge"))
+
+
+def test_grouped_query_attention_shapes_counts_and_flops():
+    """num_kv_heads, head_dim and q/k/v biases reach the projections, the parameter count, the
+    FLOPs and the KV cache; a bad combination is refused."""
+    from lowrank_pt.eval.generate import KVCache
+    from lowrank_pt.model.llama import flops_per_token
+
+    cfg = resolve(ModelConfig(size="tiny", num_kv_heads=1, head_dim=8, attention_bias=True), vocab_size=50)
+    model = LlamaModel(cfg)
+    attn = model.layers[0].self_attn
+    assert attn.q_proj.weight.shape == (32, 64) and attn.k_proj.weight.shape == (8, 64)
+    assert attn.o_proj.weight.shape == (64, 32) and attn.k_proj.bias.shape == (8,) and attn.o_proj.bias is None
+    assert float(attn.q_proj.bias.abs().max()) == 0.0  # biases start at zero
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg)
+    mha = resolve(ModelConfig(size="tiny"), vocab_size=50)
+    assert flops_per_token(cfg) < flops_per_token(mha)
+    assert KVCache(model).keys[0].shape == (1, 1, cfg.seq_len, 8)
+    for bad, said in ((dict(num_kv_heads=3), "multiple of num_kv_heads=3"), (dict(head_dim=7), "even"),
+                      (dict(rope_scaling="llama3"), "rope_original_max_positions"),
+                      (dict(rope_scaling="yarn"), "rope_scaling")):
+        with pytest.raises(ValueError, match=said):
+            resolve(ModelConfig(size="tiny", **bad), vocab_size=50)
