@@ -47,7 +47,8 @@ from safetensors.torch import save_file
 from lowrank_pt.checkpoint import store as checkpoint
 from lowrank_pt.checkpoint.hf_import import (FAMILIES, WEIGHTS, config_from_hf, is_hf_dir, read_config, stored_shapes,
                                              stream_weights)
-from lowrank_pt.data import Tokenizer
+from lowrank_pt.data import load_tokenizer
+from lowrank_pt.data.hf_tokenizer import is_hf_tokenizer
 from lowrank_pt.data.config import DataConfig
 from lowrank_pt.data.prepare import tokenizer_for
 from lowrank_pt.model.llama import MODEL_SIZES, LlamaModel, ModelConfig, resolve
@@ -177,8 +178,15 @@ def hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: str =
 
 
 def write_tokenizer(tokenizer_path: str, out_dir: str | Path, seq_len: int) -> None:
-    """tokenizer.model + tokenizer_config.json (+ tokenizer.json when transformers is importable)."""
+    """tokenizer.model + tokenizer_config.json (+ tokenizer.json when transformers is importable);
+    a Hugging Face tokenizer (an open model's) is copied as it is."""
     out = Path(out_dir)
+    if is_hf_tokenizer(tokenizer_path):
+        source = Path(tokenizer_path) if Path(tokenizer_path).is_dir() else Path(tokenizer_path).parent
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (source / name).is_file() and (source / name).resolve() != (out / name).resolve():
+                shutil.copyfile(source / name, out / name)
+        return
     shutil.copyfile(tokenizer_path, out / "tokenizer.model")
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
 
@@ -229,9 +237,9 @@ def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | os.
     out.mkdir(parents=True, exist_ok=True)
     tensors = hf_state_dict(state, cfg, dtype)
     if tokenizer_path is not None:
-        tok = Tokenizer(tokenizer_path)
-        if tok.vocab_size != cfg.vocab_size:
-            raise ValueError(f"tokenizer {tokenizer_path} has {tok.vocab_size} pieces, the model {cfg.vocab_size}")
+        tok = load_tokenizer(tokenizer_path)
+        if tok.vocab_size > cfg.vocab_size:
+            raise ValueError(f"tokenizer {tokenizer_path} has {tok.vocab_size} pieces, the model only {cfg.vocab_size}")
         ids = (tok.bos_id, tok.eos_id, tok.pad_id)
     else:
         ids = (1, 2, 3)  # the fixed ids of our trained tokenizers (lowrank_pt.data.tokenizer)
@@ -375,10 +383,10 @@ def load_model(source: str, tokenizer_path: Optional[str] = None, dtype: torch.d
     Hugging Face dir; the model in eval mode on the CPU."""
     if is_hf_dir(source):
         cfg, state = import_hf(source)
-        tokenizer_path = tokenizer_path or str(Path(source) / "tokenizer.model")
+        tokenizer_path = tokenizer_path or (source if is_hf_tokenizer(source) else str(Path(source) / "tokenizer.model"))
     else:
         ckpt, cfg, state = plain_checkpoint(source)
         tokenizer_path = tokenizer_path or find_tokenizer(ckpt)
     model = LlamaModel(resolve(cfg))
     model.load_state_dict(state)
-    return model.to(dtype).eval(), Tokenizer(tokenizer_path)
+    return model.to(dtype).eval(), load_tokenizer(tokenizer_path)

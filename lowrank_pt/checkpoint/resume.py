@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 from lowrank_pt.checkpoint import reshard
 from lowrank_pt.checkpoint import store as checkpoint
@@ -68,6 +69,42 @@ def check_run(run, world_size: int, meta: dict, path: str) -> None:
         raise ConfigError(f"resuming {path} would change what its state was saved with: {'; '.join(changes)}; "
                           "resume with the checkpoint's settings, or start a new run_dir (init_from takes its weights)")
     reshard.check(meta, path, run.engine.zero_stage, world_size, run.engine.precision)
+
+
+def check_tokenizer_fits(run, model_cfg, tokenizer) -> None:
+    """The model has a row for every token (open models pad theirs: Qwen2), and every stage's
+    ``init_from`` was trained with this tokenizer (``check_init_from_tokenizer``)."""
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is below the tokenizer's {tokenizer.vocab_size}; "
+                          "leave it null to take the tokenizer's")
+    for stage in run.stages:
+        check_init_from_tokenizer(stage, tokenizer)
+
+
+def check_init_from_tokenizer(stage, tokenizer) -> None:
+    """``stages.N.init_from``'s weights were trained with this run's tokenizer: a checkpoint's
+    recorded sha256, or the tokenizer files of a Hugging Face dir (tokenizer.json with
+    tokenizer_config.json, or tokenizer.model), unless ``init_from_tokenizer: any``. A source that
+    records none is not checked."""
+    from lowrank_pt.data import load_tokenizer
+    from lowrank_pt.data.hf_tokenizer import is_hf_tokenizer
+
+    if not stage.init_from or stage.init_from_tokenizer == "any":
+        return
+    source = Path(stage.init_from)
+    if (source / "config.json").is_file():  # a Hugging Face dir: either of the forms it ships
+        shipped = [p for p in (source, source / "tokenizer.model")
+                   if (is_hf_tokenizer(p) if p == source else p.is_file())]
+        hashes = {load_tokenizer(p).sha256: str(p) for p in shipped}
+    else:
+        meta = checkpoint.read_meta(checkpoint.resolve(str(source)))
+        hashes = {meta["tokenizer_sha256"]: meta.get("tokenizer")} if meta.get("tokenizer_sha256") else {}
+    if hashes and tokenizer.sha256 not in hashes:
+        saved, where = next(iter(hashes.items()))
+        raise ConfigError(f"stages ({stage.name}).init_from={stage.init_from} was trained with the tokenizer {where} "
+                          f"(sha256 {saved[:12]}…), this run tokenizes with {tokenizer.path} (sha256 "
+                          f"{tokenizer.sha256[:12]}…): its ids would mean other pieces. Set data.tokenizer to "
+                          f"that tokenizer, or stages.N.init_from_tokenizer: any to train over it anyway")
 
 
 def check_model(meta: dict, path: str, model_cfg, tokenizer) -> None:

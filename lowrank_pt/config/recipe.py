@@ -37,7 +37,7 @@ from lowrank_pt.data.preference import check_records as check_dpo_records
 from lowrank_pt.data.preference import validate_config as validate_dpo
 from lowrank_pt.data.sft import check_records as check_sft_records
 from lowrank_pt.data.sft import validate_config as validate_sft
-from lowrank_pt.data.tokenizer import Tokenizer
+from lowrank_pt.data.tokenizer import load_tokenizer
 from lowrank_pt.methods import METHODS, parse_options
 from lowrank_pt.model.llama import MODEL_SIZES, ModelConfig, resolve, shape_difference
 from lowrank_pt.objectives import objective_class
@@ -177,9 +177,10 @@ def expected_vocab_size(run: RunConfig, environment: bool = True) -> int:
         return run.model.vocab_size
     if run.data.tokenizer is not None and environment:
         try:
-            return Tokenizer(run.data.tokenizer).vocab_size
+            return load_tokenizer(run.data.tokenizer).vocab_size
         except Exception as e:  # noqa: BLE001 - sentencepiece raises its own types
-            raise ConfigError(f"data.tokenizer={run.data.tokenizer}: not a sentencepiece model ({e})") from None
+            raise ConfigError(f"data.tokenizer={run.data.tokenizer}: not a sentencepiece model nor a Hugging Face "
+                              f"tokenizer dir ({e})") from None
     return run.data.vocab_size
 
 

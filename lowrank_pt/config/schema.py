@@ -87,7 +87,12 @@ class StageConfig:
     """Preference pairs: makes this a DPO stage (the DPO loss with dpo.beta against the stage's
     starting model: the adapters switched off for lora with init kaiming, else precomputed)."""
     init_from: Optional[str] = None
-    """Start this stage from the weights of a checkpoint dir (a run dir or one checkpoint)."""
+    """Start this stage from the weights of a checkpoint dir (a run dir or one checkpoint), or of a
+    Hugging Face model dir (Llama, Mistral, Qwen2 families; model.size init_from takes its shape)."""
+    init_from_tokenizer: str = "same"
+    """same: the run's tokenizer must be the one init_from's weights were trained with (a
+    checkpoint's recorded sha256; a Hugging Face dir's own tokenizer files), else the run stops
+    before any write; any: accept another (a deliberate change of tokenizer over the same ids)."""
     update: Optional[str] = None
     """How this stage's optimizer steps: step or per_layer (see train.update); null takes train.update."""
 

@@ -19,7 +19,7 @@ from .loader import PackedLoader, validation_batches
 from .prepare import PreparedData, prepare_data
 from .shards import TokenShard, check_tokenizer
 from .sources import iter_documents, iter_split_documents
-from .tokenizer import CHAT_TOKENS, Tokenizer, train_tokenizer
+from .tokenizer import CHAT_TOKENS, Tokenizer, load_tokenizer, train_tokenizer
 
 __all__ = [
     "CHAT_TOKENS",
@@ -31,6 +31,7 @@ __all__ = [
     "Speech",
     "TokenShard",
     "Tokenizer",
+    "load_tokenizer",
     "check_tokenizer",
     "iter_documents",
     "iter_scene_documents",

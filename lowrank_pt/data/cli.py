@@ -18,7 +18,7 @@ from .config import SAMPLE_BY, TOKENIZER_TYPES, DataConfig, field_docs, validate
 from .prepare import prepare_data
 from .shards import TokenShard
 from .sources import iter_split_documents
-from .tokenizer import Tokenizer, train_tokenizer
+from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 _CHOICES = {"tokenizer_type": TOKENIZER_TYPES, "txt_sample_by": SAMPLE_BY}
 
@@ -60,7 +60,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
     except (DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    tokenizer = Tokenizer(prepared.tokenizer_path)
+    tokenizer = load_tokenizer(prepared.tokenizer_path)
     _print_tokenizer(tokenizer)
     for split, path in (("train", prepared.train_shard), ("val", prepared.val_shard)):
         shard = TokenShard(path)
@@ -79,7 +79,7 @@ def _run_tokenizer(args: argparse.Namespace) -> int:
     except (DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    _print_tokenizer(Tokenizer(path))
+    _print_tokenizer(load_tokenizer(path))
     return 0
 
 

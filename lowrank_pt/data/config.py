@@ -41,7 +41,9 @@ class DataConfig:
     """What one document is in a .txt file: "line", "paragraph" (blank-line separated) or
     "document" (the whole file)."""
     tokenizer: Optional[str] = None
-    """Path to an existing sentencepiece .model; None trains one on the training split (cached)."""
+    """Path to an existing sentencepiece .model, or a Hugging Face tokenizer: a directory with
+    tokenizer.json (and tokenizer_config.json: special tokens, the chat template SFT and DPO then
+    use), e.g. the model dir of an init_from; None trains one on the training split (cached)."""
     tokenizer_type: str = "bpe"
     """Sentencepiece model type when training a tokenizer: "bpe" or "unigram"."""
     vocab_size: int = 8000
@@ -106,8 +108,8 @@ def validate(cfg: DataConfig) -> None:
         raise ValueError("hub_split must be a non-empty split name")
     if not cfg.cache_dir:
         raise ValueError("cache_dir must be a non-empty path")
-    if cfg.tokenizer is not None and not Path(cfg.tokenizer).is_file():
-        raise ValueError(f"tokenizer: no sentencepiece model at {cfg.tokenizer}")
+    if cfg.tokenizer is not None and not (Path(cfg.tokenizer).is_file() or (Path(cfg.tokenizer) / "tokenizer.json").is_file()):
+        raise ValueError(f"tokenizer: no sentencepiece model nor Hugging Face tokenizer dir at {cfg.tokenizer}")
 
 
 def field_docs(cls: type = DataConfig) -> dict[str, str]:

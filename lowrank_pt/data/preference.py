@@ -26,6 +26,7 @@ import torch
 
 from lowrank_pt.core.errors import DataError
 
+from . import chat_template
 from .loader import ShuffledLoader, check_rank
 from .sft import (
     SHAKESPEARE,
@@ -128,6 +129,17 @@ class PreferenceData:
     def __init__(self, pairs: list[dict], tokenizer: Tokenizer, path: str = "<memory>"):
         if not pairs:
             raise DataError(f"{path}: no preference pairs")
+        self.pad_id = tokenizer.pad_id
+        self.path = path
+        self.pairs = pairs
+        if chat_template.uses_template(tokenizer):  # the tokenizer's own template around each turn
+            self.prompts, self.chosen, self.rejected = [], [], []
+            for p in pairs:
+                asked = [{"role": "user", "content": p["prompt"]}]
+                self.prompts.append(chat_template.encode_prompt(tokenizer, asked))
+                self.chosen.append(chat_template.encode_reply(tokenizer, asked, p["chosen"]))
+                self.rejected.append(chat_template.encode_reply(tokenizer, asked, p["rejected"]))
+            return
         role_ids, end_id = chat_ids(tokenizer)
         texts = [t for p in pairs for t in (p["prompt"], p["chosen"], p["rejected"])]
         ids = tokenizer.encode_many(texts)
@@ -137,9 +149,6 @@ class PreferenceData:
             self.prompts.append([role_ids["user"], *prompt, end_id, role_ids["assistant"]])
             self.chosen.append([*chosen, end_id])
             self.rejected.append([*rejected, end_id])
-        self.pad_id = tokenizer.pad_id
-        self.path = path
-        self.pairs = pairs
 
     def __len__(self) -> int:
         return len(self.prompts)

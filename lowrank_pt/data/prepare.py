@@ -20,7 +20,7 @@ from typing import Any
 from .config import DataConfig, validate
 from .shards import FORMAT_VERSION, SPLITS, TokenShard, write_shards
 from .sources import SkipCounter, describe, iter_split_documents, split_identity
-from .tokenizer import TOKENIZER_RECIPE_VERSION, Tokenizer, atomic_write_bytes, train_tokenizer
+from .tokenizer import TOKENIZER_RECIPE_VERSION, atomic_write_bytes, load_tokenizer, train_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def prepare_data(cfg: DataConfig, progress: bool = True) -> PreparedData:
     """Tokenizer and train/val shards for ``cfg``, reusing cached ones; idempotent."""
     validate(cfg)
     identity = split_identity(cfg)
-    tokenizer = Tokenizer(tokenizer_for(cfg, identity))
+    tokenizer = load_tokenizer(tokenizer_for(cfg, identity))
     key = cache_key({"data": identity, "tokenizer_sha256": tokenizer.sha256, "format": FORMAT_VERSION})
     entry = _cache_root(cfg) / "shards" / key
     paths = {split: str(entry / f"{split}.json") for split in SPLITS}

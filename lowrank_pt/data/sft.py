@@ -49,6 +49,7 @@ import torch
 from lowrank_pt.core.errors import DataError
 from lowrank_pt.data.embedded import CLEANING_VERSION, iter_speeches, package_version
 
+from . import chat_template
 from .loader import ShuffledLoader, check_rank
 from .tokenizer import Tokenizer
 
@@ -198,7 +199,10 @@ def chat_ids(tokenizer: Tokenizer) -> tuple[dict[str, int], int]:
 
 
 def encode_conversations(tokenizer: Tokenizer, conversations: list[list[dict]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Token ids and target flags (True: trained) of whole conversations, per the module's template."""
+    """Token ids and target flags (True: trained) of whole conversations, per the module's template
+    (a tokenizer with its own chat template: per that template, ``data.chat_template``)."""
+    if chat_template.uses_template(tokenizer):
+        return [chat_template.encode_conversation(tokenizer, conv) for conv in conversations]
     role_ids, end_id = chat_ids(tokenizer)
     contents = tokenizer.encode_many([m["content"] for conv in conversations for m in conv])
     out, k = [], 0
@@ -219,7 +223,13 @@ def encode_conversations(tokenizer: Tokenizer, conversations: list[list[dict]]) 
 
 def encode_prompt(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
     """Ids that ask the model for the next assistant turn: the template of ``messages`` followed by
-    ``<|assistant|>`` (no EOS). What ``generate.chat`` feeds the model."""
+    ``<|assistant|>`` (no EOS). What ``generate.chat`` feeds the model. A tokenizer with its own
+    chat template: that template with its generation prompt."""
+    for m in messages:
+        if m.get("role") not in ROLES:
+            raise ValueError(f"message role must be one of {list(ROLES)}, got {m.get('role')!r}")
+    if chat_template.uses_template(tokenizer):
+        return chat_template.encode_prompt(tokenizer, messages)
     role_ids, end_id = chat_ids(tokenizer)
     contents = tokenizer.encode_many([m["content"] for m in messages])
     ids: list[int] = []

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from lowrank_pt.core.errors import DataError
 
-from .tokenizer import Tokenizer, token_dtype
+from .tokenizer import Tokenizer, load_tokenizer, token_dtype
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -94,7 +94,7 @@ _worker_tokenizer: Tokenizer | None = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(tokenizer_path)
+    _worker_tokenizer = load_tokenizer(tokenizer_path)
 
 
 def encode_chunk(tokenizer: Tokenizer, texts: list[str]) -> np.ndarray:

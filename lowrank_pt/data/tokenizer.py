@@ -118,6 +118,14 @@ class Tokenizer:
         return self._sp.decode([int(i) for i in ids])
 
 
+def load_tokenizer(path: str | Path):
+    """The tokenizer at ``path``: our sentencepiece model, or an open model's Hugging Face
+    tokenizer (a directory with ``tokenizer.json``, or that file: ``data.hf_tokenizer``)."""
+    from lowrank_pt.data.hf_tokenizer import HFTokenizer, is_hf_tokenizer
+
+    return HFTokenizer(path) if is_hf_tokenizer(path) else Tokenizer(path)
+
+
 def _training_lines(texts: Iterable[str], max_chars: int | None) -> Iterator[str]:
     seen = 0
     for text in texts:

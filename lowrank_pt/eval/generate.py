@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from lowrank_pt.data import chat_template
 from lowrank_pt.data.sft import encode_prompt
 from lowrank_pt.model.llama import LlamaModel
 
@@ -97,8 +98,13 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 
 
 def stop_ids_of(tokenizer) -> dict[int, str]:
-    """EOS, and ``<|end|>`` where the tokenizer has it."""
+    """EOS, and ``<|end|>`` where the tokenizer has it (a tokenizer with its own chat template:
+    the tokens that close a turn under it)."""
     stops = {tokenizer.eos_id: "eos"}
+    if chat_template.uses_template(tokenizer):
+        for t in chat_template.end_ids(tokenizer):
+            stops.setdefault(t, "end")
+        return stops
     try:
         stops.setdefault(tokenizer.piece_id("<|end|>"), "end")
     except ValueError:  # a DataError: a tokenizer without chat pieces

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from lowrank_pt.core import dist
+from lowrank_pt.data import chat_template
 from lowrank_pt.data.sft import SFTData, chat_ids, spread
 from lowrank_pt.eval.generate import generate
 
@@ -52,6 +53,8 @@ def reply_questions(data: SFTData, tokenizer, seq_len: int, count: int,
     evenly over the set."""
     if count < 1:
         return []
+    if chat_template.uses_template(tokenizer):
+        return spread(_template_questions(data, tokenizer, seq_len, max_answer_tokens), count)
     role_ids, _ = chat_ids(tokenizer)
     roles = np.asarray(list(role_ids.values()))
     kept = []
@@ -62,6 +65,28 @@ def reply_questions(data: SFTData, tokenizer, seq_len: int, count: int,
                 and last_role + 1 + max_answer_tokens <= seq_len):
             kept.append((ids[:last_role + 1].tolist(), tokenizer.decode(reply.tolist())))
     return spread(kept, count)
+
+
+def _template_questions(data: SFTData, tokenizer, seq_len: int, max_answer_tokens: int) -> list[tuple[list[int], str]]:
+    """``reply_questions`` under a tokenizer's own chat template: the final reply is the last run
+    of trained tokens, up to the first token that closes a turn (``chat_template.end_ids``)."""
+    ends = set(chat_template.end_ids(tokenizer)) | {tokenizer.eos_id}
+    kept = []
+    for ids, trained in data.examples:
+        marks = np.flatnonzero(trained)
+        if len(marks) == 0:
+            continue
+        start = int(marks[-1])
+        while start > 0 and trained[start - 1]:
+            start -= 1
+        reply = []
+        for t in ids[start:].tolist():
+            if t in ends:
+                break
+            reply.append(t)
+        if 1 <= len(reply) <= max_answer_tokens and start + max_answer_tokens <= seq_len:
+            kept.append((ids[:start].tolist(), tokenizer.decode(reply)))
+    return kept
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from lowrank_pt.core import dist
-from lowrank_pt.data import PackedLoader, validation_batches
+from lowrank_pt.data import PackedLoader, chat_template, validation_batches
 from lowrank_pt.data.sft import END_PIECE, ROLE_PIECES, SFTLoader, prepare_sft, sft_validation_batches
 from lowrank_pt.eval.generate import chat, generate
 from lowrank_pt.eval.scores import lm_validation
@@ -85,7 +85,9 @@ class LMObjective:
     def check_tokenizer(cls, tokenizer) -> None:
         """The tokenizer has what this objective's data needs (chat stages: the role and end
         pieces; a DataError names a missing one)."""
-        if cls.chat:
+        if cls.chat and chat_template.uses_template(tokenizer):  # its own template: it must render a turn
+            chat_template.encode_reply(tokenizer, [{"role": "user", "content": "Hello"}], "Fine")
+        elif cls.chat:
             for piece in (*ROLE_PIECES.values(), END_PIECE):
                 tokenizer.piece_id(piece)
 

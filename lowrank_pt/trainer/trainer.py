@@ -29,8 +29,7 @@ from lowrank_pt.checkpoint.manager import CheckpointManager
 from lowrank_pt.config.recipe import RunConfig, StageConfig, stage_steps, tokens_per_step, write_run_config
 from lowrank_pt.core import dist
 from lowrank_pt.core.cadence import Cadence
-from lowrank_pt.core.errors import ConfigError
-from lowrank_pt.data import Tokenizer, prepare_data
+from lowrank_pt.data import load_tokenizer, prepare_data
 from lowrank_pt.eval.scores import describe, evaluate
 from lowrank_pt.methods.base import Method, StageContext
 from lowrank_pt.model.llama import LlamaModel, resolve
@@ -88,11 +87,9 @@ class Trainer:
         # Fails fast on a mismatched checkpoint, before any write.
         resume_path = resume.find(run, self.world_size, self.warn)
         prepared = on_local_rank0_first(lambda: prepare_data(run.data, progress=dist.rank() == 0))
-        self.tokenizer = Tokenizer(prepared.tokenizer_path)
+        self.tokenizer = load_tokenizer(prepared.tokenizer_path)
         self.model_cfg = resolve(run.model, vocab_size=self.tokenizer.vocab_size)
-        if self.model_cfg.vocab_size != self.tokenizer.vocab_size:
-            raise ConfigError(f"model.vocab_size={self.model_cfg.vocab_size} differs from the tokenizer's "
-                              f"{self.tokenizer.vocab_size}; leave it null to take the tokenizer's")
+        resume.check_tokenizer_fits(run, self.model_cfg, self.tokenizer)
         meta = checkpoint.read_meta(resume_path) if resume_path else None
         if meta:
             resume.check_model(meta, resume_path, self.model_cfg, self.tokenizer)
