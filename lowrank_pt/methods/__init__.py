@@ -15,6 +15,7 @@ from lowrank_pt.methods.fira import Fira
 from lowrank_pt.methods.galore.method import GaLore
 from lowrank_pt.methods.galore_weights import GaLoreWeights
 from lowrank_pt.methods.lora import LoRA
+from lowrank_pt.methods.muon import Muon
 from lowrank_pt.methods.relora import ReLoRA
 
 METHODS: dict[str, type[Method]] = {
@@ -26,6 +27,7 @@ METHODS: dict[str, type[Method]] = {
     "apollo": APOLLO,
     "apollo_mini": APOLLOMini,
     "fira": Fira,
+    "muon": Muon,
 }
 
 

@@ -107,6 +107,6 @@ class ProjectedMethod(Method):
 
     def after_step(self, engine, step: int) -> dict:
         """Reports SVD refreshes that kept the previous basis (a zero or non-finite gradient)."""
-        kept = self.optimizer.kept_bases if self.optimizer is not None else 0
+        kept = getattr(self.optimizer, "kept_bases", 0)  # SVD refreshes only (not Muon's optimizer)
         new, self._reported = kept - getattr(self, "_reported", 0), kept
         return {f"{self.name}/kept_bases": new} if new else {}

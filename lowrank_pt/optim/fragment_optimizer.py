@@ -31,13 +31,15 @@ class FragmentOptimizer(torch.optim.Optimizer):
     """AdamW on every full-rank fragment, a subclass's rule on every projected one, at any ZeRO
     stage (see the module doc).
 
-    ``params``: param groups; a group with a ``rank`` key projects its 2-D params (its other
-    keys are the method's options). ``names``: optional ``{id(param): name}`` for messages.
+    ``params``: param groups; a group with the ``projected_key`` (``rank``) steps its 2-D params by
+    the subclass's rule (its other keys are the method's options). ``names``: optional ``{id(param): name}`` for messages.
     ``defer_until_attached``: ignore ``step()`` until ``attach`` (DeepSpeed's stage-0 mixed
     precision wrapper takes a zero-gradient step while it is built; a method's optimizer skips it,
     so its limiter and schedules start at the first real step).
     """
 
+    projected_key: str = "rank"
+    """The group key that marks a group whose 2-D params the subclass's rule steps."""
     state_keys: tuple[str, ...] = ()
     """Per-piece state tensors of the subclass (besides the moments), see ``piece_state``."""
 
@@ -56,7 +58,7 @@ class FragmentOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 shape = full_shape(p)
                 spec = ParamSpec(len(self.specs), g, names.get(id(p), f"group{g}.param{len(self.specs)}"), shape,
-                                 "rank" in group and len(shape) == 2)
+                                 self.projected_key in group and len(shape) == 2)
                 self._index[id(p)] = spec.index
                 self.specs.append(spec)
         self._group_options = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]

@@ -29,6 +29,7 @@ CASES = {
     "apollo_mini": ("apollo_mini", {"update_proj_gap": GAP}),
     "fira": ("fira", {"rank": 4, "update_proj_gap": GAP}),
     "galore_weights": ("galore_weights", {"rank": 4, "update_proj_gap": GAP}),
+    "muon": ("muon", {}),
 }
 
 
