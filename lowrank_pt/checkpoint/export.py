@@ -383,7 +383,8 @@ def load_model(source: str, tokenizer_path: Optional[str] = None, dtype: torch.d
     Hugging Face dir; the model in eval mode on the CPU."""
     if is_hf_dir(source):
         cfg, state = import_hf(source)
-        tokenizer_path = tokenizer_path or (source if is_hf_tokenizer(source) else str(Path(source) / "tokenizer.model"))
+        spm_model = Path(source) / "tokenizer.model"  # ours ship it beside a converted tokenizer.json: it is the original
+        tokenizer_path = tokenizer_path or (str(spm_model) if spm_model.is_file() or not is_hf_tokenizer(source) else source)
     else:
         ckpt, cfg, state = plain_checkpoint(source)
         tokenizer_path = tokenizer_path or find_tokenizer(ckpt)

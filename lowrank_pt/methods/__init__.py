@@ -11,6 +11,7 @@ from lowrank_pt.core.errors import ConfigError
 from lowrank_pt.methods.apollo import APOLLO
 from lowrank_pt.methods.apollo_mini import APOLLOMini
 from lowrank_pt.methods.base import Method
+from lowrank_pt.methods.dion import Dion
 from lowrank_pt.methods.fira import Fira
 from lowrank_pt.methods.galore.method import GaLore
 from lowrank_pt.methods.galore_weights import GaLoreWeights
@@ -28,6 +29,7 @@ METHODS: dict[str, type[Method]] = {
     "apollo_mini": APOLLOMini,
     "fira": Fira,
     "muon": Muon,
+    "dion": Dion,
 }
 
 

@@ -30,6 +30,7 @@ CASES = {
     "fira": ("fira", {"rank": 4, "update_proj_gap": GAP}),
     "galore_weights": ("galore_weights", {"rank": 4, "update_proj_gap": GAP}),
     "muon": ("muon", {}),
+    "dion": ("dion", {"rank": 4}),
 }
 
 

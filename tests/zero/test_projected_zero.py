@@ -67,6 +67,7 @@ CASES = {
     "galore_weights": ("galore_weights", {"rank": 4, "update_proj_gap": GAP}, LR),
     "galore_weights_left": ("galore_weights", {"rank": 4, "update_proj_gap": GAP, "proj_type": "left"}, LR),
     "muon": ("muon", {}, LR),
+    "dion": ("dion", {"rank": 4}, LR),
 }
 UNIT_ULP = 2.0 ** -23
 """One ulp of a weight of size 1 (the norm gains): the floor of any two runs' agreement."""
@@ -159,6 +160,7 @@ def sweep(rank, world):
     if world == 2:
         out["dropped_reduction"] = dropped_reduction(rank, world)
         out["muon_dropped"], out["muon_sent"] = muon_communication(rank, world)
+        out["dion_sent"] = dion_communication(rank, world)
     else:
         out["bf16"] = bf16_runs(rank, world)
     return out
@@ -225,7 +227,7 @@ def dropped_reduction(rank, world):
     own part: the weights a missed rank produces."""
     from lowrank_pt.optim.fragment_optimizer import FragmentOptimizer
 
-    original = FragmentOptimizer.sum_over_holders
+    original = FragmentOptimizer.__dict__["sum_over_holders"]  # the staticmethod itself, to put back
 
     def alone(plans, shape_of, local, device):
         out = {}
@@ -274,6 +276,29 @@ def muon_communication(rank, world):
     finally:
         dist.reduce_sum_ = originals[0]
     return method.export_weights(engine), (sum(sent), formula)
+
+
+def dion_communication(rank, world):
+    """Dion at ZeRO 3 on 2 ranks: the bytes of the all-reduces its steps make (intercepted)
+    against the formula, 4·(m + n)·r per cut matrix and step (B·Q and Bᵀ·P summed: r wide)."""
+    from lowrank_pt.core import dist
+
+    sent = []
+    original = dist.all_reduce_sum_
+
+    def counted(tensor):
+        sent.append(tensor.numel() * tensor.element_size())
+        return original(tensor)
+
+    dist.all_reduce_sum_ = counted
+    try:
+        engine, method = build("dion", 3, world)
+        sent.clear()  # what building the engine reduced is not Dion's
+        train(engine, method, rank, world)
+    finally:
+        dist.all_reduce_sum_ = original
+    plans = [p for p in method.optimizer._plans.values() if p.cut]
+    return sum(sent), STEPS * sum(4 * (p.shape[0] + p.shape[1]) * p.options["r"] for p in plans)
 
 
 @pytest.fixture(scope="module")
@@ -332,6 +357,14 @@ def test_muon_sends_what_its_formula_says_and_a_dropped_reduce_is_seen(one_rank,
     assert wrong > 1e3 * tolerance(0.0), wrong
 
 
+def test_dion_sends_r_wide_products_only(two_ranks):
+    """Dion's collectives carry 4·(m + n)·r bytes per cut matrix and step, Muon's 2·4·m·n."""
+    for result in two_ranks:
+        sent, formula = result["dion_sent"]
+        assert sent == formula > 0, (sent, formula)
+        assert sent < result["muon_sent"][1] / 2
+
+
 def test_every_kind_of_cut_is_exercised(two_ranks):
     cov = two_ranks[0]["coverage"]
     for zero_stage in (1, 2):  # one boundary in the projected group: a right projection's split row
@@ -355,8 +388,8 @@ def test_optimizer_state_bytes_equal_the_formula(one_rank, two_ranks, world):
                 if measured[category] != planned[category]:
                     mismatches.append(f"rank {rank} {case} ZeRO-{zero_stage} {category}: measured "
                                       f"{measured[category]}, formula {planned[category]}")
-            if case != "full":  # Muon: one buffer per hidden matrix where AdamW keeps two
-                share = 0.6 if case == "muon" else 0.5
+            if case != "full":  # Muon and Dion: one buffer per hidden matrix where AdamW keeps two (and
+                share = {"muon": 0.6, "dion": 0.7}.get(case, 0.5)  # Dion's n×r factor on every holder)
                 assert measured["optimizer_states"] < share * result["bytes"][("full", zero_stage)][0]["optimizer_states"]
     assert not mismatches, "\n".join(mismatches)
 
@@ -393,7 +426,7 @@ def test_planned_fragments_are_deepspeeds(zero_stage, world):
 def resume(rank, world, checkpoint_dir):
     torch.set_num_threads(1)
     out = {}
-    for case in ("apollo", "apollo_mini", "fira", "galore_weights", "muon"):
+    for case in ("apollo", "apollo_mini", "fira", "galore_weights", "muon", "dion"):
         for zero_stage in (0, 3):
             engine, method = build(case, zero_stage, world)
             straight = train(engine, method, rank, world, 0, 10)
@@ -416,7 +449,7 @@ def resumed(tmp_path_factory):
     return spawn(resume, 2, str(tmp_path_factory.mktemp("projected_ckpt")))
 
 
-@pytest.mark.parametrize("case", ["apollo", "apollo_mini", "fira", "galore_weights", "muon"])
+@pytest.mark.parametrize("case", ["apollo", "apollo_mini", "fira", "galore_weights", "muon", "dion"])
 @pytest.mark.parametrize("zero_stage", [0, 3])
 def test_resume_across_a_refresh_is_bit_identical(resumed, case, zero_stage):
     for result in resumed:
