@@ -1,6 +1,7 @@
 """Benchmark: what the memory-saving switches cost in training quality.
 
-For each method (full, galore, apollo_mini; galore_weights on request) and each setting
+For each method (full, galore, apollo_mini; galore_weights, muon, dion (r = d/4) and dion8
+(dion at r = d/8) on request) and each setting
 
     baseline      optimizer.state_dtype=fp32, engine.master_weights=fp32, engine.weight_dtype=bf16
     int8_states   optimizer.state_dtype=int8 (the rest as baseline)
@@ -58,7 +59,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-METHODS = ("full", "galore", "galore_weights", "apollo_mini")
+METHODS = ("full", "galore", "galore_weights", "apollo_mini", "muon", "dion", "dion8")
 DEFAULT_METHODS = ("full", "galore", "apollo_mini")
 STEP_BF16 = {"engine.master_weights": "bf16", "optimizer.grad_clip": 0.0}
 """Ordinary steps as per-layer updates need them: bf16 weights updated in place, no global clipping."""
@@ -73,14 +74,20 @@ SETTINGS = {  # name: overrides of the baseline's keys, the bar (|relative diffe
 }
 BASELINE = {"optimizer.state_dtype": "fp32", "engine.master_weights": "fp32", "engine.weight_dtype": "bf16",
             "optimizer.grad_clip": None, "train.update": "step"}
-LR = {"full": 2e-3, "galore": 1e-2, "galore_weights": 1e-2, "apollo_mini": 1e-2}
+LR = {"full": 2e-3, "galore": 1e-2, "galore_weights": 1e-2, "apollo_mini": 1e-2, "muon": 2e-3, "dion": 2e-2,
+      "dion8": 2e-2}
 """Peak learning rates: the demo recipe's for full-rank AdamW; the published 1e-2 for GaLore and
 APOLLO-Mini (tools/bench_methods.py, tools/bench_lowrank_optimizers.py). ``--lr method=value``."""
+METHOD_OF = {"dion8": "dion"}
+"""Rows that run a method under another name (dion at r = d/8)."""
 OPTIONS = {
     "full": {},
     "galore": {"rank": 64, "update_proj_gap": 50, "scale": 0.25},  # tools/bench_methods.py's
     "galore_weights": {"rank": 64, "update_proj_gap": 50, "scale": 0.25},  # the same, on the weights
     "apollo_mini": {"update_proj_gap": 50},  # rank 1, tensor scale, scale 128: APOLLO-Mini's defaults
+    "muon": {},  # match_rms_adamw: AdamW's learning rate carries over
+    "dion": {"rank_fraction": 0.25},  # r = d/4, the paper's scale √max(1, m/n): Muon-like rates
+    "dion8": {"rank_fraction": 0.125},  # r = d/8
 }
 """Each method's options (``stages.0.options``)."""
 MIB = 2**20
@@ -234,7 +241,7 @@ def recipe(args, method: str, setting: str, run_dir: str) -> dict:
                   "eval_every": args.steps, "eval_sequences": args.eval_sequences, "save_every": 0,
                   "keep_last": 1, "tensorboard": False, "progress": True, "sample_prompts": []},
         "stages": [{
-            "name": "main", "method": method, "steps": args.steps,
+            "name": "main", "method": METHOD_OF.get(method, method), "steps": args.steps,
             "optimizer": {"lr": args.lrs[method], "state_dtype": keys["optimizer.state_dtype"],
                           **({"grad_clip": keys["optimizer.grad_clip"]} if keys["optimizer.grad_clip"] is not None
                              else {})},
