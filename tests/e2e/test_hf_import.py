@@ -110,7 +110,8 @@ def test_a_run_post_trains_an_imported_gqa_model_at_zero3_on_two_ranks(tmp_path,
                  " options: {rank: 4}, optimizer: {lr: 2.0e-2}}]"]
     cfg = load(TINY, overrides).model
     assert (cfg.num_kv_heads, cfg.head_dim, cfg.attention_bias, cfg.seq_len) == (2, 16, True, 32)
-    spawn(_train, 2, overrides)
+    for alive, largest, total in spawn(_train, 2, overrides):  # what each rank held of the imported weights
+        assert alive <= 2 * largest and alive < total / 2, (alive, largest, total)  # a tensor at a time
     trained = losses(run_dir)
     assert len(trained) == 4 and trained[-1][1] < trained[0][1]
     ids = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(3))
@@ -125,9 +126,31 @@ def test_a_run_post_trains_an_imported_gqa_model_at_zero3_on_two_ranks(tmp_path,
 
 
 def _train(rank, world_size, overrides):
+    """Train, with the import's tensors watched: the most bytes of them alive at once on this rank,
+    the largest one, and the whole model's."""
+    import weakref
+
     from fixtures import TINY
 
+    from lowrank_pt.checkpoint import export
     from lowrank_pt.config.recipe import load
     from lowrank_pt.trainer.trainer import Trainer
 
-    return Trainer(load(TINY, overrides)).run_all()
+    alive, seen = {}, {"peak": 0, "largest": 0, "total": 0}
+    streamed = export.stream_weights
+
+    def watched(*args, **kwargs):
+        for name, tensor in streamed(*args, **kwargs):
+            nbytes = tensor.numel() * tensor.element_size()
+            alive[id(tensor)] = nbytes
+            weakref.finalize(tensor, alive.pop, id(tensor), None)
+            seen.update(peak=max(seen["peak"], sum(alive.values())), largest=max(seen["largest"], nbytes),
+                        total=seen["total"] + nbytes)
+            yield name, tensor
+
+    export.stream_weights = watched
+    try:
+        Trainer(load(TINY, overrides)).run_all()
+    finally:
+        export.stream_weights = streamed
+    return seen["peak"], seen["largest"], seen["total"]
