@@ -67,8 +67,10 @@ CHAT_TEMPLATE = (
 
 
 def checkpoint_config(ckpt: str) -> ModelConfig:
+    """The resolved ModelConfig a checkpoint recorded (one saved before a field existed takes
+    that field's default: no GQA, no biases)."""
     saved = checkpoint.read_meta(ckpt)["model"]
-    return ModelConfig(**{f.name: saved[f.name] for f in fields(ModelConfig) if f.name in saved})
+    return resolve(ModelConfig(**{f.name: saved[f.name] for f in fields(ModelConfig) if f.name in saved}))
 
 
 def find_tokenizer(ckpt: str) -> str:
@@ -383,8 +385,12 @@ def load_model(source: str, tokenizer_path: Optional[str] = None, dtype: torch.d
     Hugging Face dir; the model in eval mode on the CPU."""
     if is_hf_dir(source):
         cfg, state = import_hf(source)
-        spm_model = Path(source) / "tokenizer.model"  # ours ship it beside a converted tokenizer.json: it is the original
-        tokenizer_path = tokenizer_path or (str(spm_model) if spm_model.is_file() or not is_hf_tokenizer(source) else source)
+        # Our exports ship the sentencepiece model (the original) beside a converted tokenizer.json;
+        # an open model's tokenizer.json (with its chat template) is the one to use
+        ours = "lowrank_pt" in read_config(source)
+        spm_model = Path(source) / "tokenizer.model"
+        tokenizer_path = tokenizer_path or (source if is_hf_tokenizer(source) and not (ours and spm_model.is_file())
+                                            else str(spm_model))
     else:
         ckpt, cfg, state = plain_checkpoint(source)
         tokenizer_path = tokenizer_path or find_tokenizer(ckpt)

@@ -29,6 +29,8 @@ from safetensors import safe_open
 from lowrank_pt.model.llama import MODEL_SIZES, ModelConfig
 
 WEIGHTS = "model.safetensors"
+LOAD_CONTEXT = 4096
+"""model.seq_len of an open model loaded whole (``generate``) when its context is longer."""
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 """model_type -> the architecture it names."""
 
@@ -63,9 +65,8 @@ def _rope(hf: dict, where: str) -> dict:
         out.update(rope_low_freq_factor=float(scaling["low_freq_factor"]),
                    rope_high_freq_factor=float(scaling["high_freq_factor"]),
                    rope_original_max_positions=int(scaling["original_max_position_embeddings"]))
-    elif kind == "dynamic":  # transformers scales against max_position_embeddings
-        out["rope_original_max_positions"] = int(scaling.get("original_max_position_embeddings")
-                                                 or hf["max_position_embeddings"])
+    elif kind == "dynamic":  # transformers scales against max_position_embeddings, always
+        out["rope_original_max_positions"] = int(hf["max_position_embeddings"])
     return out
 
 
@@ -85,12 +86,14 @@ def config_from_hf(hf: dict, where: str = "config.json", seq_len: int | None = N
         for key, (value, ours) in checks.items():
             if value != ours:
                 raise ValueError(f"{where}: {key}={value!r} is not supported (our model has {ours!r})")
-        length = seq_len or hf.get("max_position_embeddings", 256)
+        saved = (hf.get("lowrank_pt") or {}).get("model", {})
+        # A run gives its own; loaded whole (generate, export round trips): ours as recorded, else
+        # the model's context, capped: the KV cache and RoPE tables are sized by it.
+        length = seq_len or saved.get("seq_len") or min(hf.get("max_position_embeddings", 256), LOAD_CONTEXT)
         window = hf.get("sliding_window") if (family == "mistral" or hf.get("use_sliding_window")) else None
         if window is not None and length > window:
             raise ValueError(f"{where}: sliding_window={window} is shorter than the run's sequence ({length} tokens): "
                              f"sliding-window attention is not built; set model.seq_len <= {window}")
-        saved = (hf.get("lowrank_pt") or {}).get("model", {})
         shape = dict(hidden_size=hidden, intermediate_size=hf["intermediate_size"],
                      num_layers=hf["num_hidden_layers"], num_heads=heads)
         size = saved.get("size") or next((name for name, s in MODEL_SIZES.items() if s == shape), "tiny")

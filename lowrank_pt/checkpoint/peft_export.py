@@ -62,7 +62,11 @@ def adapter_factors(state: dict[str, torch.Tensor], prefix: str, original: torch
     trained = state[f"{prefix}.weight"].double() + s * state[f"{prefix}.lora_B"].double() @ state[f"{prefix}.lora_A"].double()
     u, sv, vh = torch.linalg.svd(trained - original.double(), full_matrices=False)
     root = sv[:rank].sqrt()
-    return (root[:, None] * vh[:rank]).float(), (u[:, :rank] * root).float()
+    a, b = (root[:, None] * vh[:rank]).float(), (u[:, :rank] * root).float()
+    if a.shape[0] < rank:  # 2r past the matrix's smaller side: zero factors fill peft's r
+        a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
+        b = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], dim=1)
+    return a, b
 
 
 def export_adapter(source: str, out_dir: str, dtype: str | None = None) -> str:

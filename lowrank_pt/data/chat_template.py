@@ -43,6 +43,9 @@ def encode_conversation(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
+        if i == 0:
+            raise DataError("a conversation starts with an assistant turn: nothing asks for it; start it with a "
+                            "user (or system) message")
         start = _prefix(tokenizer, _tokens(tokenizer, messages[:i], generation=True), ids, f"the prompt of turn {i}")
         end = _prefix(tokenizer, _tokens(tokenizer, messages[:i + 1]), ids, f"the conversation up to turn {i}")
         trained[start:end] = True

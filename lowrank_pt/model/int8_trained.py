@@ -215,5 +215,6 @@ def steps_through_codes(optimizer: torch.optim.Optimizer, generator: RowGenerato
 
 def largest_step_bytes(numels: list[int]) -> int:
     """What a step of int8 weights holds beyond the stored ones: the largest matrix dequantised in
-    fp32 (the optimizer updates it there); the re-quantisation works a run of rows at a time."""
-    return 4 * max(numels, default=0)
+    fp32 (the optimizer updates it there) and, while it is dequantised, the fp32 blocks it is made
+    from (8 bytes an element at the peak); the re-quantisation works a run of rows at a time."""
+    return 8 * max(numels, default=0)

@@ -290,7 +290,11 @@ SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "nu
 
 def shape_difference(saved: ModelConfig | dict, ours: ModelConfig, there: str = "there") -> str | None:
     """The first shape field that differs, as ``model.KEY is A here but B <there>``; None if none."""
-    saved = saved if isinstance(saved, dict) else asdict(saved)
+    saved = dict(saved) if isinstance(saved, dict) else asdict(saved)
+    if saved.get("hidden_size") and saved.get("num_heads"):  # recorded before these fields existed
+        saved.setdefault("num_kv_heads", saved["num_heads"])
+        saved.setdefault("head_dim", saved["hidden_size"] // saved["num_heads"])
+        saved.setdefault("attention_bias", False)
     for key in SHAPE_KEYS:
         if saved.get(key) != getattr(ours, key):
             return f"model.{key} is {getattr(ours, key)} here but {saved.get(key)} {there}"

@@ -103,6 +103,8 @@ def encode(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 def decode(codes: torch.Tensor, scales: torch.Tensor, signed: bool, numel: int) -> torch.Tensor:
     """The first ``numel`` fp32 values ``encode`` coded (1-D)."""
+    if codes.numel() == 0:  # a flat with no Adam moments (Muon's, Dion's matrices only)
+        return torch.zeros(0, dtype=torch.float32, device=codes.device)
     values = _quant_utils().dequant_with_qmap(codes, dynamic_map(signed).to(codes.device), scales)
     return values[:numel]
 

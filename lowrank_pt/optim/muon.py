@@ -43,7 +43,7 @@ def newton_schulz(u: torch.Tensor, steps: int = 5, coefficients=NS_COEFFICIENTS,
     """The quintic Newton–Schulz orthonormalisation of ``u`` (m×n) in ``dtype`` (bf16, as
     torch.optim.Muon's)."""
     a, b, c = coefficients
-    x = u.to(dtype)
+    x = u.to(dtype, copy=True)  # the input may be the momentum buffer itself (no Nesterov)
     tall = u.size(0) > u.size(1)
     if tall:
         x = x.T

@@ -57,3 +57,17 @@ def test_options_are_checked_at_config_time():
     for bad in ({"momentum": 1.0}, {"ns_steps": 0}, {"adjust_lr": "spectral"}):
         with pytest.raises(ConfigError):
             methods.parse_options("muon", bad)
+
+
+def test_int8_states_leave_the_momentum_buffers_alone_and_step_again():
+    """A flat of Muon or Dion matrices has no Adam moments: low-bit states must not trip on it."""
+    from lowrank_pt.optim.dion import DionAdamW
+
+    for cls, key in ((MuonAdamW, "muon"), (DionAdamW, "dion")):
+        torch.manual_seed(0)
+        w, v = torch.nn.Parameter(torch.randn(16, 24)), torch.nn.Parameter(torch.randn(300))
+        opt = cls([{"params": [w], key: True}, {"params": [v]}], lr=1e-2, state_dtype="int8")
+        for _ in range(3):
+            w.grad, v.grad = torch.randn(16, 24), torch.randn(300)
+            opt.step()
+        assert opt.state[v]["exp_avg_codes"].dtype == torch.uint8 and opt.state[w]["momentum"].numel() == 16 * 24

@@ -82,3 +82,15 @@ def test_grouped_query_attention_shapes_counts_and_flops():
                       (dict(rope_scaling="yarn"), "rope_scaling")):
         with pytest.raises(ValueError, match=said):
             resolve(ModelConfig(size="tiny", **bad), vocab_size=50)
+
+
+def test_a_model_recorded_before_gqa_existed_still_matches_its_shape():
+    """meta.json of a checkpoint saved before num_kv_heads, head_dim and attention_bias existed."""
+    from dataclasses import asdict
+
+    from lowrank_pt.model.llama import shape_difference
+
+    cfg = resolve(ModelConfig(size="tiny"), vocab_size=50)
+    old = {k: v for k, v in asdict(cfg).items() if k not in ("num_kv_heads", "head_dim", "attention_bias")}
+    assert shape_difference(old, cfg) is None
+    assert "num_kv_heads" in shape_difference(old, resolve(ModelConfig(size="tiny", num_kv_heads=2), vocab_size=50))
