@@ -1,7 +1,8 @@
 """Weights the optimizer updates, stored in int8 (``engine.weight_dtype: int8`` for methods that
 update dense weights: full, apollo, apollo_mini, fira, galore_weights; ZeRO 0, bf16 masters).
 
-Each of the blocks' projections (q/k/v/o, gate/up/down; embeddings, norms and the head stay bf16)
+Each of the blocks' bias-free projections (q/k/v/o, gate/up/down; embeddings, norms, the head and
+Qwen2's biased q/k/v stay bf16)
 keeps its weight as int8 codes (``weight_codes``, a frozen param) and fp32 scales
 (``weight_scale``), the format of ``int8_weights`` (one scale per ``BLOCK`` elements of a row,
 1 + 4/256 bytes per element), and a count of its updates (``weight_updates``, a buffer). Its
