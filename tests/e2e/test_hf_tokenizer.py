@@ -121,12 +121,13 @@ def _train(rank, world_size, path, overrides):
     return Trainer(load(path, overrides)).run_all()
 
 
-def test_weights_of_another_tokenizer_are_one_clear_error_before_any_write(tokenizer_dir, tmp_path, data_cache,
-                                                                           capsys):
-    """init_from a model dir whose tokenizer is not the run's: exit 2 naming both, no run dir."""
-    from fixtures import TINY
+def test_weights_of_another_tokenizer_are_one_clear_error_before_any_write(tokenizer_dir, tmp_path, data_cache):
+    """init_from a model dir whose tokenizer is not the run's: exit 2 naming both, no run dir. In
+    its own process: the trainer has started a process group when it finds this."""
+    import subprocess
+    import sys
 
-    from lowrank_pt.train import main as train_main
+    from fixtures import ROOT, TINY
 
     config = transformers.LlamaConfig(vocab_size=704, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                                       num_attention_heads=4, max_position_embeddings=64)
@@ -135,8 +136,10 @@ def test_weights_of_another_tokenizer_are_one_clear_error_before_any_write(token
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (model_dir / name).write_bytes((tokenizer_dir / name).read_bytes())
     run_dir = tmp_path / "run"
-    code = train_main([TINY, f"run_dir={run_dir}", f"data.cache_dir={data_cache}", "model.size=init_from",
-                       "model.seq_len=32", f"stages=[{{name: a, method: full, steps: 1, init_from: {model_dir}}}]"])
-    err = capsys.readouterr().err
-    assert code == 2 and "init_from_tokenizer: any" in err and str(model_dir) in err, err
+    proc = subprocess.run([sys.executable, "-m", "lowrank_pt.train", TINY, f"run_dir={run_dir}",
+                           f"data.cache_dir={data_cache}", "model.size=init_from", "model.seq_len=32",
+                           f"stages=[{{name: a, method: full, steps: 1, init_from: {model_dir}}}]"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    err = proc.stderr
+    assert proc.returncode == 2 and "init_from_tokenizer: any" in err and str(model_dir) in err, err
     assert not run_dir.exists()
