@@ -21,6 +21,11 @@ each of ``--switches`` (none; int8 optimizer states; bf16 masters; int8 frozen b
 per-layer updates with int8 states and bf16 masters):
 ``max_memory_allocated`` beside the planner's peak for the same switches.
 
+Part 4, open models: a random model of Llama 3.2 1B's shape (grouped-query attention, Llama 3
+RoPE, tied embeddings; the run's vocabulary) saved as a Hugging Face dir, imported by a LoRA SFT
+stage (``model.size: init_from``, bf16, a few steps): tokens/s and ``max_memory_allocated`` beside
+the planner's peak.
+
 Also one line on the fused AdamW that ZeRO stage 0 uses on CUDA: its largest difference from the
 exact single-tensor AdamW over 100 steps.
 
@@ -104,6 +109,7 @@ def parse_args(argv=None):
     p.add_argument("--switch-size", default="1b")
     p.add_argument("--switch-method", default="galore")
     p.add_argument("--switch-steps", type=int, default=6)
+    p.add_argument("--skip-imported", action="store_true", help="skip part 4 (LoRA SFT of an imported GQA model)")
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     args.zero_stages = [int(z) for z in args.zero_stages.split(",") if z]
@@ -405,6 +411,66 @@ def bench(size: str, method: str, args, data_cache: str, switch: str = "none") -
     return row
 
 
+IMPORTED = dict(hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
+                rope_theta=500000.0, rope_scaling="llama3", rope_factor=32.0, rope_original_max_positions=8192,
+                tie_embeddings=True)
+"""Part 4's open model: Llama 3.2 1B's shape (grouped-query attention, Llama 3 RoPE, tied
+embeddings), random weights, the run's vocabulary (no hub here)."""
+
+
+def imported_sft(args, data_cache: str) -> dict:
+    """Part 4: a LoRA SFT stage on an imported GQA model (saved as a Hugging Face dir, taken by
+    ``model.size: init_from``), bf16: tokens/s and max_memory_allocated beside the planner."""
+    import torch
+
+    from lowrank_pt.checkpoint.export import save_hf
+    from lowrank_pt.data import DataConfig, prepare_data
+    from lowrank_pt.model.llama import LlamaModel, ModelConfig, resolve
+    from lowrank_pt.tracking import planner
+    from lowrank_pt.tracking.summary import read_summary
+
+    shape = dict(size="tiny", num_kv_heads=2) if args.tiny else dict(size="1b", **IMPORTED)
+    options = {"rank": 16, "alpha": 32, "train_full_rank": False}
+    row = {"size": "imported " + ("tiny" if args.tiny else "1b (Llama 3.2 shape)"), "method": "lora sft",
+           "zero_stage": args.bench_zero_stage, "precision": args.precision, "micro_batch": args.bench_micro_batch,
+           "seq_len": args.bench_seq_len, "steps": args.switch_steps, "switch": "init_from"}
+    try:
+        tokenizer = prepare_data(DataConfig(source="embedded", vocab_size=args.bench_vocab, cache_dir=data_cache,
+                                            max_documents=200 if args.tiny else None), progress=False).tokenizer_path
+        from lowrank_pt.data import load_tokenizer
+
+        cfg = resolve(ModelConfig(seq_len=args.bench_seq_len, **shape), vocab_size=load_tokenizer(tokenizer).vocab_size)
+        model_dir = os.path.join(args.out, "imported_model")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            save_hf(LlamaModel(cfg).state_dict(), cfg, model_dir, tokenizer, "bfloat16")
+        free_memory()
+        run_dir = os.path.join(args.out, "bench", "imported_sft")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        train([f"run_dir={run_dir}", f"data.cache_dir={data_cache}", f"data.vocab_size={args.bench_vocab}",
+               f"data.tokenizer={tokenizer}", "model.size=init_from", f"model.seq_len={args.bench_seq_len}",
+               f"engine.zero_stage={args.bench_zero_stage}", f"engine.precision={args.precision}",
+               f"train.micro_batch_size={args.bench_micro_batch}", "train.log_every=10", "train.eval_every=0",
+               "train.eval_sequences=8", "train.eval_questions=0", "train.tensorboard=false", "train.progress=false",
+               f"stages=[{{name: sft, method: lora, steps: {args.switch_steps}, init_from: {model_dir}, "
+               f"options: {json.dumps(options)}, optimizer: {{lr: 2.0e-4}}, sft: {{train: shakespeare, "
+               "max_examples: 2000}}]"])
+        entry = read_summary(run_dir)["stages"][0]
+        row["max_memory_allocated"] = int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
+        row["tokens_per_s"], row["mfu"] = entry.get("tokens_per_s"), entry.get("mfu")
+        plan = planner.plan(cfg, "lora", options, zero_stage=args.bench_zero_stage, world=1,
+                            micro_batch=args.bench_micro_batch, seq_len=args.bench_seq_len, precision=args.precision)
+        row["planned_peak"] = plan.total
+        row["measured_over_planned"] = row["max_memory_allocated"] / plan.total if row["max_memory_allocated"] else None
+    except Exception as e:  # noqa: BLE001
+        row["error"] = f"{type(e).__name__}: {e}"
+        row["traceback"] = traceback.format_exc()
+        free_memory()
+    return row
+
+
 def _vocab(run_dir: str, args) -> int:
     """The vocabulary the run trained with (its resolved config), else the one asked for."""
     try:
@@ -536,6 +602,11 @@ def main(argv=None) -> int:
         row = bench(args.switch_size, args.switch_method, args, data_cache, switch)
         said = row["error"] if "error" in row else f"{_gib(row['max_memory_allocated'])} allocated"
         print(f"gpu_check: switch {switch} ({args.switch_size} {args.switch_method}): {said}", flush=True)
+        result["switches"].append(row)
+    if not args.skip_imported:
+        row = imported_sft(args, data_cache)
+        said = row["error"] if "error" in row else f"{row['tokens_per_s']:.0f} tokens/s"
+        print(f"gpu_check: imported GQA model, LoRA SFT: {said}", flush=True)
         result["switches"].append(row)
     try:
         result["fused_adamw"] = fused_adamw_difference("cuda" if torch.cuda.is_available() else "cpu")
