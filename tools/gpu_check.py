@@ -528,7 +528,7 @@ def render(result: dict) -> str:
                          f"{'yes' if r['loss_falls'] else 'NO'} | {resume} | {r.get('masters', '-')} | "
                          f"{r['seconds']:.0f} |")
         lines.append("")
-    rows = result["bench"] + result.get("switches", [])
+    rows = result["bench"] + result.get("switches", []) + result.get("imported", [])
     if rows:
         lines += ["## Benchmark and memory switches: 1 device (planner figures for the same switches)", "",
                   "| size | method | switch | ZeRO | precision | micro-batch × seq | tokens/s | MFU | "
@@ -583,7 +583,7 @@ def main(argv=None) -> int:
 
     result = {"device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "deepspeed": deepspeed.__version__, "args": vars(args),
-              "matrix": [], "bench": [], "switches": []}
+              "matrix": [], "bench": [], "switches": [], "imported": []}
     if not args.skip_matrix:
         for method in args.methods:
             for zero_stage in args.zero_stages:
@@ -607,15 +607,15 @@ def main(argv=None) -> int:
         row = imported_sft(args, data_cache)
         said = row["error"] if "error" in row else f"{row['tokens_per_s']:.0f} tokens/s"
         print(f"gpu_check: imported GQA model, LoRA SFT: {said}", flush=True)
-        result["switches"].append(row)
+        result["imported"].append(row)
     try:
         result["fused_adamw"] = fused_adamw_difference("cuda" if torch.cuda.is_available() else "cpu")
     except Exception as e:  # noqa: BLE001
         result["fused_adamw"] = None
         print(f"gpu_check: fused AdamW comparison failed: {e}", file=sys.stderr)
     failures = [f"{r['method']} ZeRO {r['zero_stage']}" for r in result["matrix"] if not r["ok"]]
-    failures += [f"bench {r['size']} {r['method']} {r['switch']}" for r in result["bench"] + result["switches"]
-                 if "error" in r]
+    failures += [f"bench {r['size']} {r['method']} {r['switch']}"
+                 for r in result["bench"] + result["switches"] + result["imported"] if "error" in r]
     result["failures"], result["ok"] = failures, not failures
     result["seconds"] = time.perf_counter() - start
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:

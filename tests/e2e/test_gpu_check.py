@@ -51,5 +51,8 @@ def test_the_table_runs_on_cpu(tmp_path):
     for switch in result["switches"]:
         assert switch["planned_peak"] > 0 and "error" not in switch, switch
     assert "| tiny | galore | all |" in table and "| tiny | galore | per_layer |" in table
+    (imported,) = result["imported"]  # part 4: LoRA SFT on an imported GQA model
+    assert "error" not in imported and imported["tokens_per_s"] > 0 and imported["planned_peak"] > 0, imported
+    assert "| imported tiny | lora sft | init_from |" in table
     assert result["fused_adamw"]["max_abs_diff"] < 1e-5
     assert "ALL CHECKS PASSED" in table and "| relora | 3 | bf16 |" in table and done.stdout.endswith(table)
