@@ -1,4 +1,4 @@
-"""Adapters out: LoRA stages post-training an imported GQA model (``model.size: init_from``), their
+"""Adapters out: LoRA SFT stages post-training an imported GQA model (``model.size: init_from``), their
 checkpoints exported with ``--adapter``: ``peft.PeftModel.from_pretrained(base, adapter)`` gives our
 trained model's logits to float rounding for kaiming, pissa (a rank-2r LoRA against the original
 base) and DoRA, and for a stage whose base came from an earlier stage of the run (written beside
@@ -21,7 +21,7 @@ peft = pytest.importorskip("peft")
 
 def base_model(path):
     config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).float().save_pretrained(path)
     return str(path)
@@ -36,12 +36,13 @@ def train(rank, world_size, invocations):
 
 
 def recipe(run_dir, cache, stages, *extra):
-    return [f"run_dir={run_dir}", f"data.cache_dir={cache}", "model.seq_len=32", "train.micro_batch_size=2",
+    return [f"run_dir={run_dir}", f"data.cache_dir={cache}", "model.seq_len=128", "train.micro_batch_size=2",
             "train.eval_every=0", "train.tensorboard=false", "train.progress=false", f"stages={stages}", *extra]
 
 
 LORA = "{{name: sft, method: lora, steps: 3, {init}options: {{rank: 4, train_full_rank: {full}{opts}}}, " \
-       "optimizer: {{lr: 5.0e-2}}}}"
+       "optimizer: {{lr: 5.0e-2}}, sft: {{train: shakespeare, max_examples: 64}}}}"
+"""An SFT stage (the corpus-derived instructions, our tokenizer's chat pieces) with LoRA."""
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def test_peft_loads_the_adapter_with_our_logits(runs, name):
     root, base = runs
     adapter = root / f"{name}-adapter"
     export_adapter(str(root / name), str(adapter), dtype="float32")
-    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(4))
     theirs, config = peft_logits(adapter, ids)
     ours, _ = load_model(str(root / name))
     with torch.no_grad():
