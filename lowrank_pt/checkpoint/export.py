@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Iterator, Optional
@@ -51,7 +50,7 @@ from lowrank_pt.data import load_tokenizer
 from lowrank_pt.data.hf_tokenizer import is_hf_tokenizer
 from lowrank_pt.data.config import DataConfig
 from lowrank_pt.data.prepare import tokenizer_for
-from lowrank_pt.model.llama import MODEL_SIZES, LlamaModel, ModelConfig, resolve
+from lowrank_pt.model.llama import LlamaModel, ModelConfig, resolve
 
 logger = logging.getLogger(__name__)
 

@@ -13,6 +13,8 @@ with special tokens); a template where it does not is refused with a DataError n
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from lowrank_pt.core.errors import DataError
@@ -65,9 +67,11 @@ def encode_reply(tokenizer, messages: list[dict], reply: str) -> list[int]:
     return whole[_prefix(tokenizer, prompt, whole, "the prompt"):]
 
 
+@functools.lru_cache(maxsize=8)
 def end_ids(tokenizer) -> list[int]:
     """Special tokens that close an assistant turn under the template (where generation stops):
-    those in a probe reply's rendering after its text."""
+    those in a probe reply's rendering after its text. Once per tokenizer: every generation and
+    every exact-match question asks."""
     probe = [{"role": "user", "content": "Hello"}]
     reply = encode_reply(tokenizer, probe, "Fine")
     special = set(getattr(tokenizer, "special_ids", lambda: set())())

@@ -29,8 +29,7 @@ import math
 
 import torch
 
-from lowrank_pt.optim.fragment_optimizer import FragmentOptimizer
-from lowrank_pt.optim.muon import ADJUST_LR, MuonAdamW, update_scale
+from lowrank_pt.optim.muon import ADJUST_LR, OrthonormalAdamW, update_scale
 from lowrank_pt.zero.partition import MatrixPlan, ParamSpec, Piece
 
 
@@ -45,7 +44,7 @@ def column_normalise(r: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return r / r.norm(dim=0, keepdim=True).clamp(min=eps)
 
 
-class DionAdamW(FragmentOptimizer):
+class DionAdamW(OrthonormalAdamW):
     """Dion on the 2-D params of groups with ``dion: True``; torch's AdamW elsewhere (see the
     module doc). Group keys: ``rank`` or ``rank_fraction`` (0.25), ``momentum`` (μ, 0.95),
     ``adjust_lr`` (original), ``seed`` (of the first Q)."""
@@ -55,16 +54,9 @@ class DionAdamW(FragmentOptimizer):
     GROUP_DEFAULTS: dict = {"rank": None, "rank_fraction": 0.25, "momentum": 0.95, "adjust_lr": "original",
                             "seed": 0}
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 names: dict[int, str] | None = None, defer_until_attached: bool = False, state_dtype: str = "fp32",
-                 **group_defaults):
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        **{**self.GROUP_DEFAULTS, **group_defaults})
-        super().__init__(params, defaults, names=names, defer_until_attached=defer_until_attached,
-                         state_dtype=state_dtype)
-        for group in self.param_groups:
-            if group.get("dion"):
-                check_group(group)
+    @staticmethod
+    def check_rule(group: dict) -> None:
+        check_group(group)
 
     def matrix_options(self, spec: ParamSpec, group: dict) -> dict:
         return {"r": dion_rank(spec.shape, group["rank"], group["rank_fraction"]), "momentum": float(group["momentum"]),
@@ -113,7 +105,7 @@ class DionAdamW(FragmentOptimizer):
             w["b"].sub_(piece.own(fed_back) if piece.plan.cut else fed_back.reshape(-1), alpha=1 - o["momentum"])
             w["q"].copy_(column_normalise(r_full))
             update = w["P_rows"] @ w["q"].t()
-            MuonAdamW._apply(piece, group, flat, steps[piece.plan.key],
+            self._apply(piece, group, flat, steps[piece.plan.key],
                              piece.own(update) if piece.plan.cut else update.reshape(-1))
 
     @staticmethod

@@ -60,7 +60,41 @@ def update_scale(shape: tuple[int, int], adjust_lr: str) -> float:
     return 0.2 * math.sqrt(max(m, n)) if adjust_lr == "match_rms_adamw" else math.sqrt(max(1.0, m / n))
 
 
-class MuonAdamW(FragmentOptimizer):
+class OrthonormalAdamW(FragmentOptimizer):
+    """What Muon and Dion share: AdamW's hyperparameters plus the rule's group keys
+    (``GROUP_DEFAULTS``, checked by ``check_rule`` on every group the rule steps), and the update
+    ``W ← W·(1 − η·λ) − η·s·O`` of a fragment (``_apply``)."""
+
+    GROUP_DEFAULTS: dict = {}
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 names: dict[int, str] | None = None, defer_until_attached: bool = False, state_dtype: str = "fp32",
+                 **group_defaults):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        **{**self.GROUP_DEFAULTS, **group_defaults})
+        super().__init__(params, defaults, names=names, defer_until_attached=defer_until_attached,
+                         state_dtype=state_dtype)
+        for group in self.param_groups:
+            if group.get(self.projected_key):
+                self.check_rule(group)
+
+    @staticmethod
+    def check_rule(group: dict) -> None:
+        """Refuse a group option the rule cannot run with (a ValueError naming it)."""
+
+    @staticmethod
+    def _apply(piece: Piece, group: dict, flat: torch.Tensor, t: int, update: torch.Tensor) -> None:
+        """Decoupled weight decay, then ``W ← W − η·s·O`` on the rank's fragment (torch.optim.Muon's
+        order); a bf16 weight (bf16 masters) is updated in fp32 and stochastically rounded back."""
+        stored = piece.segment(flat)
+        segment = stored if stored.dtype == torch.float32 else stored.float()
+        segment.mul_(1 - group["lr"] * group["weight_decay"])
+        segment.add_(update.view(-1), alpha=-group["lr"] * piece.plan.options["scale"])
+        if segment is not stored:
+            stored.copy_(round_to_bf16(segment, rounding_generator(t, piece.frag.param, piece.frag.start)))
+
+
+class MuonAdamW(OrthonormalAdamW):
     """Muon on the 2-D params of groups with ``muon: True``; torch's AdamW on everything else
     (see the module doc). Group keys: ``momentum`` (0.95), ``nesterov`` (True), ``ns_steps`` (5),
     ``adjust_lr`` (match_rms_adamw)."""
@@ -73,16 +107,9 @@ class MuonAdamW(FragmentOptimizer):
     compare ZeRO stages in fp32 as well, where the arithmetic, not bf16, is what they see."""
     GROUP_DEFAULTS: dict = {"momentum": 0.95, "nesterov": True, "ns_steps": 5, "adjust_lr": "match_rms_adamw"}
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 names: dict[int, str] | None = None, defer_until_attached: bool = False, state_dtype: str = "fp32",
-                 **group_defaults):
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        **{**self.GROUP_DEFAULTS, **group_defaults})
-        super().__init__(params, defaults, names=names, defer_until_attached=defer_until_attached,
-                         state_dtype=state_dtype)
-        for group in self.param_groups:
-            if group.get("muon"):
-                check_group(group)
+    @staticmethod
+    def check_rule(group: dict) -> None:
+        check_group(group)
 
     def matrix_options(self, spec: ParamSpec, group: dict) -> dict:
         return {"momentum": float(group["momentum"]), "nesterov": bool(group["nesterov"]),
@@ -125,17 +152,6 @@ class MuonAdamW(FragmentOptimizer):
             del full
         for piece, group, flat, _, _ in items:
             self._apply(piece, group, flat, steps[piece.plan.key], updates[piece.plan.spec.index])
-
-    @staticmethod
-    def _apply(piece: Piece, group: dict, flat: torch.Tensor, t: int, update: torch.Tensor) -> None:
-        """Decoupled weight decay, then ``W ← W − η·s·O`` on the rank's fragment (torch.optim.Muon's
-        order); a bf16 weight (bf16 masters) is updated in fp32 and stochastically rounded back."""
-        stored = piece.segment(flat)
-        segment = stored if stored.dtype == torch.float32 else stored.float()
-        segment.mul_(1 - group["lr"] * group["weight_decay"])
-        segment.add_(update.view(-1), alpha=-group["lr"] * piece.plan.options["scale"])
-        if segment is not stored:
-            stored.copy_(round_to_bf16(segment, rounding_generator(t, piece.frag.param, piece.frag.start)))
 
 
 def check_group(group: dict) -> None:
