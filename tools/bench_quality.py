@@ -1,7 +1,8 @@
 """Benchmark: what the memory-saving switches cost in training quality.
 
-For each method (full, galore, apollo_mini; galore_weights, muon, dion (r = d/4) and dion8
-(dion at r = d/8) on request) and each setting
+For each method (full, galore, apollo_mini; galore_weights, muon, dion (r = d/4), dion8
+(dion at r = d/8), relora, sltrain and cola on request), each setting and each learning rate
+(``--lr-factors`` times the method's own; the best one counts)
 
     baseline      optimizer.state_dtype=fp32, engine.master_weights=fp32, engine.weight_dtype=bf16
     int8_states   optimizer.state_dtype=int8 (the rest as baseline)
@@ -37,6 +38,8 @@ on a row whose loss or bytes equal its baseline's exactly.
     python tools/bench_quality.py --methods full,apollo_mini --settings int8_updated
     python tools/bench_quality.py --steps 4 --threads 1 --out /tmp/bq  # a smoke test (minutes)
     python tools/bench_quality.py --methods galore,apollo_mini --settings per_layer --grad-accum 4
+    python tools/bench_quality.py --methods full,galore,relora,sltrain,cola --settings baseline \
+        --lr-factors 0.5,1,2 --out bench_factored      # best of three learning rates each
 
 Run it alone: each run uses ``--threads`` torch threads (default 2), one run at a time.
 Writes ``DIR/results.json`` and ``DIR/bench.md`` (the table for BENCHMARKS.md); each run's recipe,
@@ -59,7 +62,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-METHODS = ("full", "galore", "galore_weights", "apollo_mini", "muon", "dion", "dion8")
+METHODS = ("full", "galore", "galore_weights", "apollo_mini", "muon", "dion", "dion8", "relora", "sltrain", "cola")
 DEFAULT_METHODS = ("full", "galore", "apollo_mini")
 STEP_BF16 = {"engine.master_weights": "bf16", "optimizer.grad_clip": 0.0}
 """Ordinary steps as per-layer updates need them: bf16 weights updated in place, no global clipping."""
@@ -75,7 +78,7 @@ SETTINGS = {  # name: overrides of the baseline's keys, the bar (|relative diffe
 BASELINE = {"optimizer.state_dtype": "fp32", "engine.master_weights": "fp32", "engine.weight_dtype": "bf16",
             "optimizer.grad_clip": None, "train.update": "step"}
 LR = {"full": 2e-3, "galore": 1e-2, "galore_weights": 1e-2, "apollo_mini": 1e-2, "muon": 2e-3, "dion": 2e-2,
-      "dion8": 2e-2}
+      "dion8": 2e-2, "relora": 2e-3, "sltrain": 3e-3, "cola": 3e-3}
 """Peak learning rates: the demo recipe's for full-rank AdamW; the published 1e-2 for GaLore and
 APOLLO-Mini (tools/bench_methods.py, tools/bench_lowrank_optimizers.py). ``--lr method=value``."""
 METHOD_OF = {"dion8": "dion"}
@@ -88,6 +91,9 @@ OPTIONS = {
     "muon": {},  # match_rms_adamw: AdamW's learning rate carries over
     "dion": {"rank_fraction": 0.25},  # r = d/4, the paper's scale √max(1, m/n): Muon-like rates
     "dion8": {"rank_fraction": 0.125},  # r = d/8
+    "relora": {"rank": 64, "restart_every": 100},  # r = d/4 of the demo model, 3 cycles in 300 steps
+    "sltrain": {"rank": 64, "density": 0.03},  # r = d/4 (the published 128 of 60M's d 512), δ 0.03
+    "cola": {},  # r = d/4, silu: the published defaults
 }
 """Each method's options (``stages.0.options``)."""
 MIB = 2**20
@@ -103,6 +109,10 @@ def parse_args(argv=None):
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=VALUE",
                    help="peak learning rate of a method (repeatable); default " +
                         ", ".join(f"{m} {v:g}" for m, v in LR.items()))
+    p.add_argument("--lr-factors", default="1",
+                   help="comma list of factors of each method's LR to run (e.g. 0.5,1,2: the best of three "
+                        "learning rates; each (method, setting) is then compared at its best)")
+    p.add_argument("--size", default="demo", help="model.size of every run (demo, 60m, ...)")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per step (the demo recipe's 8)")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches per step: each holds micro-batch / grad-accum sequences")
@@ -139,6 +149,12 @@ def parse_args(argv=None):
             args.lrs[method] = float(value)
         except ValueError:
             p.error(f"--lr {item!r}: {value!r} is not a number")
+    try:
+        args.lr_factors = [float(f) for f in args.lr_factors.split(",")]
+    except ValueError:
+        p.error(f"--lr-factors {args.lr_factors!r}: give numbers, e.g. 0.5,1,2")
+    if not args.lr_factors or min(args.lr_factors) <= 0:
+        p.error("--lr-factors: give one or more factors > 0")
     if args.steps < 1:
         p.error("--steps must be >= 1")
     if args.grad_accum < 1 or args.micro_batch % args.grad_accum:
@@ -220,8 +236,8 @@ def schema_has(key: str) -> bool:
     return key in {f.name for f in fields(EngineConfig)}
 
 
-def recipe(args, method: str, setting: str, run_dir: str) -> dict:
-    """The run config of one (method, setting), as a YAML recipe's mapping."""
+def recipe(args, method: str, setting: str, run_dir: str, lr: float) -> dict:
+    """The run config of one (method, setting) at peak LR ``lr``, as a YAML recipe's mapping."""
     keys = dict(BASELINE)
     keys.update(SETTINGS[setting][0])
     engine = {"zero_stage": 0, "precision": "bf16", "master_weights": keys["engine.master_weights"]}
@@ -233,7 +249,7 @@ def recipe(args, method: str, setting: str, run_dir: str) -> dict:
         "run_dir": run_dir,
         "seed": args.seed,
         "resume": "never",
-        "model": {"size": "demo", "seq_len": 256},
+        "model": {"size": args.size, "seq_len": 256},
         "data": {"source": "embedded", "vocab_size": 8000, "cache_dir": os.path.abspath(args.cache_dir)},
         "engine": engine,
         "train": {"micro_batch_size": args.micro_batch // args.grad_accum, "grad_accum": args.grad_accum,
@@ -242,7 +258,7 @@ def recipe(args, method: str, setting: str, run_dir: str) -> dict:
                   "keep_last": 1, "tensorboard": False, "progress": True, "sample_prompts": []},
         "stages": [{
             "name": "main", "method": METHOD_OF.get(method, method), "steps": args.steps,
-            "optimizer": {"lr": args.lrs[method], "state_dtype": keys["optimizer.state_dtype"],
+            "optimizer": {"lr": lr, "state_dtype": keys["optimizer.state_dtype"],
                           **({"grad_clip": keys["optimizer.grad_clip"]} if keys["optimizer.grad_clip"] is not None
                              else {})},
             "schedule": {"kind": "cosine", "warmup_steps": max(1, args.steps // 10), "min_lr_ratio": 0.1},
@@ -263,6 +279,7 @@ def final_numbers(run_dir: str) -> dict:
            "train_loss": entry.get("loss"), "step_time_s": entry.get("step_time_s"),
            "steps": entry.get("steps"), "complete": entry.get("complete")}
     out["held_bytes"] = (entry.get("memory") or {}).get("measured") or {}
+    out["params"] = (entry.get("params") or {}).get("total")
     if out["eval_loss"] is None:
         try:
             evals = [r for r in metrics.read(run_dir) if "eval/loss" in r]
@@ -274,19 +291,20 @@ def final_numbers(run_dir: str) -> dict:
     return out
 
 
-def run_one(args, method: str, setting: str) -> dict:
-    """One (method, setting) in a fresh process; its row of the results."""
+def run_one(args, method: str, setting: str, factor: float = 1.0) -> dict:
+    """One (method, setting) at ``factor`` times the method's LR, in a fresh process; its row of the results."""
     import yaml
 
     from lowrank_pt.checkpoint import store
 
-    name = f"{method}-{setting}"
+    lr = args.lrs[method] * factor
+    name = f"{method}-{setting}" + (f"-lr{lr:g}" if args.lr_factors != [1.0] else "")
     run_dir = os.path.abspath(os.path.join(args.out, "runs", name))
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run every time (resume: never)
     for sub in ("recipes", "runs"):
         os.makedirs(os.path.join(args.out, sub), exist_ok=True)
     path = os.path.abspath(os.path.join(args.out, "recipes", f"{name}.yaml"))
-    cfg = recipe(args, method, setting, run_dir)
+    cfg = recipe(args, method, setting, run_dir, lr)
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
     log_path = os.path.join(args.out, "runs", f"{name}.log")  # the run dir does not exist until it is checked
@@ -298,7 +316,7 @@ def run_one(args, method: str, setting: str) -> dict:
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, os.path.abspath(__file__), "--child", path, "--child-out", out_path,
            "--threads", threads]
-    row = {"method": method, "setting": setting, "lr": args.lrs[method], "options": OPTIONS[method],
+    row = {"method": method, "setting": setting, "lr": lr, "options": OPTIONS[method],
            "overrides": SETTINGS[setting][0], "bar_pct": SETTINGS[setting][1], "recipe": path}
     start = time.perf_counter()
     try:
@@ -332,11 +350,23 @@ def run_one(args, method: str, setting: str) -> dict:
     return row
 
 
-def compare(rows: list[dict]) -> None:
-    """Each row's relative difference to its method's baseline (``vs_baseline_pct``) and whether
-    it is within its bar; flags a loss equal to the baseline's."""
-    base = {(r["method"], r["setting"]): r for r in rows}
+def best_rows(rows: list[dict]) -> dict:
+    """The row of each (method, setting) with the lowest validation loss over its learning rates."""
+    best = {}
     for r in rows:
+        key = (r["method"], r["setting"])
+        if r["status"] == "ok" and (key not in best or r["eval_loss"] < best[key]["eval_loss"]):
+            best[key] = r
+    return best
+
+
+def compare(rows: list[dict]) -> None:
+    """Each row's relative difference to its method's baseline at its best learning rate
+    (``vs_baseline_pct``) and whether it is within its bar; flags a loss equal to the baseline's;
+    marks each (method, setting)'s best learning rate (``best_lr``)."""
+    base = best_rows(rows)
+    for r in rows:
+        r["best_lr"] = base.get((r["method"], r["setting"])) is r
         r["compared_with"] = SETTINGS[r["setting"]][2]
         b = base.get((r["method"], r["compared_with"]))
         r["vs_baseline_pct"] = r["within_bar"] = None
@@ -372,14 +402,16 @@ def markdown(results: dict, args) -> str:
              f"Command: `{results['command']}`", "",
              f"Date: {results['date']}; commit {results['commit']}", "",
              f"Machine: {results['machine']}; each run in its own process with {args.threads} threads", "",
-             f"Model: demo LLaMA, seq 256, {args.micro_batch} sequences per step in {args.grad_accum} "
+             f"Model: {args.size} LLaMA, seq 256, {args.micro_batch} sequences per step in {args.grad_accum} "
              "micro-batch(es) (one rank, ZeRO 0, precision bf16), "
              f"embedded corpus (8000-token tokenizer), seed {args.seed} for every run; cosine schedule, "
              f"{max(1, args.steps // 10)} warm-up steps; validation loss on {args.eval_sequences} sequences "
-             "after the last step. Learning rates and options: " +
+             "after the last step. Learning rates (times " + ", ".join(f"{f:g}" for f in args.lr_factors) +
+             ") and options: " +
              "; ".join(f"{m} lr {args.lrs[m]:g} {OPTIONS[m] or ''}".strip() for m in args.methods) + ".", "",
-             "| method | setting | val loss | vs | vs baseline | bar | within bar? | held state MiB | s/step |",
-             "|---|---|---:|---|---:|---:|:---:|---:|---:|"]
+             "| method | setting | lr | val loss | vs | vs baseline | bar | within bar? | params | held state MiB "
+             "| s/step |",
+             "|---|---|---:|---:|---|---:|---:|:---:|---:|---:|---:|"]
     for r in rows:
         if r["status"] == "ok":
             loss = f"{r['eval_loss']:.4f}"
@@ -389,12 +421,15 @@ def markdown(results: dict, args) -> str:
         bar = cell(r["bar_pct"], "±{:g}%")
         within = "–" if r.get("within_bar") is None else ("yes" if r["within_bar"] else "**no**")
         held_cell = cell((r.get("held_bytes") or {}).get("total"), "{:.2f}", MIB)
-        lines.append(f"| {r['method']} | {r['setting']} | {loss} | {r.get('compared_with') or '–'} | {diff} | {bar} | "
-                     f"{within} | {held_cell} | "
+        if len(args.lr_factors) > 1 and r.get("best_lr"):
+            loss = f"**{loss}**"
+        lines.append(f"| {r['method']} | {r['setting']} | {r['lr']:g} | {loss} | {r.get('compared_with') or '–'} | "
+                     f"{diff} | {bar} | {within} | {cell(r.get('params'), '{:,}')} | {held_cell} | "
                      f"{cell(r.get('step_time_s'), '{:.3f}')} |")
     notes = [f"- {r['method']} / {r['setting']}: {n}" for r in rows for n in r.get("notes", [])]
-    lines += ["", ("vs baseline: (val loss − the val loss of the same method's setting named under vs) / that "
-                   "loss, in percent; within "
+    lines += ["", ("vs baseline: (val loss − the val loss of the same method's setting named under vs, at its "
+                   "best learning rate) / that loss, in percent (bold: each method and setting's best learning "
+                   "rate, where several ran); params: the trained model's parameters; within "
                    "bar: |vs baseline| ≤ bar. Held state: the bytes the run held at its end by category, "
                    "summed (params, masters, gradients, optimizer states, method and ZeRO buffers: "
                    "summary.json, measured).")]
@@ -413,14 +448,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)  # what machine() reports: the runs' thread count
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
-    plan = [(m, s) for m in args.methods for s in args.settings]
+    plan = [(m, s, f) for m in args.methods for s in args.settings for f in args.lr_factors]
     rows = []
-    for i, (method, setting) in enumerate(plan, 1):
-        row = run_one(args, method, setting)
+    for i, (method, setting, factor) in enumerate(plan, 1):
+        row = run_one(args, method, setting, factor)
         rows.append(row)
         what = (f"val loss {row['eval_loss']:.4f}" if row["status"] == "ok"
                 else f"{row['status']}: {row['message']}")
-        print(f"[{i}/{len(plan)}] {method} / {setting}: {what} ({row['seconds']:.0f} s; "
+        print(f"[{i}/{len(plan)}] {method} / {setting} / lr {row['lr']:g}: {what} ({row['seconds']:.0f} s; "
               f"{time.perf_counter() - started:.0f} s in all)", flush=True)
     compare(rows)
     results = {"command": command_line("bench_quality.py", argv), "date": datetime.datetime.now().isoformat(

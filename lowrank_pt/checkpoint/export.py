@@ -32,20 +32,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Iterator, Optional
 
-import sentencepiece as spm
 import torch
 import yaml
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
 
 from lowrank_pt.checkpoint import store as checkpoint
+from lowrank_pt.checkpoint.files import DTYPES, write_shards, write_tokenizer
 from lowrank_pt.checkpoint.hf_import import (FAMILIES, WEIGHTS, config_from_hf, is_hf_dir, read_config, stored_shapes,
                                              stream_weights)
+from lowrank_pt.checkpoint.own_format import OWN_FORMAT, is_own_format_dir, load_own_format, save_own_format
 from lowrank_pt.data import load_tokenizer
 from lowrank_pt.data.hf_tokenizer import is_hf_tokenizer
 from lowrank_pt.data.config import DataConfig
@@ -54,12 +53,7 @@ from lowrank_pt.model.llama import LlamaModel, ModelConfig, resolve
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# The template of lowrank_pt.data.sft in Jinja, for tokenizer.apply_chat_template.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
-)
+
 
 
 # --- finding what a checkpoint was made with ----------------------------------------------------
@@ -178,54 +172,6 @@ def hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: str =
     return out
 
 
-def write_tokenizer(tokenizer_path: str, out_dir: str | Path, seq_len: int) -> None:
-    """tokenizer.model + tokenizer_config.json (+ tokenizer.json when transformers is importable);
-    a Hugging Face tokenizer (an open model's) is copied as it is."""
-    out = Path(out_dir)
-    if is_hf_tokenizer(tokenizer_path):
-        source = Path(tokenizer_path) if Path(tokenizer_path).is_dir() else Path(tokenizer_path).parent
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if (source / name).is_file() and (source / name).resolve() != (out / name).resolve():
-                shutil.copyfile(source / name, out / name)
-        return
-    shutil.copyfile(tokenizer_path, out / "tokenizer.model")
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
-
-    def piece(i: int) -> Optional[str]:
-        return sp.id_to_piece(i) if i >= 0 else None
-
-    eos = piece(sp.eos_id())
-    config = {
-        "tokenizer_class": "LlamaTokenizer",
-        "add_prefix_space": False,
-        "legacy": False,
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "bos_token": piece(sp.bos_id()),
-        "eos_token": eos,
-        "unk_token": piece(sp.unk_id()),
-        "pad_token": piece(sp.pad_id()) or eos,
-        "model_max_length": seq_len,
-        "clean_up_tokenization_spaces": False,
-        "chat_template": CHAT_TEMPLATE,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    converted = out / "tokenizer.json"
-    converted.unlink(missing_ok=True)  # a stale one would be loaded instead of tokenizer.model
-    try:
-        from transformers import AutoTokenizer  # optional: only to write tokenizer.json
-    except ImportError:  # tokenizer.model alone still loads where sentencepiece is installed
-        logger.warning("transformers not importable: tokenizer.json not written")
-        return
-    auto = AutoTokenizer.from_pretrained(str(out))
-    samples = ["To be, or not to be:", "  two spaces\nand a new line 123", "<|user|>Hi<|end|><|assistant|>"]
-    if [auto.encode(t) for t in samples] != [sp.encode(t) for t in samples]:
-        logger.warning("transformers converts %s differently from sentencepiece; tokenizer.json not written",
-                       tokenizer_path)
-        return
-    auto.backend_tokenizer.save(str(converted))
-
-
 def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | os.PathLike,
             tokenizer_path: Optional[str] = None, dtype: str = "float32", extra: Optional[dict] = None,
             max_shard_bytes: int = 5 * 10**9) -> str:
@@ -251,46 +197,28 @@ def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | os.
     return str(out)
 
 
-def write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
-    """``tensors`` as one safetensors file, or shards of at most ``max_shard_bytes`` (a larger
-    tensor alone in its shard) with an index; each file written under a temporary name and
-    renamed, and the files of an earlier export of another layout removed."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    names = [WEIGHTS] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                                                for i in range(len(shards))]
-    for stale in [*out.glob("model-*-of-*.safetensors"), out / WEIGHTS, out / f"{WEIGHTS}.index.json"]:
-        if stale.name not in names:
-            stale.unlink(missing_ok=True)
-    for name, shard in zip(names, shards):
-        tmp = out / f".{name}.tmp-{os.getpid()}"
-        save_file(shard, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out / name)
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
-        (out / f"{WEIGHTS}.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
 def plain_checkpoint(path: str) -> tuple[str, ModelConfig, dict[str, torch.Tensor]]:
     """``(checkpoint dir, its ModelConfig, its plain weights)`` for a run dir or checkpoint dir:
-    ``checkpoint.load_plain_weights`` (any ZeRO stage and rank count, adapters merged), checked."""
+    ``checkpoint.load_plain_weights`` (any ZeRO stage and rank count, adapters merged), checked
+    against the plain model of its method (the dense Llama, or a method's own architecture)."""
     ckpt = checkpoint.resolve(path)
     cfg = checkpoint_config(ckpt)
     state = checkpoint.load_plain_weights(ckpt)
-    leftover = sorted(set(state) - set(_expected_shapes(cfg)))
+    leftover = sorted(set(state) - set(_expected_shapes(cfg, *saved_method(ckpt))))
     if leftover:
         method = checkpoint.read_meta(ckpt).get("method")
         raise ValueError(f"{ckpt}: the weights of method {method!r} still hold adapter tensors after "
                          f"checkpoint.load_plain_weights ({leftover[:3]} ...): its Method.to_plain must merge them")
     return ckpt, cfg, state
+
+
+def saved_method(ckpt: str) -> tuple[type, object]:
+    """(the Method class, its parsed options) that trained a checkpoint."""
+    from lowrank_pt import methods  # imports DeepSpeed: only commands that read weights pay
+
+    meta = checkpoint.read_meta(ckpt)
+    name = meta.get("method", "full")
+    return methods.METHODS[name], methods.parse_options(name, meta.get("method_options", {}))
 
 
 def export_hf(checkpoint_path_or_run_dir: str, out_dir: str, tokenizer_path: Optional[str] = None,
@@ -306,6 +234,12 @@ def export_hf(checkpoint_path_or_run_dir: str, out_dir: str, tokenizer_path: Opt
     tokenizer_path = tokenizer_path or find_tokenizer(ckpt)
     extra = {"source": os.path.abspath(ckpt), "method": meta.get("method"),
              "stage": meta.get("stage_name"), "global_step": meta.get("global_step")}
+    method, _ = saved_method(ckpt)
+    if not method.has_dense_form:
+        logger.warning("method %s has no dense Llama form: writing lowrank_pt's own format to %s (see %s)",
+                       method.name, out_dir, OWN_FORMAT)
+        return save_own_format(state, cfg, method.name, meta.get("method_options", {}), out_dir, tokenizer_path,
+                               dtype, extra, max_shard_bytes)
     return save_hf(state, cfg, out_dir, tokenizer_path, dtype, extra, max_shard_bytes)
 
 
@@ -324,9 +258,10 @@ def parse_size(text: str) -> int:
 # --- import ------------------------------------------------------------------------------------
 
 
-def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+def _expected_shapes(cfg: ModelConfig, method=None, options=None) -> dict[str, tuple]:
+    """Names and shapes of the plain model's state dict (``method``'s own where it has no dense form)."""
     with torch.device("meta"):
-        model = LlamaModel(cfg)
+        model = LlamaModel(cfg) if method is None else method.plain_model(cfg, options)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -381,7 +316,10 @@ def init_weights_streamed(path: str) -> Iterator[tuple[str, torch.Tensor]] | Non
 
 def load_model(source: str, tokenizer_path: Optional[str] = None, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` from a run dir, a checkpoint dir (adapters merged) or an exported
-    Hugging Face dir; the model in eval mode on the CPU."""
+    Hugging Face dir or an export in lowrank_pt's own format; the model in eval mode on the CPU."""
+    if is_own_format_dir(source):
+        model, own_tokenizer = load_own_format(source)
+        return model.to(dtype).eval(), load_tokenizer(tokenizer_path or own_tokenizer)
     if is_hf_dir(source):
         cfg, state = import_hf(source)
         # Our exports ship the sentencepiece model (the original) beside a converted tokenizer.json;
@@ -393,6 +331,10 @@ def load_model(source: str, tokenizer_path: Optional[str] = None, dtype: torch.d
     else:
         ckpt, cfg, state = plain_checkpoint(source)
         tokenizer_path = tokenizer_path or find_tokenizer(ckpt)
+        method, options = saved_method(ckpt)
+        model = method.plain_model(resolve(cfg), options)
+        model.load_state_dict(state)
+        return model.to(dtype).eval(), load_tokenizer(tokenizer_path)
     model = LlamaModel(resolve(cfg))
     model.load_state_dict(state)
     return model.to(dtype).eval(), load_tokenizer(tokenizer_path)

@@ -214,7 +214,15 @@ def validate(run: RunConfig, environment: bool = True) -> None:
 
 def _validate_hand_overs(run: RunConfig) -> None:
     """A stage takes the previous stage's weights as a dense Llama (unless it has its own
-    ``init_from``): the previous stage's method must have that form."""
+    ``init_from``): the previous stage's method must have that form. A method that builds its
+    model factored from the first step takes no dense weights at all."""
+    for i, stage in enumerate(run.stages):
+        method = METHODS.get(stage.method)
+        if method is not None and method.starts_from_scratch and (i > 0 or stage.init_from is not None):
+            source = f"init_from={stage.init_from}" if stage.init_from is not None else f"stages[{i - 1}]'s weights"
+            raise ConfigError(f"stages[{i}] ({stage.name}): method={stage.method} builds its model factored from "
+                              f"the first step and cannot start from a dense model ({source}); make it the "
+                              "recipe's first stage, without init_from")
     for i in range(1, len(run.stages)):
         before, stage = run.stages[i - 1], run.stages[i]
         method = METHODS.get(before.method)

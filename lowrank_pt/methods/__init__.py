@@ -11,6 +11,7 @@ from lowrank_pt.core.errors import ConfigError
 from lowrank_pt.methods.apollo import APOLLO
 from lowrank_pt.methods.apollo_mini import APOLLOMini
 from lowrank_pt.methods.base import Method
+from lowrank_pt.methods.cola import CoLA
 from lowrank_pt.methods.dion import Dion
 from lowrank_pt.methods.fira import Fira
 from lowrank_pt.methods.galore.method import GaLore
@@ -18,6 +19,7 @@ from lowrank_pt.methods.galore_weights import GaLoreWeights
 from lowrank_pt.methods.lora import LoRA
 from lowrank_pt.methods.muon import Muon
 from lowrank_pt.methods.relora import ReLoRA
+from lowrank_pt.methods.sltrain import SLTrain
 
 METHODS: dict[str, type[Method]] = {
     "full": Method,
@@ -30,6 +32,8 @@ METHODS: dict[str, type[Method]] = {
     "fira": Fira,
     "muon": Muon,
     "dion": Dion,
+    "sltrain": SLTrain,
+    "cola": CoLA,
 }
 
 

@@ -115,6 +115,14 @@ class Method:
     has_frozen_base: ClassVar[bool] = False
     """Whether the method keeps frozen bases beside what it trains (LoRA, ReLoRA, GaLore's
     adapter): what ``engine.weight_dtype: int8`` stores in int8."""
+    starts_from_scratch: ClassVar[bool] = False
+    """Whether the method builds its model factored before any weight exists (SLTrain, CoLA): a
+    stage of it cannot start from a dense model's weights (a previous stage, ``init_from``), which
+    config validation refuses."""
+    saved_values_per_token: int = 0
+    """Values per token the method's modules keep for backward beyond what the dense model's
+    activations hold (CoLA's low-rank activations), set by ``prepare_model``: the planner's
+    activations add them."""
 
 
     def __init__(self, options: Any, stage: Any, run: Any):
@@ -290,10 +298,11 @@ class Method:
         return sum(lowbit.state_bytes(sum(p[i] for i in sub), state_dtype)
                    for p in parts for sub in fragments.stage3_sub_groups(p, sub_group_size))
 
-    def flops_per_token(self, model_cfg) -> int:
-        """Training FLOPs per token of the model this method trains (what MFU divides by): the
-        dense Llama's, whatever a low-rank method saves on its updates (see the formula). A
-        method whose model is not the dense Llama declares its own."""
+    def flops_per_token(self, model_cfg, micro_tokens: int | None = None) -> int:
+        """Training FLOPs per token of the model this method trains (what MFU divides by), with
+        ``micro_tokens`` tokens per forward call (null: one sequence): the dense Llama's, whatever
+        a low-rank method saves on its updates (see the formula). A method whose model is not the
+        dense Llama declares its own (after ``prepare_model``)."""
         return flops_per_token(model_cfg)
 
     def describe(self) -> str:
@@ -419,6 +428,14 @@ class Method:
         (``plain_weights`` gathered into one dict: the whole model on every rank; for export and
         tests, not for hand-over). Collective at ZeRO stages 1-3."""
         return dict(self.plain_weights(engine))
+
+    @classmethod
+    def plain_model(cls, model_cfg, options: Any) -> nn.Module:
+        """The model ``to_plain``'s weights load into (generation, export checks): the dense
+        Llama, or the method's own architecture where it has no dense form."""
+        from lowrank_pt.model.llama import LlamaModel
+
+        return LlamaModel(model_cfg)
 
     @classmethod
     def to_plain(cls, state: dict[str, torch.Tensor], options: Any) -> dict[str, torch.Tensor]:

@@ -320,8 +320,15 @@ def flops_per_token(cfg) -> int:
     per second, so a cheaper method shows up as more tokens/s at the same FLOPs per token, not as a
     smaller count.
     """
-    d, f, L, v, t = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size, cfg.seq_len
+    d, f, L, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
     q = cfg.num_heads * (cfg.head_dim or d // cfg.num_heads)
     kv = (cfg.num_kv_heads or cfg.num_heads) * (cfg.head_dim or d // cfg.num_heads)
     n_matmul = L * (2 * d * q + 2 * d * kv + 3 * d * f) + v * d  # block linears + output head
-    return 6 * n_matmul + 12 * L * q * t
+    return 6 * n_matmul + attention_flops_per_token(cfg)
+
+
+def attention_flops_per_token(cfg) -> int:
+    """``12·L·q·T``: the attention products ``Q·Kᵀ`` and ``softmax·V`` of a resolved config, forward
+    and backward, per token (see ``flops_per_token``)."""
+    q = cfg.num_heads * (cfg.head_dim or cfg.hidden_size // cfg.num_heads)
+    return 12 * cfg.num_layers * q * cfg.seq_len

@@ -32,7 +32,7 @@ PLAN_ROWS = (
                         "galore_weights)"),
     ("refresh_kept_on_host", "GaLore refresh in backward or by sketch: new bases kept in host memory until the step"),
     ("zero_transient", "gradient reduce bucket (stages 1-2 during backward; stage 0's flattened all-reduce bucket)"),
-    ("step_cache", "GaLore W_eff kept through each step (forward path step)"),
+    ("step_cache", "kept through every step: GaLore W_eff (forward path step), SLTrain supports"),
     ("int8_step", "an int8 weight's step: the matrix dequantised in fp32 (the largest)"),
     ("total", "peak estimate"),
 )

@@ -31,10 +31,11 @@ def capture_bytes(module: nn.Module) -> int:
 
 
 def step_cache_bytes(module: nn.Module) -> int:
-    """Bytes of the weights a method keeps for the length of an optimizer step (a GaLore
-    adapter's ``w_eff`` on its ``step`` forward path), alive from the step's first forward."""
+    """Bytes of what a method keeps through every optimizer step beside its params (a GaLore
+    adapter's ``w_eff`` on its ``step`` forward path, an SLTrain linear's ``support``), alive from
+    the step's first forward."""
     ledger = Ledger()
-    ledger.add("params", (getattr(m, "w_eff", None) for m in module.modules()))
+    ledger.add("params", (getattr(m, key, None) for m in module.modules() for key in ("w_eff", "support")))
     return ledger.bytes["params"]
 
 
@@ -97,7 +98,7 @@ class MemoryTracker:
         self.capture_peak = 0
         self.step_cache_peak = 0
         # Only a method whose modules can keep a step's weights pays for looking at every step.
-        self.caches = any(hasattr(m, "w_eff") for m in engine.module.modules())
+        self.caches = any(hasattr(m, "w_eff") or hasattr(m, "support") for m in engine.module.modules())
         if timer is not None and getattr(timer, "enabled", False):
             timer.on_enter("optimizer", self._on_optimizer)
             timer.on_enter("refresh", self._on_refresh)

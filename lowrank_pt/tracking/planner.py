@@ -123,6 +123,9 @@ class Layout:
     every_gradient_steps: bool = False
     """Whether some steps need every gradient at once (``Method.needs_every_gradient``: a GaLore
     refresh from captured gradients, LoRA-GA's init): under per-layer updates they hold them all."""
+    saved_values_per_token: int = 0
+    """Values per token the method's modules keep for backward beyond the dense model's
+    (``Method.saved_values_per_token``: CoLA's low-rank activations)."""
     step_cache: Callable[[int, int, int, str], int] = field(default=lambda *_: 0, repr=False)
     """``(tokens per micro-batch, accum, zero_stage, precision) -> bytes`` of weights the method keeps
     for the length of a step (``Method.step_cache_bytes``: GaLore's W_eff on its step path)."""
@@ -187,7 +190,7 @@ def layout(model_cfg, method: str = "full", options: dict | None = None, weight_
                                    if not n.endswith((int8_weights.SCALE_KEY, int8_trained.CODES_KEY))),
                   optimizer_formula=lambda stage, world, rank, sub: m.optimizer_state_bytes(shapes, stage, world,
                                                                                             rank, sub),
-                  step_cache=m.step_cache_bytes)
+                  saved_values_per_token=m.saved_values_per_token, step_cache=m.step_cache_bytes)
 
 
 def state_bytes(lay: Layout, zero_stage: int, world: int, precision: str, rank: int = 0,
@@ -273,7 +276,7 @@ def kept_bytes(lay: Layout, world: int, zero_stage: int = 0, past_step: bool = F
 
 
 def activation_bytes(model_cfg, micro_batch: int, seq_len: int, precision: str,
-                     checkpointing: bool = False) -> dict[str, int]:
+                     checkpointing: bool = False, extra_values_per_token: int = 0) -> dict[str, int]:
     """Estimated activation memory of one micro-batch: ``saved`` (what autograd keeps for
     backward) and ``working`` (what is alive on top of it at the worst moment).
 
@@ -286,13 +289,15 @@ def activation_bytes(model_cfg, micro_batch: int, seq_len: int, precision: str,
     CPU (within 12%, tests/unit/test_tracking.py::test_activation_estimate_matches_autograd). With
     activation checkpointing a block keeps only its input (``d·b``) and one block's activations
     are rebuilt at a time in backward. ``working``: the fp32 logits gradient (``4·V`` per token) during the head's
-    backward.
+    backward. ``extra_values_per_token``: what a method's modules keep beyond that over the whole
+    model (``Layout.saved_values_per_token``), ``b`` bytes each, a block's share rebuilt at a time
+    under checkpointing.
     """
     b = DTYPE_BYTES[precision]
     d, f, L, V = model_cfg.hidden_size, model_cfg.intermediate_size, model_cfg.num_layers, model_cfg.vocab_size
     q, kv = model_cfg.num_heads * model_cfg.head_dim, model_cfg.num_kv_heads * model_cfg.head_dim
     tokens = micro_batch * seq_len
-    block = (4 * f + 2 * d + 2 * q + 2 * kv) * b + 16 * d
+    block = (4 * f + 2 * d + 2 * q + 2 * kv) * b + 16 * d + extra_values_per_token * b // L
     head = 4 * V + 3 * d * 4 + 16  # log-probs, final norm, ids and labels
     if checkpointing:
         saved = tokens * (L * d * b + head)
@@ -338,7 +343,8 @@ def plan(model_cfg, method: str = "full", options: dict | None = None, zero_stag
     lay = lay or layout(model_cfg, method, options, weight_decay, state_dtype, weight_dtype)
     out = state_bytes(lay, zero_stage, world, precision, rank, reduce_bucket_size, master_weights=master_weights,
                       fp32_grad_accumulation=grad_accum_dtype == "fp32", update=update, grad_accum=grad_accum)
-    act = activation_bytes(model_cfg, micro_batch, seq_len, precision, activation_checkpointing)
+    act = activation_bytes(model_cfg, micro_batch, seq_len, precision, activation_checkpointing,
+                           lay.saved_values_per_token)
     out["activations"] = act["saved"] + act["working"]
     out["method_transient"] = owned_capture_bytes(lay, world, rank)  # on the device
     tokens = micro_batch * seq_len

@@ -38,7 +38,7 @@ class StageTracker:
         # (GaLore's refresh: auto); without one, the dense Llama's and the stage's own.
         self.options = dict(stage.options)
         if method is not None:
-            flops_per_token = flops_per_token or method.flops_per_token(model_cfg)
+            flops_per_token = flops_per_token or method.flops_per_token(model_cfg, micro_tokens or None)
             update, self.options = method.update, method.decided_options()
         self.rank = dist.rank()
         self.world = dist.world_size()
