@@ -424,7 +424,7 @@ def markdown(results: dict, args) -> str:
         if len(args.lr_factors) > 1 and r.get("best_lr"):
             loss = f"**{loss}**"
         lines.append(f"| {r['method']} | {r['setting']} | {r['lr']:g} | {loss} | {r.get('compared_with') or '–'} | "
-                     f"{diff} | {bar} | {within} | {cell(r.get('params'), '{:,}')} | {held_cell} | "
+                     f"{diff} | {bar} | {within} | {cell(r.get('params'), '{:,.0f}')} | {held_cell} | "
                      f"{cell(r.get('step_time_s'), '{:.3f}')} |")
     notes = [f"- {r['method']} / {r['setting']}: {n}" for r in rows for n in r.get("notes", [])]
     lines += ["", ("vs baseline: (val loss − the val loss of the same method's setting named under vs, at its "
