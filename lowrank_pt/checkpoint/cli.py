@@ -7,6 +7,9 @@ import os
 import sys
 
 from lowrank_pt.checkpoint.export import DTYPES, export_hf, parse_size
+
+CONFIG_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+"""The config's dtype names (engine.precision) for the files' (transformers' torch_dtype)."""
 from lowrank_pt.checkpoint.peft_export import export_adapter
 
 
@@ -34,8 +37,10 @@ def register(subparsers) -> None:
     p.add_argument("source", metavar="RUN_DIR", help="run dir (its newest checkpoint) or one checkpoint dir")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tokenizer", default=None, help="sentencepiece .model; default: the run's own")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES),
-                   help="dtype of the saved weights; default: the run's (bfloat16 for engine.precision bf16)")
+    p.add_argument("--dtype", default=None, type=lambda text: CONFIG_DTYPES.get(text, text),
+                   choices=list(DTYPES), metavar="{fp32,bf16,fp16}",
+                   help="dtype of the saved weights, as engine.precision names it (float32, bfloat16 and float16 "
+                        "as transformers names them also work); default: the run's (bf16 for engine.precision bf16)")
     p.add_argument("--adapter", action="store_true",
                    help="a peft adapter dir (adapter_config.json, adapter_model.safetensors) of a LoRA stage "
                         "trained with options.train_full_rank: false, instead of merged weights")

@@ -33,6 +33,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import time
 import warnings
 import zlib
@@ -186,12 +187,23 @@ def newest_verified(run_dir: str, collective: bool = True) -> tuple[str | None, 
 
 
 def resolve(path: str) -> str:
-    """A checkpoint dir from a run dir (its newest) or a checkpoint dir itself."""
-    if os.path.exists(os.path.join(path, META)):
+    """A checkpoint dir to read: a run dir's newest that verifies (each newer damaged one named in
+    a warning on stderr, as resume does), or a checkpoint dir itself, which must verify. Raises
+    FileNotFoundError (nothing to read) or ValueError (the given checkpoint is damaged) with what
+    is wrong."""
+    if is_checkpoint_dir(path) and not os.path.isdir(root(path)):
+        problem = verify(path)
+        if problem:
+            raise ValueError(f"checkpoint {path} is damaged: {problem}; give the run dir to take its newest "
+                             "checkpoint that verifies")
         return path
-    found = newest(path)
+    found, damaged = newest_verified(path, collective=False)
+    for bad, problem in damaged:
+        print(f"warning: checkpoint {bad} is damaged ({problem}); "
+              f"{'reading ' + found if found else 'no older one verifies'}", file=sys.stderr)
     if found is None:
-        raise FileNotFoundError(f"no complete checkpoint under {path}")
+        raise FileNotFoundError(f"no complete checkpoint that verifies under {path}"
+                                + (f" ({len(damaged)} damaged)" if damaged else ""))
     return found
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.distributed as td
 
 from lowrank_pt.config.checks import choice, number, world_size
@@ -108,6 +109,10 @@ def validate_engine(run: RunConfig, environment: bool) -> None:
             check_precision(e.precision)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+    if e.offload_optimizer and not torch.cuda.is_available():
+        raise ConfigError("engine.offload_optimizer=true moves the optimizer's states from the GPU to the host; this "
+                          "machine has no GPU, so they are on the host already: drop it (DeepSpeed would build its "
+                          "CPU Adam for nothing)")
 
 
 

@@ -131,6 +131,9 @@ def load(path: Optional[str], overrides: list[str] = (), environment: bool = Tru
     if run.model.size == INIT_FROM:
         run.model = model_of_init_from(run)
     validate(run, environment=environment)
+    if environment:  # one cache for every node and working directory, as config.yaml records it
+        for data in (run.data, *(s.data for s in run.stages if s.data is not None)):
+            data.cache_dir = os.path.abspath(os.path.expanduser(data.cache_dir))
     return run
 
 
@@ -163,6 +166,11 @@ def tokens_per_step(stage: StageConfig, run: RunConfig, world: int | None = None
     micro, accum = stage.micro_and_accum(run.train)
     rows = objective_class(stage).rows_per_example
     return rows * micro * accum * (world or world_size()) * run.model.seq_len
+
+
+def tokens_after(run: RunConfig, index: int, world: int | None = None) -> int:
+    """Tokens the stages after stage ``index`` train (on ``world`` ranks)."""
+    return sum(stage_length(s, run, world) * tokens_per_step(s, run, world) for s in run.stages[index + 1:])
 
 
 def stage_length(stage: StageConfig, run: RunConfig, world: int | None = None) -> int:
@@ -298,6 +306,10 @@ def _validate_stage(run: RunConfig, stage: StageConfig, where: str, model_cfg: M
         value = getattr(stage, key)
         if value is not None and value < 1:
             raise ConfigError(f"{where}.{key}={value} must be >= 1")
+    steps = stage_length(stage, run)
+    if sched.kind != "constant" and sched.warmup_steps > steps:
+        raise ConfigError(f"{where}.schedule.warmup_steps={sched.warmup_steps} is longer than the stage ({steps} "
+                          "steps): the learning rate would never reach optimizer.lr; give at most the stage's steps")
     _validate_update(run, stage, where)
     try:
         options = parse_options(stage.method, stage.options)

@@ -182,6 +182,10 @@ class TrainConfig:
     """Print a progress line (loss, lr, tokens/s) at every log step on rank 0."""
     tensorboard: bool = True
     """Write TensorBoard scalars under RUN_DIR/tb."""
+    report: bool = True
+    """Write RUN_DIR/report (report.md with loss, learning-rate, throughput and memory plots, the
+    post-training scores and the samples) when the run ends or stops; lowrank-pt report RUN_DIR
+    writes it again, or for several runs side by side."""
     update: str = "step"
     """step: one optimizer step after the step's last backward, every gradient held until then.
     per_layer: each trained tensor is updated as soon as its gradient is final in the last

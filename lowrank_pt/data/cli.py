@@ -93,7 +93,8 @@ def register(subparsers) -> None:
     )
     add_config_flags(tok, only=("source", "text_field", "vocab_size", "hub_subset", "hub_split",
                                 "max_documents", "val_fraction", "txt_sample_by", "tokenizer_train_chars"))
-    tok.add_argument("--type", choices=TOKENIZER_TYPES, default="bpe", help="sentencepiece model type")
+    tok.add_argument("--tokenizer-type", "--type", dest="type", choices=TOKENIZER_TYPES, default="bpe",
+                     help="sentencepiece model type (prepare's --tokenizer-type; --type is kept)")
     tok.add_argument("--out", default="tokenizer", help="output prefix (writes <out>.model)")
     tok.set_defaults(func=_run_tokenizer)
 

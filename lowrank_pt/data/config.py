@@ -2,7 +2,8 @@
 
 import ast
 import inspect
-from dataclasses import dataclass, fields
+import os
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -12,6 +13,9 @@ SOURCE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 TOKENIZER_TYPES = ("bpe", "unigram")
 SAMPLE_BY = ("line", "paragraph", "document")
 HUB_PREFIX = "hf:"
+CACHE_ENV = "LOWRANK_PT_CACHE"
+"""The environment variable that moves the default data cache (data.cache_dir)."""
+DEFAULT_CACHE = ".cache/lowrank_pt"
 MIN_VOCAB_SIZE = 320  # 256 byte-fallback pieces + 8 special pieces + room for merges
 
 
@@ -50,9 +54,11 @@ class DataConfig:
     """Vocabulary size when training a tokenizer (includes 256 byte pieces and special tokens)."""
     tokenizer_train_chars: int = 100_000_000
     """Train a tokenizer on at most this many characters of the training split."""
-    cache_dir: str = ".cache/lowrank_pt"
-    """Where trained tokenizers and token shards are cached (relative to the working directory
-    unless absolute). Entries are keyed by a hash of the source and tokenizer, never overwritten."""
+    cache_dir: str = field(default_factory=lambda: os.environ.get(CACHE_ENV, DEFAULT_CACHE))
+    """Where trained tokenizers and token shards are cached; default $LOWRANK_PT_CACHE, else
+    .cache/lowrank_pt. A run makes it absolute (against the directory it starts in) before it writes
+    its config.yaml, so every node of a multi-node run reads the same place. Entries are keyed by a
+    hash of the source and tokenizer, never overwritten."""
     num_workers: int = 2
     """Processes used to tokenize the corpus into shards (1 tokenizes in the calling process)."""
 

@@ -113,6 +113,18 @@ def stop_ids_of(tokenizer) -> dict[int, str]:
 
 
 @torch.no_grad()
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    """Refuse sampling settings that mean nothing (ValueError naming each): called before any model
+    is loaded by the command line, and by ``generate`` itself."""
+    wrong = [f"{name}={value}: {rule}" for name, value, ok, rule in (
+        ("max_new_tokens", max_new_tokens, max_new_tokens >= 0, "give >= 0"),
+        ("temperature", temperature, temperature >= 0, "give >= 0 (0: greedy)"),
+        ("top_k", top_k, top_k >= 0, "give >= 0 (0: every token)"),
+        ("top_p", top_p, 0 < top_p <= 1, "give a share in (0, 1] (1: off)")) if not ok]
+    if wrong:
+        raise ValueError("; ".join(wrong))
+
+
 def generate(model: LlamaModel, tokenizer, prompt: str | Sequence[int], max_new_tokens: int = 128,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              use_cache: bool = True) -> Generation:
@@ -120,9 +132,7 @@ def generate(model: LlamaModel, tokenizer, prompt: str | Sequence[int], max_new_
     or ``<|end|>``. ``temperature=0`` is greedy; the same seed gives the same draw.
     ``use_cache=False`` recomputes the whole context at every token (the reference of the tests).
     An empty prompt starts after an EOS, as a document does in pre-training."""
-    if max_new_tokens < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need max_new_tokens >= 0, top_k >= 0, 0 < top_p <= 1; got "
-                         f"{max_new_tokens}, {top_k}, {top_p}")
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
     ids = ids or [tokenizer.eos_id]
     seq_len = model.cfg.seq_len

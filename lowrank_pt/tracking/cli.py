@@ -47,7 +47,7 @@ PAPER_TABLE = (
 def _report(args) -> int:
     try:
         files = build_report(args.run_dirs, args.out, html=args.html)
-    except (FileNotFoundError, RuntimeError) as e:
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for kind, path in files.items():
@@ -110,6 +110,51 @@ def paper_markdown() -> str:
     return "\n".join(lines)
 
 
+def recipe_plans(path: str, overrides: list[str], gpus: int, rank: int = 0, device_bytes: int | None = None):
+    """``[(stage name, Plan)]`` of every stage of a recipe (``path`` with ``train``'s overrides) on
+    ``gpus`` ranks: its model, engine, batch and each stage's method, options, optimizer states and
+    update, as the run would hold them. The recipe is validated first (without its data)."""
+    from lowrank_pt.config.recipe import expected_vocab_size, load
+    from lowrank_pt.tracking import planner
+
+    run = load(path, overrides, environment=False)
+    cfg = resolve(run.model, vocab_size=expected_vocab_size(run, environment=False))
+    e, t = run.engine, run.train
+    plans = []
+    for stage in run.stages:
+        plans.append((stage.name, planner.plan(
+            cfg, stage.method, dict(stage.options), zero_stage=e.zero_stage, world=gpus,
+            micro_batch=stage.micro_batch_size or t.micro_batch_size, grad_accum=stage.grad_accum or t.grad_accum,
+            seq_len=cfg.seq_len, precision=e.precision, activation_checkpointing=cfg.activation_checkpointing,
+            rank=rank, weight_decay=stage.optimizer.weight_decay, state_dtype=stage.optimizer.state_dtype,
+            master_weights=e.master_weights, weight_dtype=e.weight_dtype, grad_accum_dtype=e.grad_accum_dtype,
+            update=stage.update or t.update, device_bytes=device_bytes or planner.DEFAULT_DEVICE_BYTES)))
+    return plans
+
+
+def _plan_recipe(args) -> int:
+    """``plan CONFIG [key=value ...]``: every stage of a recipe."""
+    device_bytes = int(args.device_memory * GIB) if args.device_memory else None
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's import prints
+        try:
+            plans = recipe_plans(args.config, args.overrides, args.gpus, args.rank_index, device_bytes)
+        except (ValueError, FileNotFoundError) as e:  # ConfigError included
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(json.dumps([{"stage": name, "inputs": p.inputs, "layout": p.layout, "bytes": p.bytes}
+                          for name, p in plans], indent=1))
+        return 0
+    for name, p in plans:
+        print(f"## stage {name}\n\n{plan_markdown(p)}\n")
+    peak = max(plans, key=lambda item: item[1].total)
+    print(f"The recipe peaks at {peak[1].total / GIB:.2f} GiB per GPU (stage {peak[0]}) on {args.gpus} GPU(s).")
+    if args.device_memory and peak[1].total > args.device_memory * GIB:
+        print(f"error: over --device-memory {args.device_memory:g} GiB", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _plan(args) -> int:
     # The planner builds methods, which import DeepSpeed (seconds): only plan pays for it.
     from lowrank_pt.config.recipe import check_update
@@ -117,6 +162,11 @@ def _plan(args) -> int:
 
     if args.rank_index >= args.gpus:
         print(f"error: plan --rank-index {args.rank_index} must be below --gpus {args.gpus}", file=sys.stderr)
+        return 2
+    if args.config is not None:
+        return _plan_recipe(args)
+    if args.overrides:
+        print(f"error: plan: overrides {args.overrides[:2]} need a recipe (plan CONFIG key=value ...)", file=sys.stderr)
         return 2
     # DeepSpeed prints to stdout when the methods import it: keep stdout for the plan (--json).
     with contextlib.redirect_stdout(sys.stderr):
@@ -207,15 +257,20 @@ def register(subparsers) -> None:
     rep.add_argument("--html", action="store_true", help="also write report.html")
     rep.set_defaults(func=_report)
 
-    pl = subparsers.add_parser("plan", help="per-GPU memory by category of a configuration, before running it")
+    pl = subparsers.add_parser("plan", help="per-GPU memory by category of a recipe (plan CONFIG [key=value ...]) "
+                                            "or of a configuration given by flags, before running it")
+    pl.add_argument("config", nargs="?", default=None, metavar="CONFIG",
+                    help="a recipe (YAML) to plan stage by stage, with the same key=value overrides as train; "
+                         "--gpus, --rank-index, --device-memory and --json apply, the other flags are the recipe's")
+    pl.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the recipe, as for train")
     pl.add_argument("--size", default="7b", choices=sorted(MODEL_SIZES), help="named model size")
     pl.add_argument("--method", default="full", help="training method (full, lora, relora, galore, ...)")
     pl.add_argument("--rank", type=at_least(1), default=None, help="rank r of lora/relora/galore (their default if omitted)")
     pl.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="another method option, e.g. proj_type=left or target_modules=[q_proj,v_proj]")
     pl.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage")
-    pl.add_argument("--gpus", type=at_least(1), default=1, help="data-parallel ranks (ZeRO partitions over them)")
-    pl.add_argument("--micro-batch", type=at_least(1), default=1, help="sequences per GPU per micro-batch")
+    pl.add_argument("--gpus", "--num-gpus", "--nproc-per-node", type=at_least(1), default=1, help="data-parallel ranks (ZeRO partitions over them)")
+    pl.add_argument("--micro-batch", "--micro-batch-size", type=at_least(1), default=1, help="sequences per GPU per micro-batch")
     pl.add_argument("--grad-accum", type=at_least(1), default=1, help="micro-batches per optimizer step")
     pl.add_argument("--seq-len", type=at_least(1), default=2048, help="tokens per sequence")
     pl.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"), help="training dtype")
@@ -239,7 +294,7 @@ def register(subparsers) -> None:
     pl.add_argument("--vocab-size", type=at_least(1), default=32000, help="vocabulary size")
     pl.add_argument("--reduce-bucket-size", type=at_least(1), default=DEEPSPEED_REDUCE_BUCKET,
                     help="DeepSpeed zero_optimization.reduce_bucket_size (elements)")
-    pl.add_argument("--rank-index", type=at_least(0), default=0, help="which rank to report (partitions differ by padding)")
+    pl.add_argument("--rank-index", "--process-rank", type=at_least(0), default=0, help="which rank to report (partitions differ by padding)")
     pl.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     pl.add_argument("--paper", action="store_true", help="print the comparison with the GaLore paper's estimates")
     pl.set_defaults(func=_plan)

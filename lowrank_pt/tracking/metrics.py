@@ -9,6 +9,7 @@ import os
 from lowrank_pt.core import dist
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 
 
 def truncate_after(run_dir: str, global_step: int) -> None:
@@ -61,6 +62,13 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self.writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
+
+    def log_sample(self, sample: dict) -> None:
+        """One generation (step, stage, prompt, text) appended to RUN_DIR/samples.jsonl."""
+        if not self.enabled:
+            return
+        with open(os.path.join(os.path.dirname(self.file.name), SAMPLES_FILE), "a") as f:
+            f.write(json.dumps(sample) + "\n")
 
     def close(self) -> None:
         if self.file is not None:

@@ -31,12 +31,19 @@ def load_run(path: str, label: str | None = None) -> Run:
     records = []
     metrics = os.path.join(path, "metrics.jsonl")
     if os.path.exists(metrics):
-        with open(metrics) as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut by a kill
-                    continue
+        with open(metrics, encoding="utf-8", errors="replace") as f:
+            lines = [line for line in f if line.strip()]
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):
+                    continue  # the last line, cut by a kill
+                record = None
+            if not isinstance(record, dict):
+                raise ValueError(f"{metrics}:{number} is not a metrics record (a JSON object per line, as the "
+                                 f"trainer writes): {line.strip()[:60]!r}")
+            records.append(record)
     stages = read_summary(path)["stages"]
     if not stages and not records:
         raise FileNotFoundError(f"{path}: no summary.json or metrics.jsonl")
@@ -208,6 +215,53 @@ def plot_throughput(runs: list[Run], path: str) -> None:
     _save_line_plot(plt, fig, ax, path, "optimizer step", "tokens/s (all ranks)", "Throughput")
 
 
+def plot_lr(runs: list[Run], path: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for i, run in enumerate(runs):
+        segments = _by_stage([r for r in run.records if "lr" in r], "step", "lr")
+        _plot_segments(ax, segments, f"C{i % 10}", run.label)
+        if i == 0:
+            _mark_stages(ax, segments)
+    _save_line_plot(plt, fig, ax, path, "optimizer step", "learning rate", "Learning rate (at each logged step)")
+
+
+def score_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """Each stage's evaluation scores beyond the loss (post-training: exact match, reward accuracy,
+    ...) before its first step and at its end."""
+    head = ["run", "stage", "score", "before", "after"]
+    rows = []
+    for run in runs:
+        evals = [r for r in run.records if any(k.startswith("eval/") for k in r)]
+        for stage in dict.fromkeys(r.get("stage") for r in evals):
+            mine = [r for r in evals if r.get("stage") == stage]
+            before = next((r for r in mine if r.get("stage_step") == 0), {})
+            after = mine[-1]
+            keys = [k for k in after if k.startswith("eval/") and k not in ("eval/loss", "eval/perplexity")
+                    and isinstance(after[k], (int, float))]
+            rows += [[run.label, str(stage), k[len("eval/"):], _num(before.get(k), "{:.4g}"), _num(after[k], "{:.4g}")]
+                     for k in keys]
+    return head, rows
+
+
+def sample_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """The samples each stage printed at its end (RUN_DIR/samples.jsonl)."""
+    rows = []
+    for run in runs:
+        path = os.path.join(run.path, "samples.jsonl")
+        if not os.path.exists(path):
+            continue
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    s = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(s, dict):
+                    rows.append([run.label, str(s.get("stage")), repr(s.get("prompt")), repr(s.get("text"))[:300]])
+    return ["run", "stage", "prompt", "sample"], rows
+
+
 def plot_memory(runs: list[Run], path: str) -> None:
     """Stacked bars of measured bytes per rank by category, one bar per (run, stage)."""
     plt = _pyplot()
@@ -253,9 +307,10 @@ def build_report(run_dirs: list[str], out_dir: str, html: bool = False) -> dict[
     """Write the report files into ``out_dir``; return their paths by kind."""
     runs = [load_run(p, label) for p, label in zip(run_dirs, _labels(run_dirs))]
     os.makedirs(out_dir, exist_ok=True)
-    files = {"loss": os.path.join(out_dir, "loss.png"), "throughput": os.path.join(out_dir, "throughput.png"),
-             "memory": os.path.join(out_dir, "memory.png")}
+    files = {"loss": os.path.join(out_dir, "loss.png"), "lr": os.path.join(out_dir, "lr.png"),
+             "throughput": os.path.join(out_dir, "throughput.png"), "memory": os.path.join(out_dir, "memory.png")}
     plot_loss(runs, files["loss"])
+    plot_lr(runs, files["lr"])
     plot_throughput(runs, files["throughput"])
     plot_memory(runs, files["memory"])
     sections = [
@@ -266,8 +321,13 @@ def build_report(run_dirs: list[str], out_dir: str, html: bool = False) -> dict[
                             "parentheses where it differs.", memory_table(runs)),
         ("Time per step by phase", "Exclusive seconds per optimizer step; eval and checkpoint are stage totals.",
          phase_table(runs)),
+        ("Scores", "Each stage's evaluation scores beside the loss, before its first step and at its end "
+                   "(post-training stages).", score_table(runs)),
+        ("Samples", "What each stage generated from train.sample_prompts at its end.", sample_table(runs)),
     ]
-    images = [("Loss", "loss.png"), ("Throughput", "throughput.png"), ("Memory by category", "memory.png")]
+    sections = [s for s in sections if s[2][1]]  # a section with no rows says nothing
+    images = [("Loss", "loss.png"), ("Learning rate", "lr.png"), ("Throughput", "throughput.png"),
+              ("Memory by category", "memory.png")]
     title = "Training report"
     sources = ", ".join(f"`{r.label}` ({r.path})" for r in runs)
     md = [f"# {title}", "", f"Runs: {sources}", ""]

@@ -13,9 +13,9 @@ takes the finished stage's weights straight from its engine, one module at a tim
 from __future__ import annotations
 
 import gc
-import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,7 @@ from lowrank_pt.checkpoint import resume
 from lowrank_pt.checkpoint import store as checkpoint
 from lowrank_pt.checkpoint.export import init_weights_streamed, load_init_weights
 from lowrank_pt.checkpoint.manager import CheckpointManager
-from lowrank_pt.config.recipe import RunConfig, StageConfig, stage_steps, tokens_per_step, write_run_config
+from lowrank_pt.config.recipe import RunConfig, StageConfig, stage_steps, tokens_after, tokens_per_step, write_run_config
 from lowrank_pt.core import dist
 from lowrank_pt.core.cadence import Cadence
 from lowrank_pt.data import load_tokenizer, prepare_data
@@ -34,8 +34,9 @@ from lowrank_pt.eval.scores import describe, evaluate
 from lowrank_pt.methods.base import Method, StageContext
 from lowrank_pt.model.llama import LlamaModel, resolve
 from lowrank_pt.objectives import LMObjective, build_objective, objective_class
-from lowrank_pt.tracking import planner
+from lowrank_pt.tracking import planner, progress
 from lowrank_pt.tracking.metrics import MetricsLogger, truncate_after
+from lowrank_pt.tracking.report import build_report
 from lowrank_pt.tracking.stage import StageTracker
 from lowrank_pt.tracking.summary import write_stage_summary
 from lowrank_pt.trainer.streams import DataStreams, on_local_rank0_first
@@ -71,6 +72,8 @@ class StageRun:
     """What a checkpoint of the stage holds beside the engine: key -> owner (``state_dict``)."""
     questions: list = None
     """Held-out exact-match questions of a post-training stage (``DataStreams.questions``)."""
+    later_tokens: int = 0
+    """Tokens the stages after this one train: what the run's ETA adds at this stage's pace."""
 
 
 class Trainer:
@@ -124,6 +127,8 @@ class Trainer:
             # group lives, not in the garbage collector's pass at interpreter exit.
             self.finished = sr = None
             gc.collect()
+        if run.train.report and self.rank == 0:
+            self.say(f"report: {build_report([run.run_dir], os.path.join(run.run_dir, 'report'))['markdown']}")
         return {"global_step": self.global_step, "tokens": self.tokens, "finished": not self.stopped}
 
     def stop_requested(self) -> bool:
@@ -182,7 +187,8 @@ class Trainer:
         return StageRun(index=index, stage=stage, engine=engine, method=method, tracker=tracker,
                         cadence=Cadence.of(run.train, total), loader=loader, val_batches=val_batches, accum=accum,
                         tokens_per_step=step_tokens, total=total, start=start, reached=start, objective=objective,
-                        owners=owners, questions=self.streams.questions(stage))
+                        owners=owners, questions=self.streams.questions(stage),
+                        later_tokens=tokens_after(run, index, self.world_size))
 
     def starting_weights(self, stage: StageConfig, resume_path: str | None):
         """What ``materialise`` loads the stage's model from (``(model, plain names) -> weights``),
@@ -250,30 +256,24 @@ class Trainer:
         method's events. Collective (the window's loss is averaged over ranks)."""
         record = {"step": self.global_step, "stage": sr.stage.name, "stage_step": step + 1, "lr": lr,
                   "tokens": self.tokens, **events, **sr.tracker.metrics(), **sr.objective.window_metrics()}
+        record.update(self.guard.grad_norm_record(sr.engine))
         sr.tracker.observe(record)
         self.metrics.log(record)
-        self.say(f"[{sr.stage.name}] step {step + 1}/{sr.total} loss {record['loss']:.4f} "
-                 f"lr {lr:.2e} {record['throughput/tokens_per_s']:.0f} tok/s", progress=True)
+        self.say(progress.step_line(record, sr.total, time.perf_counter() - sr.tracker.created,
+                                    step + 1 - sr.start, sr.tokens_per_step, sr.later_tokens), progress=True)
 
     def sample(self, sr: StageRun) -> None:
-        """Generations from the stage's trained model as the engine holds it (adapters unmerged:
-        the same function), in the run's precision. Every rank samples in step, with the same
-        seeded draws: at ZeRO-3 each layer's forward gathers its params, a collective every rank
-        joins, so no rank waits alone while rank 0 works and no rank holds the whole model.
-        Rank 0 prints and writes them."""
-        stage, model = sr.stage, sr.engine.module
+        """Generations from the stage's trained engine (adapters unmerged: the same function), in the
+        run's precision, every rank in step with the same seeded draws (ZeRO-3 gathers each layer
+        collectively: no rank waits alone, none holds the whole model). Rank 0 prints and logs them."""
+        stage, model, train = sr.stage, sr.engine.module, self.run.train
         model.eval()
-        train = self.run.train
-        lines = []
         for prompt in train.sample_prompts:
             out = sr.objective.sample(model, self.tokenizer, prompt, max_new_tokens=train.sample_tokens,
                                       temperature=train.sample_temperature, seed=self.run.seed)
-            lines.append({"step": self.global_step, "stage": stage.name, "prompt": prompt, "text": out.text})
+            self.metrics.log_sample({"step": self.global_step, "stage": stage.name, "prompt": prompt, "text": out.text})
             self.say(f"[{stage.name}] sample: {prompt!r} -> {out.text!r}")
         model.train()
-        if self.rank == 0:
-            with open(os.path.join(self.run.run_dir, "samples.jsonl"), "a") as f:
-                f.writelines(json.dumps(line) + "\n" for line in lines)
 
     def evaluate(self, sr: StageRun, at_start: bool = False) -> dict:
         """Validation scores (``lowrank_pt.eval.scores``), logged; ``at_start``: before the stage's

@@ -67,6 +67,10 @@ class NonFiniteGuard:
         self.first_of_row = ""
         self.skip_next_step = False
         self.last_skipped = False
+        self.grad_norm: float | None = None
+        """At ZeRO 0, the global L2 norm of the gradients the last checked step held (every rank
+        holds them whole after the all-reduce), before any clipping; None elsewhere (DeepSpeed's
+        ZeRO optimizers report theirs: ``engine.get_global_grad_norm``)."""
 
     def check(self, engine, loss_sum: float, where: str, gradients: bool = True) -> bool:
         """Whether the step about to be taken is skipped: ``loss_sum`` (this rank's losses of the
@@ -78,6 +82,7 @@ class NonFiniteGuard:
         self._wrap(engine)
         flags = torch.zeros(dist.world_size(), dtype=torch.int32)
         bad_gradient = gradients and not _finite(engine)
+        self.grad_norm = _norm(engine) if gradients and engine.zero_optimization_stage() == 0 else None
         flags[dist.rank()] = (0 if math.isfinite(loss_sum) else LOSS) | (GRADIENT if bad_gradient else 0)
         dist.all_reduce_(flags)
         self.skip_next_step = self.last_skipped = bool(flags.any())
@@ -120,6 +125,14 @@ class NonFiniteGuard:
         if not engine.was_step_applied() and engine.lr_scheduler is not None:
             engine.lr_scheduler.step()  # DeepSpeed saw the overflow too and left the schedule
 
+    def grad_norm_record(self, engine) -> dict:
+        """``{"grad_norm": ...}`` of the last step, before clipping: DeepSpeed's ZeRO 1-3 optimizers'
+        (from the partitions), else this guard's from the whole gradients at ZeRO 0; ``{}`` where
+        neither has one (per-layer updates)."""
+        norm = engine.get_global_grad_norm()
+        norm = self.grad_norm if norm is None else norm
+        return {} if norm is None else {"grad_norm": float(norm)}
+
     def events(self) -> dict:
         """What the trainer logs after a skipped step (the skips so far); nothing after a good one."""
         return {"guard/skipped_steps": self.skipped} if self.last_skipped else {}
@@ -139,6 +152,14 @@ class NonFiniteGuard:
 
         inner.step = guarded_step
         inner._nonfinite_guard = self
+
+
+def _norm(engine) -> float | None:
+    """The L2 norm of every gradient this rank holds, in fp32."""
+    grads = zero_io.local_gradients(engine)
+    if not grads:
+        return None
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
 def _finite(engine) -> bool:

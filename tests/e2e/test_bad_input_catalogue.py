@@ -97,6 +97,8 @@ def files(tmp_path_factory):
     (d / "pairs_no_rejected.jsonl").write_text(pair * 2 + '{"prompt": "a", "chosen": "b"}\n')
     (d / "pairs_same.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "b"}\n')
     (d / "pairs_ok.jsonl").write_text(pair)
+    (d / "garbage_run").mkdir()
+    (d / "garbage_run" / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\nnot json at all\n[1, 2]\n')
     return d
 
 
@@ -135,6 +137,8 @@ IN_PROCESS = [
     row("betas_out_of_range", ["stages.0.optimizer.betas=[0.9, 1.5]"], 2, "optimizer.betas"),
     row("grad_clip_negative", ["stages.0.optimizer.grad_clip=-1"], 2, "optimizer.grad_clip", ">= 0"),
     row("warmup_steps_negative", ["stages.0.schedule.warmup_steps=-2"], 2, "schedule.warmup_steps", ">= 0"),
+    row("warmup_longer_than_stage", ["stages.0.schedule.warmup_steps=3"], 2,
+        "stages[0] (warmup).schedule.warmup_steps=3", "longer than the stage (2 steps)"),
     row("min_lr_ratio_nan", ["stages.0.schedule.min_lr_ratio=.nan"], 2, "schedule.min_lr_ratio"),
     row("stage_without_length", ["stages.0.steps=null"], 2, "stages[0] (warmup)", "steps and tokens"),
     row("unknown_method", ["stages.1.method=nonsense"], 2, "stages[1] (main).method", "allowed"),
@@ -165,6 +169,8 @@ IN_PROCESS = [
     row("unknown_backend", ["engine.backend=carrier_pigeon"], 2, "engine.backend", "gloo"),
     row("nccl_on_cpu", ["engine.backend=nccl"], 2, "engine.backend='nccl'", "not available", marks=cpu_only),
     row("offload_without_zero", ["engine.offload_optimizer=true"], 2, "engine.offload_optimizer", "zero_stage"),
+    row("offload_without_a_gpu", ["engine.zero_stage=2", "engine.offload_optimizer=true"], 2,
+        "engine.offload_optimizer=true", "no GPU", marks=cpu_only),
     row("raw_zero_stage_contradicts", ["engine.deepspeed={zero_optimization: {stage: 3}}"], 2,
         "engine.deepspeed.zero_optimization.stage=3", "engine.zero_stage=0"),
     row("raw_train_batch_size_contradicts", ["engine.deepspeed={train_batch_size: 7}"], 2,
@@ -271,6 +277,10 @@ def test_debug_flag_adds_the_traceback(existing_run, data_cache):
                  id="plan_rank_index_past_the_ranks"),
     pytest.param(["export", "{run}", "--out", "{files}/a_file.txt"], "a_file.txt", id="export_out_is_a_file"),
     pytest.param(["export", "{files}/a_dir", "--out", "{files}/out"], "a_dir", id="export_source_not_a_run"),
+    pytest.param(["generate", "{run}", "--prompt", "x", "--temperature", "-1"], "temperature=-1.0: give >= 0",
+                 id="generate_negative_temperature"),
+    pytest.param(["report", "{files}/garbage_run", "--out", "{files}/report"], "metrics.jsonl:2 is not a metrics record",
+                 id="report_on_garbage_metrics"),
 ])
 def test_other_commands(existing_run, files, argv, expect):
     argv = [a.replace("{run}", existing_run).replace("{files}", str(files)) for a in argv]
@@ -279,6 +289,7 @@ def test_other_commands(existing_run, files, argv, expect):
     assert got == 2, err
     assert "Traceback" not in err and "error" in err and expect in err, err
     assert tree_hash(existing_run) == before
+    assert not os.path.exists(os.path.join(str(files), "report"))  # nothing written
 
 
 # --- rows that need a process group: run together in one spawned process -----------------------

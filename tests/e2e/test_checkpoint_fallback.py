@@ -162,3 +162,30 @@ def test_retention_never_deletes_the_newest_checkpoint_that_verifies(tmp_path):
     assert sorted(deleted) == sorted([older_good, broken[0]])
     assert [os.path.basename(p) for p in checkpoint.complete(run_dir)] == ["step_00000001", "step_00000003"]
     assert os.path.isdir(good)
+
+
+def test_export_takes_the_newest_checkpoint_that_verifies_and_refuses_a_damaged_one(fallback, tmp_path, capsys):
+    """``lowrank-pt export RUN_DIR`` past a damaged newest checkpoint: a warning naming it, the
+    export of the previous one; the damaged checkpoint named itself: exit 2, one line, nothing
+    written."""
+    from lowrank_pt.checkpoint.export import import_hf, plain_checkpoint
+    from lowrank_pt.cli import main
+
+    reference, _ = fallback
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(reference, run_dir)
+    damaged = os.path.join(run_dir, "checkpoints", NEWEST)
+    damage(os.path.join(damaged, FILES["model_states"]), "garbled")
+    out = str(tmp_path / "export")
+    assert main(["export", run_dir, "--out", out]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: checkpoint {damaged} is damaged" in err and "crc32" in err and PREVIOUS in err
+    _, exported = import_hf(out)
+    _, _, previous = plain_checkpoint(os.path.join(run_dir, "checkpoints", PREVIOUS))
+    assert all(torch.equal(exported[k].float(), previous[k]) for k in previous)
+    refused = str(tmp_path / "refused")
+    assert main(["export", damaged, "--out", refused]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("error", "Traceback"))]
+    assert err == [f"error: checkpoint {damaged} is damaged: {FILES['model_states']} fails its crc32 check "
+                   "(its bytes changed since the save); give the run dir to take its newest checkpoint that verifies"]
+    assert not os.path.exists(refused)

@@ -47,10 +47,18 @@ def declared_flops(cfg, name: str, options: dict) -> int:
 
 def test_sltrain_and_cola_train_resume_and_export_under_zero3(tmp_path, data_cache):
     sparse, straight, resumed = (str(tmp_path / n) for n in ("sltrain", "cola", "cola_resumed"))
-    spawn(run_invocations, 2, [recipe(sparse, data_cache, SLTRAIN),
+    spawn(run_invocations, 2, [recipe(sparse, data_cache, SLTRAIN, "train.report=true"),
                                recipe(straight, data_cache, COLA),
                                recipe(resumed, data_cache, COLA, "train.stop_at_step=2"),
                                recipe(resumed, data_cache, COLA)])
+    from lowrank_pt.tracking import metrics
+
+    norms = [r["grad_norm"] for r in metrics.read(sparse) if "loss" in r]  # DeepSpeed's ZeRO optimizer's
+    assert len(norms) == 6 and all(0 < n < float("inf") for n in norms)
+    report = (tmp_path / "sltrain" / "report" / "report.md").read_text()  # written as the run ended
+    assert "## Learning rate" in report and "| sparse |" in report
+    assert all((tmp_path / "sltrain" / "report" / f"{p}.png").stat().st_size > 0
+               for p in ("loss", "lr", "throughput", "memory"))
     a = losses(sparse)
     assert [s for s, _ in a] == list(range(1, 7)) and a[3][1] < a[0][1]  # SLTrain trains
     b, c = losses(straight), losses(resumed)

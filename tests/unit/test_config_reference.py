@@ -49,3 +49,26 @@ def test_every_key_of_every_section_appears():
     assert not missing, missing
     assert any(k.startswith("stages.N.sft.") for k in _keys(RunConfig))
     assert "| `stages.N.data` | (section) |" in rows and "Same keys as `data`." in rows
+
+
+def test_cli_reference_is_current():
+    out = subprocess.run([sys.executable, "-m", "lowrank_pt.cli", "cli-reference"],
+                         capture_output=True, text=True, check=True).stdout
+    with open(os.path.join(ROOT, "docs", "cli.md")) as f:
+        assert f.read() == out, "docs/cli.md is stale: run `lowrank-pt cli-reference > docs/cli.md`"
+
+
+def test_one_cli_names_dtypes_and_flags_as_the_config_and_the_launchers_do():
+    """export takes the config's dtype names (and transformers'); tokenizer takes prepare's
+    --tokenizer-type; plan takes the launchers' GPU-count names and the config's micro-batch name."""
+    from lowrank_pt.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["export", "run", "--out", "o", "--dtype", "bf16"]).dtype == "bfloat16"
+    assert parse(["export", "run", "--out", "o", "--dtype", "float32"]).dtype == "float32"
+    assert parse(["tokenizer", "--tokenizer-type", "unigram"]).type == "unigram"
+    args = parse(["plan", "--nproc-per-node", "8", "--micro-batch-size", "2", "--process-rank", "3"])
+    assert (args.gpus, args.micro_batch, args.rank_index) == (8, 2, 3)
+    assert parse(["plan", "--num-gpus", "4"]).gpus == 4
+    args = parse(["plan", "configs/demo.yaml", "engine.zero_stage=2"])
+    assert (args.config, args.overrides) == ("configs/demo.yaml", ["engine.zero_stage=2"])

@@ -385,3 +385,20 @@ def test_every_play_has_its_title_even_without_a_title_heading():
     assert len(plays) == 38
     assert all(p and not p.upper().startswith("ACT") for p in plays), sorted(plays)
     assert all(s.act and s.act.upper().startswith("ACT") for s in iter_speeches() if s.play == "Measure For Measure")
+
+
+def test_the_data_cache_follows_the_environment_and_is_absolute_in_the_run(tmp_path, monkeypatch):
+    """data.cache_dir: $LOWRANK_PT_CACHE by default, made absolute against the directory the run
+    starts in (what config.yaml records, so every node reads the same place)."""
+    from fixtures import TINY
+
+    from lowrank_pt.config.recipe import load
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOWRANK_PT_CACHE", "shared/cache")
+    run = load(TINY, ["run_dir=run"])
+    assert run.data.cache_dir == str(tmp_path / "shared" / "cache")
+    run = load(TINY, ["run_dir=run", "data.cache_dir=~/elsewhere"])
+    assert run.data.cache_dir == os.path.expanduser("~/elsewhere")
+    monkeypatch.delenv("LOWRANK_PT_CACHE")
+    assert load(TINY, ["run_dir=run"]).data.cache_dir == str(tmp_path / ".cache" / "lowrank_pt")

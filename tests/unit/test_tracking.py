@@ -260,7 +260,7 @@ def test_planner_scales_with_zero_stage_and_method():
 
 
 def test_planner_shards_galore_projectors_at_zero3_and_halves_them_in_bf16():
-    """The 7B plan of the README (rank 1024, 8 GPUs, bf16): projectors are frozen params, whole
+    """The 7B plan of docs/memory.md (rank 1024, 8 GPUs, bf16): projectors are frozen params, whole
     at ZeRO 2, ⌈n/8⌉ per GPU at ZeRO 3, 2 bytes per element with projector_dtype bf16."""
     cfg = resolve(ModelConfig(size="7b", seq_len=2048), vocab_size=32000)
     lay = planner.layout(cfg, "galore", {"rank": 1024})
@@ -350,7 +350,7 @@ def test_report_writes_markdown_html_and_plots(tmp_path):
 
 
 def test_planner_7b_refresh_in_backward_keeps_the_device_transient_small():
-    """The README's 7B plan (rank 1024, ZeRO-3, 8 GPUs, bf16, one micro-batch of 2048 tokens):
+    """docs/memory.md's 7B plan (rank 1024, ZeRO-3, 8 GPUs, bf16, one micro-batch of 2048 tokens):
     refreshed at the step, a rank holds the full fp32 gradients it owns (3.0 GiB); refreshed in
     backward with randomized subspace iteration, the device holds one matrix's iteration blocks
     and its activations' fp32 copies at a time, and each rank keeps its eighth of the new bases
@@ -515,3 +515,14 @@ def test_an_svd_refresh_of_a_projected_optimizer_is_planned():
     for method in ("fira", "galore_weights"):
         assert planner.plan(cfg, method, {"rank": 64}).bytes["refresh_working"] == expected, method
     assert planner.plan(cfg, "apollo", {"rank": 64}).bytes["refresh_working"] == 0
+
+
+def test_progress_line_gives_elapsed_time_and_the_stage_and_run_etas():
+    from lowrank_pt.tracking import progress
+
+    assert [progress.clock(s) for s in (0, 12.4, 190, 3725)] == ["0s", "12s", "3m10s", "1h02m"]
+    # 10 steps in 20 s: 2 s a step; 30 steps left; later stages hold 50 steps' worth of tokens.
+    stage_left, run_left = progress.estimates(20.0, 10, 30, 1000, 50_000)
+    assert (stage_left, run_left) == (60.0, 160.0)
+    assert progress.line(20.0, 10, 30, 1000, 50_000) == "elapsed 20s, ETA stage 1m00s, run 2m40s"
+    assert progress.line(20.0, 10, 30, 1000, 0) == "elapsed 20s, ETA stage 1m00s"  # the last stage
