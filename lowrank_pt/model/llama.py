@@ -70,7 +70,7 @@ class ModelConfig:
     """Recompute each block in backward to save activation memory."""
 
 
-# The papers' LLaMA sizes (GaLore Table 1 / ReLoRA Table 2, 32000-token vocabulary), plus small
+# The papers' LLaMA sizes (GaLore Table 5; 250m: ReLoRA's repository config; 32000-token vocabulary), plus small
 # sizes that train in minutes on a CPU.
 MODEL_SIZES: dict[str, dict] = {
     "tiny": dict(hidden_size=64, intermediate_size=172, num_layers=2, num_heads=4),
@@ -78,6 +78,7 @@ MODEL_SIZES: dict[str, dict] = {
     "demo": dict(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8),
     "60m": dict(hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8),
     "130m": dict(hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12),
+    "250m": dict(hidden_size=768, intermediate_size=2560, num_layers=24, num_heads=16),  # ReLoRA's repo
     "350m": dict(hidden_size=1024, intermediate_size=2736, num_layers=24, num_heads=16),
     "1b": dict(hidden_size=2048, intermediate_size=5461, num_layers=24, num_heads=32),
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32),
