@@ -7,6 +7,7 @@ the disk. The field docstrings are the config reference (``lowrank-pt config-ref
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from dataclasses import replace
@@ -202,6 +203,11 @@ def validate(run: RunConfig, environment: bool = True) -> None:
     model_cfg = _validate_model(run, environment)
     validate_engine(run, environment)
     _validate_train(run)
+    if run.train.wandb_project is not None and not run.train.wandb_project.strip():
+        raise ConfigError("train.wandb_project='': give a project name, or null (no Weights & Biases)")
+    if environment and run.train.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"train.wandb_project={run.train.wandb_project!r} needs the wandb package: pip install wandb "
+                          "(or set it to null)")
     if not run.stages:
         raise ConfigError("stages: the recipe needs at least one stage")
     names = set()

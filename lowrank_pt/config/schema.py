@@ -182,6 +182,10 @@ class TrainConfig:
     """Print a progress line (loss, lr, tokens/s) at every log step on rank 0."""
     tensorboard: bool = True
     """Write TensorBoard scalars under RUN_DIR/tb."""
+    wandb_project: Optional[str] = None
+    """Also log every record to Weights & Biases under this project (needs the wandb package: pip
+    install wandb). Offline unless WANDB_MODE says otherwise: files under RUN_DIR/wandb, which
+    ``wandb sync`` uploads; null: off."""
     report: bool = True
     """Write RUN_DIR/report (report.md with loss, learning-rate, throughput and memory plots, the
     post-training scores and the samples) when the run ends or stops; lowrank-pt report RUN_DIR

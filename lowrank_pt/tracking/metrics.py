@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -38,12 +39,16 @@ def read(run_dir: str) -> list[dict]:
 
 
 class MetricsLogger:
-    """Appends one JSON object per record and mirrors numbers to TensorBoard."""
+    """Appends one JSON object per record and mirrors numbers to TensorBoard and, with
+    ``wandb_project``, to Weights & Biases: offline (files under RUN_DIR/wandb, ``wandb sync``
+    uploads them) unless WANDB_MODE says otherwise, one W&B run per run dir, resumed with it."""
 
-    def __init__(self, run_dir: str, tensorboard: bool, start_step: int):
+    def __init__(self, run_dir: str, tensorboard: bool, start_step: int, wandb_project: str | None = None,
+                 config: dict | None = None):
         self.enabled = dist.rank() == 0
         self.file = None
         self.writer = None
+        self.wandb = None
         if not self.enabled:
             return
         self.file = open(os.path.join(run_dir, METRICS_FILE), "a", buffering=1)
@@ -51,6 +56,13 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter  # heavy (seconds): only when asked for
 
             self.writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start_step or None)
+        if wandb_project:
+            import wandb  # optional: config validation checked it is installed
+
+            run_id = hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:16]
+            self.wandb = wandb.init(project=wandb_project, dir=run_dir, id=run_id, resume="allow",
+                                    name=os.path.basename(os.path.normpath(run_dir)), config=config or {},
+                                    mode=os.environ.get("WANDB_MODE", "offline"))
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -62,6 +74,10 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self.writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log({key if "/" in key else f"train/{key}": value for key, value in record.items()
+                            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value)},
+                           step=record["step"])
 
     def log_sample(self, sample: dict) -> None:
         """One generation (step, stage, prompt, text) appended to RUN_DIR/samples.jsonl."""
@@ -75,3 +91,5 @@ class MetricsLogger:
             self.file.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from lowrank_pt import methods
 from lowrank_pt.checkpoint import resume
@@ -107,7 +108,8 @@ class Trainer:
         first_stage = meta["stage_index"] if meta else 0
         if meta:
             truncate_after(run.run_dir, self.global_step)
-        self.metrics = MetricsLogger(run.run_dir, run.train.tensorboard, self.global_step)
+        self.metrics = MetricsLogger(run.run_dir, run.train.tensorboard, self.global_step, run.train.wandb_project,
+                                     config=OmegaConf.to_container(OmegaConf.structured(run)))
         if meta:
             self.say(f"resuming from {resume_path} (stage {meta['stage_name']}, step {meta['stage_step']})")
         self.finished: StageRun | None = None  # the stage whose weights the next one takes

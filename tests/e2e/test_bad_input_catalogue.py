@@ -160,6 +160,7 @@ IN_PROCESS = [
     row("sample_tokens_negative", ["train.sample_tokens=-1"], 2, "train.sample_tokens", ">= 0"),
     row("temperature_negative", ["train.sample_temperature=-0.5"], 2, "train.sample_temperature", ">= 0"),
     row("stop_at_step_negative", ["train.stop_at_step=-1"], 2, "train.stop_at_step", ">= 1"),
+    row("wandb_project_empty", ["train.wandb_project=''"], 2, "train.wandb_project=''", "null"),
     row("stop_at_step_zero", ["train.stop_at_step=0"], 2, "train.stop_at_step", ">= 1"),
     # engine
     row("zero_stage_4", ["engine.zero_stage=4"], 2, "engine.zero_stage", "allowed"),

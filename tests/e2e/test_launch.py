@@ -45,3 +45,38 @@ def test_torchrun_and_deepspeed_launchers_agree(tmp_path, data_cache):
         assert "reduce_scatter_tensor" not in done.stderr and "all_gather_into_tensor" not in done.stderr
     assert len(runs["torchrun"]) == 5
     assert runs["torchrun"] == runs["deepspeed"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(run_dir: str, cache: str, *extra: str) -> None:
+    """One run as two "nodes" of one CPU rank each on loopback: a torchrun per node, as a multi-node
+    job (SLURM's srun, a hostfile) starts one per machine."""
+    port = _free_port()
+    procs = [subprocess.Popen(["torchrun", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+                               "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "lowrank_pt.train",
+                               TINY, *common(run_dir, cache), *extra],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outputs)
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_resume_and_finish_like_one_node(tmp_path, data_cache):
+    """Two "nodes" (torchrun --nnodes 2 on 127.0.0.1, one rank each), stopped after step 2 and
+    resumed, end with the losses of one node of two ranks: the same global batch and ZeRO-3
+    partitions, whatever the node boundary."""
+    one, two = str(tmp_path / "one_node"), str(tmp_path / "two_nodes")
+    done = subprocess.run([os.path.join(ROOT, "launch", "single_node.sh"), TINY, "2", *common(one, data_cache)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    two_nodes(two, data_cache, "train.stop_at_step=2")
+    assert len(trace(two)) == 2
+    two_nodes(two, data_cache)
+    assert trace(two) == trace(one) and len(trace(one)) == 5

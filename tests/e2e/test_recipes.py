@@ -53,7 +53,7 @@ def tiny_overrides(path: str, run_dir: str, cache: str) -> list[str]:
     raw = yaml.safe_load(open(path))
     hidden = MODEL_SIZES[raw["model"]["size"]]["hidden_size"]
     out = [f"run_dir={run_dir}", "model.size=tiny", "model.seq_len=32", "data.source=embedded", "data.hub_subset=null",
-           "data.val_hub_split=null", "data.vocab_size=512", "data.max_documents=200", f"data.cache_dir={cache}",
+           "data.val_source=null", "data.val_hub_split=null", "data.vocab_size=512", "data.max_documents=200", f"data.cache_dir={cache}",
            "train.micro_batch_size=2", "train.grad_accum=1", "train.log_every=1", "train.eval_every=0",
            "train.save_every=0", "train.eval_sequences=4", "train.tensorboard=false", "train.progress=false",
            "train.report=false"]

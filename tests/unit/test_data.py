@@ -362,6 +362,35 @@ def test_hub_source_streams_with_cap_and_text_field(scenes, tmp_path, monkeypatc
     assert TokenShard(separate.val_shard).num_documents == 40
 
 
+def test_hub_path_reads_a_dataset_laid_out_like_the_hubs(scenes, tmp_path):
+    """``hf:`` on a local directory laid out as allenai/c4 is on the hub (its README's configs map a
+    subset and its splits to sharded json.gz files), read by the real ``datasets.load_dataset``: the
+    recipes' C4 settings (subset en, train split, validation from its own split) take it as they take
+    the hub's."""
+    import gzip
+    import json
+
+    root = tmp_path / "c4_like"
+    (root / "en").mkdir(parents=True)
+    texts = [scene.text for scene in scenes]
+    shards = {"c4-train.00000-of-00002.json.gz": texts[:30], "c4-train.00001-of-00002.json.gz": texts[30:60],
+              "c4-validation.00000-of-00001.json.gz": texts[60:70]}
+    for name, docs in shards.items():
+        with gzip.open(root / "en" / name, "wt") as f:
+            f.writelines(json.dumps({"text": t, "timestamp": "2019-04-25T12:57:54Z", "url": "https://x"}) + "\n"
+                         for t in docs)
+    (root / "README.md").write_text("---\nconfigs:\n- config_name: en\n  data_files:\n  - split: train\n"
+                                    "    path: en/c4-train.*.json.gz\n  - split: validation\n"
+                                    "    path: en/c4-validation.*.json.gz\n---\n")
+    source = f"hf:{root}"
+    cfg = DataConfig(source=source, hub_subset="en", hub_split="train", val_source=source,
+                     val_hub_split="validation", max_documents=1000, vocab_size=400, num_workers=1,
+                     cache_dir=str(tmp_path / "cache"))
+    prepared = prepare_data(cfg, progress=False)
+    train, val = TokenShard(prepared.train_shard), TokenShard(prepared.val_shard)
+    assert (train.num_documents, val.num_documents) == (60, 10)
+
+
 # --- CLI ---------------------------------------------------------------------------------------
 
 def test_cli_prepare_prints_paths_and_counts(small, capsys):
