@@ -4,7 +4,9 @@ scores that say whether the model answers.
 - Pre-training: the mean loss over the validation batches (each holds the same number of targets).
 - SFT: the loss over answer tokens (a batch's mean weighted by its answer tokens) and the
   held-out **answer-token accuracy** (``eval/answer_token_accuracy``): the share of answer tokens
-  that are the argmax of the model's next-token distribution. Any instruction data has it.
+  that are the argmax of the model's next-token distribution. Any instruction data has it. Beside
+  it ``eval/answer_token_accuracy_constant``: what predicting the commonest answer token everywhere
+  would score on the same tokens.
 - DPO: the stage's objective scores its held-out pairs (``lowrank_pt.objectives.dpo``).
 - Post-training stages also score **exact match** (``eval/exact_match``): a fixed set of held-out
   questions answered by greedy decoding under the chat template, compared with the reference
@@ -114,6 +116,7 @@ def lm_validation(engine, batches: list[dict], post_training: bool) -> dict:
     """``eval/loss`` and ``eval/perplexity`` (pre-training: the mean over batches; SFT: over answer
     tokens), and for SFT ``eval/answer_token_accuracy``. Collective."""
     total, count, right = 0.0, 0.0, 0.0
+    seen = None  # how often each token is an answer token: the best constant guess's score
     for batch in batches:
         ids, labels = batch["input_ids"].to(engine.device), batch["labels"].to(engine.device)
         if not post_training:
@@ -126,13 +129,18 @@ def lm_validation(engine, batches: list[dict], post_training: bool) -> dict:
         weight = float(answer.sum())
         total, count = total + loss.item() * weight, count + weight
         right += float((logits.argmax(-1) == labels)[answer].sum())
+        counts = torch.bincount(labels[answer].cpu(), minlength=logits.shape[-1]).double()
+        seen = counts if seen is None else seen + counts
     if not post_training:
         loss = dist.all_reduce_mean(total / max(1.0, count))
         return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
     answers = max(dist.all_reduce_sum(count), 1e-12)
     loss = dist.all_reduce_sum(total) / answers
+    seen = seen if seen is not None else torch.zeros(1, dtype=torch.float64)
+    dist.all_reduce_(seen)  # every rank has as many batches (and the same vocabulary)
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)),
-            "eval/answer_token_accuracy": dist.all_reduce_sum(right) / answers}
+            "eval/answer_token_accuracy": dist.all_reduce_sum(right) / answers,
+            "eval/answer_token_accuracy_constant": float(seen.max()) / answers}
 
 
 def evaluate(engine, batches: list[dict], objective, tokenizer=None, questions=None) -> dict:
@@ -154,7 +162,9 @@ def describe(record: dict) -> str:
     if "eval/perplexity" in record:
         parts.append(f"ppl {record['eval/perplexity']:.2f}")
     if "eval/answer_token_accuracy" in record:
-        parts.append(f"answer-token accuracy {record['eval/answer_token_accuracy']:.3f}")
+        parts.append(f"answer-token accuracy {record['eval/answer_token_accuracy']:.3f}"
+                     + (f" (best constant token {record['eval/answer_token_accuracy_constant']:.3f})"
+                        if "eval/answer_token_accuracy_constant" in record else ""))
     for key, label in (("eval/dpo_accuracy", "preference accuracy"), ("eval/dpo_margin", "reward margin"),
                        ("eval/policy_preference", "chosen likelier")):
         if key in record:

@@ -248,3 +248,26 @@ def test_shakespeare_set_is_derived_from_the_corpus_with_scenes_held_out(tmp_pat
     assert len(data) == 200 and len(held) == 20
     batch = SFTLoader(data, 64, 4).next_batch()
     assert (batch["labels"] != -100).any()
+
+
+def test_answer_token_accuracy_has_the_best_constant_token_beside_it():
+    """eval/answer_token_accuracy_constant: the share of held-out answer tokens that the commonest
+    one makes up (what predicting it everywhere scores); a model that always predicts it scores
+    exactly that."""
+    import torch
+
+    from lowrank_pt.eval.scores import lm_validation
+
+    vocab = 7
+    labels = torch.tensor([[-100, 3, 3, 5, -100], [-100, -100, 3, 2, 1]])  # answers 3 3 5 3 2 1
+
+    class AlwaysThree:
+        device = "cpu"
+
+        def __call__(self, ids, labels=None):
+            logits = torch.zeros(*ids.shape, vocab)
+            logits[..., 3] = 1.0
+            return logits
+
+    out = lm_validation(AlwaysThree(), [{"input_ids": torch.zeros_like(labels), "labels": labels}], post_training=True)
+    assert out["eval/answer_token_accuracy_constant"] == out["eval/answer_token_accuracy"] == 0.5
