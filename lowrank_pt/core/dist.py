@@ -167,7 +167,15 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> None:
     if timeout_s is None:
         deepspeed.init_distributed(dist_backend=backend)
     else:
-        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=float(timeout_s)))
+        timeout = datetime.timedelta(seconds=float(timeout_s))
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+        # The groups created later without a timeout (DeepSpeed's data-parallel clone of the world
+        # group, which carries the gradient all-reduce) take torch's default instead, 30 minutes
+        # under gloo: a hung rank then held the survivor that long. They take the world's.
+        c10d = importlib.import_module("torch.distributed.distributed_c10d")
+        c10d.default_pg_timeout = timeout
+        if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+            c10d.default_pg_nccl_timeout = timeout
 
 
 def is_initialized() -> bool:

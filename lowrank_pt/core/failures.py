@@ -130,8 +130,7 @@ def report(exc: BaseException, debug: bool = False) -> int:
     print(f"{prefix}: {' '.join(message.split())}", file=sys.stderr, flush=True)
     if is_collective_failure(exc):
         # The group is broken: the interpreter's cleanup (DeepSpeed's and torch's process-group
-        # teardown) could wait for the dead or hung peer. Not enough yet for a hung peer: with its
-        # peer stopped (SIGSTOP) a survivor printed this line and did not end (open).
+        # teardown) could wait for the dead or hung peer.
         sys.stdout.flush()
         os._exit(code)
     return code

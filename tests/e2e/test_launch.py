@@ -7,6 +7,7 @@ itself."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections import Counter
 
@@ -45,6 +46,15 @@ def test_torchrun_and_deepspeed_launchers_agree(tmp_path, data_cache):
         assert "reduce_scatter_tensor" not in done.stderr and "all_gather_into_tensor" not in done.stderr
     assert len(runs["torchrun"]) == 5
     assert runs["torchrun"] == runs["deepspeed"]
+    # The console script itself under both launchers (deepspeed passes --local_rank before the command).
+    cli = shutil.which("lowrank-pt")
+    for launcher, argv in (("torchrun", ["torchrun", "--standalone", "--nproc_per_node", "2"]),
+                           ("deepspeed", ["deepspeed", "--num_gpus", "2"])):
+        run_dir = str(tmp_path / f"{launcher}_cli")
+        done = subprocess.run([*argv, cli, "train", TINY, *common(run_dir, data_cache)], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert trace(run_dir) == runs["torchrun"], launcher
 
 
 def _free_port() -> int:
