@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run a recipe (one process; see launch/ for several)")
     train.add_argument("config", help="YAML recipe, e.g. configs/demo.yaml")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. engine.zero_stage=2")
+    train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="as lowrank-pt --debug (and python -m lowrank_pt.train --debug): the traceback too")
     train.set_defaults(func=_train)
 
     ref = sub.add_parser("config-reference", help="print every config key with its meaning (markdown)")

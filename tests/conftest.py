@@ -15,7 +15,8 @@ torch.set_num_threads(THREADS)
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 
-HEAVY_FIRST = ("test_projected_zero", "test_galore_zero", "test_dpo", "test_launch", "test_gpu_check",
+HEAVY_FIRST = ("test_projected_zero", "test_galore_zero", "test_launch", "test_readme", "test_recipes", "test_dpo",
+               "test_gpu_check",
                "test_sft_stage", "test_resume_reshard", "test_trainer", "test_relora_recipe", "test_relora",
                "test_lora_options_zero", "test_galore_trainer", "test_kill_resume", "test_hygiene", "test_dead_rank",
                "test_tracking_memory", "test_checkpoint_fallback", "test_guard", "test_bad_input_catalogue")

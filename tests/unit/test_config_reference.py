@@ -72,3 +72,11 @@ def test_one_cli_names_dtypes_and_flags_as_the_config_and_the_launchers_do():
     assert parse(["plan", "--num-gpus", "4"]).gpus == 4
     args = parse(["plan", "configs/demo.yaml", "engine.zero_stage=2"])
     assert (args.config, args.overrides) == ("configs/demo.yaml", ["engine.zero_stage=2"])
+
+
+def test_debug_is_taken_before_or_after_the_train_command():
+    from lowrank_pt.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["train", "c.yaml", "--debug"]).debug and parse(["--debug", "train", "c.yaml"]).debug
+    assert not parse(["train", "c.yaml"]).debug
