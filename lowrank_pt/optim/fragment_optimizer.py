@@ -136,7 +136,12 @@ class FragmentOptimizer(torch.optim.Optimizer):
             self._plans[spec.index] = plan
             if plan.cut:
                 self._cut_by_key.setdefault(plan.key, []).append(plan)
-        assign_owners(list(self._plans.values()), dist.world_size())
+        assign_owners(list(self._plans.values()), dist.world_size(), self.owner_cost)
+
+    def owner_cost(self, plan: MatrixPlan) -> int:
+        """What balances a cut matrix's whole-matrix work over its owners: its size (the gradient
+        gathered onto the owner), unless the rule's work grows faster than that."""
+        return plan.spec.numel
 
     def _ensure_layout(self) -> None:
         if self._pairs is None:
@@ -340,7 +345,7 @@ class FragmentOptimizer(torch.optim.Optimizer):
             if spec.projected:
                 opt._plans[spec.index] = MatrixPlan(spec, keys[spec.index], tuple(sorted(holders[spec.index])),
                                                     opt.matrix_options(spec, opt._group_options[spec.group]))
-        assign_owners(list(opt._plans.values()), max(world, rank + 1))
+        assign_owners(list(opt._plans.values()), max(world, rank + 1), opt.owner_cost)
         total = 0
         for lay in mine:
             geo = opt.flat_geometry(lay, rank)

@@ -17,7 +17,7 @@ gives the update the RMS of an AdamW update, so AdamW's learning rate and weight
 
 Newton–Schulz needs the whole ``U``. Under ZeRO 1-3 a matrix's rows can lie on several ranks
 (a cut matrix): each holder writes its fragment of ``U`` into a zero m×n buffer, the buffers are
-summed onto the matrix's owner (``partition.assign_owners``: balanced by size), which
+summed onto the matrix's owner (``partition.assign_owners``: balanced by Newton–Schulz FLOPs), which
 orthonormalises it and broadcasts ``O``; each holder keeps its fragment. Per cut matrix and step
 that is one reduce and one broadcast of m·n fp32 values, and one m×n buffer alive at a time on
 each rank; a matrix that one rank holds whole is orthonormalised there with no communication.
@@ -110,6 +110,14 @@ class MuonAdamW(OrthonormalAdamW):
     @staticmethod
     def check_rule(group: dict) -> None:
         check_group(group)
+
+    def owner_cost(self, plan: MatrixPlan) -> int:
+        """Newton–Schulz's FLOPs, ∝ m·n·min(m, n) (each step forms X·Xᵀ, min(m, n) square, and two
+        products with it): owners balanced by the work, not by the bytes gathered. For LLaMA's
+        hidden matrices (the smaller side is the hidden size in all of them) that is the same
+        balance; a thin matrix (4096×64) weighs 1/64 of its share by bytes."""
+        m, n = plan.shape
+        return m * n * min(m, n)
 
     def matrix_options(self, spec: ParamSpec, group: dict) -> dict:
         return {"momentum": float(group["momentum"]), "nesterov": bool(group["nesterov"]),

@@ -315,11 +315,13 @@ class MatrixPlan:
 
 
 
-def assign_owners(plans: list[MatrixPlan], world: int) -> None:
-    """Each matrix's owner among its holders, balanced by the matrix's bytes over the ranks
-    (``core.owners``): a matrix cut over several ranks has its whole-matrix work (the full
-    gradient summed onto one rank, its SVD) on the least loaded of them. The same on every rank."""
-    owners = balanced_owners([p.spec.numel for p in plans], world, [[h[0] for h in p.holders] for p in plans])
+def assign_owners(plans: list[MatrixPlan], world: int, cost=None) -> None:
+    """Each matrix's owner among its holders, balanced over the ranks (``core.owners``) by
+    ``cost(plan)`` (default: the matrix's size, what its gathered gradient weighs): a matrix cut
+    over several ranks has its whole-matrix work (the full gradient summed onto one rank, its SVD
+    or orthonormalisation) on the least loaded of them. The same on every rank."""
+    sizes = [cost(p) if cost is not None else p.spec.numel for p in plans]
+    owners = balanced_owners(sizes, world, [[h[0] for h in p.holders] for p in plans])
     for plan, owner in zip(plans, owners):
         plan.owner = owner
 

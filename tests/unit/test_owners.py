@@ -51,3 +51,21 @@ def test_planner_refresh_transient_follows_the_owners(sizes_7b):
 def test_owners_reject_an_empty_world():
     with pytest.raises(ValueError, match="world"):
         balanced_owners([1, 2], 0)
+
+
+def test_muon_balances_its_owners_by_newton_schulz_flops():
+    """Muon's owners by m·n·min(m, n), the fragment optimizer's by size: two 30×30 matrices and a thin
+    1000×1 one (the largest by bytes, the cheapest to orthonormalise) on 2 ranks."""
+    from lowrank_pt.optim.fragment_optimizer import FragmentOptimizer
+    from lowrank_pt.optim.muon import MuonAdamW
+    from lowrank_pt.zero.partition import MatrixPlan, ParamSpec, assign_owners
+
+    def plans():
+        shapes = [(1000, 1), (30, 30), (30, 30)]
+        return [MatrixPlan(ParamSpec(i, 0, f"w{i}", s, True), (0, 0), ((0, 0, 1), (1, 1, 2))) for i, s in enumerate(shapes)]
+
+    by_size, by_flops = plans(), plans()
+    assign_owners(by_size, 2, lambda p: FragmentOptimizer.owner_cost(None, p))
+    assign_owners(by_flops, 2, lambda p: MuonAdamW.owner_cost(None, p))
+    assert [p.owner for p in by_size] == [0, 1, 1]  # 1000 bytes against 900 + 900
+    assert [p.owner for p in by_flops] == [0, 0, 1]  # the squares (27000 FLOPs each) apart, the thin one (1000) beside one
