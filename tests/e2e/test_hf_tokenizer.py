@@ -106,7 +106,8 @@ def test_the_open_model_recipe_runs_sft_then_dpo_under_the_models_template(token
                  "engine.master_weights=fp32", "train.micro_batch_size=4", "train.eval_every=0",
                  "train.eval_sequences=8", "train.eval_questions=4", "train.log_every=1", "train.tensorboard=false",
                  "train.progress=false", "train.sample_prompts=[]", "stages.0.steps=8", "stages.0.optimizer.lr=5.0e-3",
-                 "stages.0.sft.max_examples=300", "stages.1.steps=3", "stages.1.dpo.max_examples=200"]
+                 "stages.0.schedule.warmup_steps=2", "stages.0.sft.max_examples=300", "stages.1.steps=3",
+                 "stages.1.schedule.warmup_steps=1", "stages.1.dpo.max_examples=200"]
     spawn(_train, 1, f"{ROOT}/configs/post_train_open_model.yaml", overrides)
     records = metrics.read(str(run_dir))
     evals = [r for r in records if r.get("stage") == "sft" and "eval/loss" in r]
