@@ -297,3 +297,24 @@ def run_galore(engine, method, steps, rank=0, world=1, start=0):
             loss = method.train_step(engine, batches_of(step, rank, world), step)
             log[step] = {"loss": loss, **method.after_step(engine, step)}
     return log
+
+
+# --- activation memory (tiers unit) ----------------------------------------------------------------
+
+
+def saved_bytes(model, ids):
+    """(bytes of the tensors autograd keeps for backward of ``model(ids, ids)``, params excluded;
+    the loss; the gradients by name)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, ids)
+    loss.backward()
+    return sum(seen.values()), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+from fixtures import saved_bytes
 
 from lowrank_pt import methods
 from lowrank_pt.config.recipe import StageConfig
@@ -98,23 +99,6 @@ def test_a_cola_linear_is_the_bottleneck():
     big = cola.LowRankActivationLinear(nn.Linear(512, 512, bias=False), rank=128, seed=0, index=0)
     std = 128 ** -0.25 * 1024 ** -0.25
     assert abs(big.cola_A.std().item() / std - 1) < 0.02 and abs(big.cola_B.std().item() / std - 1) < 0.02
-
-
-def saved_bytes(model: nn.Module, ids: torch.Tensor) -> tuple[int, torch.Tensor, dict]:
-    """(bytes of the tensors autograd keeps for backward, params excluded; the loss; the gradients)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(ids, ids)
-    loss.backward()
-    return sum(seen.values()), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

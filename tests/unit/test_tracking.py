@@ -213,22 +213,11 @@ def test_summary_survives_garbage(tmp_path):
 
 def saved_activation_bytes(cfg, dtype, batch):
     """Bytes of the tensors autograd saves for backward, parameters excluded."""
+    from fixtures import saved_bytes
+
     torch.manual_seed(0)
     model = LlamaModel(cfg).to(dtype)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    ids = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(ids, ids)
-    loss.backward()
-    return sum(seen.values())
+    return saved_bytes(model, torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len)))[0]
 
 
 @pytest.mark.parametrize("size,precision,ckpt", [("small", "fp32", False), ("small", "bf16", False),
