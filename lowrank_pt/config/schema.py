@@ -40,7 +40,8 @@ class OptimizerConfig:
     """How AdamW stores its two moments: fp32 (8 bytes per trained element), bf16 (4), or int8
     (8-bit blockwise, as 8-bit Adam: about 2.03 bytes); the update is computed in fp32 either way.
     The projected optimizers of apollo, apollo_mini, fira and galore_weights store their Adam
-    moments (by channel and projection) the same way, each step working on them decoded; a method
+    moments (by channel and projection) the same way, muon and dion their momentum buffers (dion's
+    r-wide factor stays fp32), each step working on them decoded; a method
     that edits moments (relora's pruning, galore's moments_on_refresh=reproject) edits them decoded
     too."""
 

@@ -51,6 +51,7 @@ class DionAdamW(OrthonormalAdamW):
 
     projected_key = "dion"
     state_keys = ("momentum", "q")
+    lowbit_keys = ("momentum",)
     GROUP_DEFAULTS: dict = {"rank": None, "rank_fraction": 0.25, "momentum": 0.95, "adjust_lr": "original",
                             "seed": 0}
 

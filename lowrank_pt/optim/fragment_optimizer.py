@@ -42,6 +42,9 @@ class FragmentOptimizer(torch.optim.Optimizer):
     """The group key that marks a group whose 2-D params the subclass's rule steps."""
     state_keys: tuple[str, ...] = ()
     """Per-piece state tensors of the subclass (besides the moments), see ``piece_state``."""
+    lowbit_keys: tuple[str, ...] = ()
+    """Those of ``state_keys`` stored in ``state_dtype`` like Adam's moments (signed values: a
+    momentum buffer); the others stay as ``new_state_tensor`` makes them."""
 
     def __init__(self, params, defaults: dict, names: dict[int, str] | None = None,
                  defer_until_attached: bool = False, state_dtype: str = "fp32"):
@@ -229,10 +232,10 @@ class FragmentOptimizer(torch.optim.Optimizer):
     @contextlib.contextmanager
     def moments_as_tensors(self):
         """Inside the block Adam's moments are fp32 tensors ``exp_avg`` / ``exp_avg_sq`` (what the
-        step works on); with bf16 or int8 ``state_dtype`` they are decoded on entry and stored
-        back on exit (bf16 rounded to nearest; int8 8-bit blockwise, ``optim.lowbit``). A moment
-        made inside the block (a first step) is stored on exit. The decoded moments are a
-        transient of 8 bytes per stepped element of this rank."""
+        step works on), and so is each of ``lowbit_keys``; with bf16 or int8 ``state_dtype`` they
+        are decoded on entry and stored back on exit (bf16 rounded to nearest; int8 8-bit
+        blockwise, ``optim.lowbit``). A state made inside the block (a first step) is stored on
+        exit. The decoded tensors are a transient of 4 bytes per element of this rank's states."""
         if self.state_dtype == "fp32":
             yield
             return
@@ -242,11 +245,15 @@ class FragmentOptimizer(torch.optim.Optimizer):
                     geo = self.geometry(t)
                     shape = (geo.moment_numel,) if geo.pieces else tuple(t.shape)
                     lowbit.decode_moments(self.state[t], self.state_dtype, shape)
+                    for key in self.lowbit_keys:
+                        lowbit.decode_state(self.state[t], key, True, self.state_dtype, geo.extra_numel.get(key, 0))
         try:
             yield
         finally:
             for state in self.state.values():
                 lowbit.store_moments(state, self.state_dtype)
+                for key in self.lowbit_keys:
+                    lowbit.store_state(state, key, True, self.state_dtype)
 
     def _init_state(self, state: dict, t: torch.Tensor, geo: Geometry) -> None:
         state["step"] = torch.tensor(0.0)
@@ -326,7 +333,8 @@ class FragmentOptimizer(torch.optim.Optimizer):
                             sub_group_size: int | None = 1_000_000_000, state_dtype: str = "fp32") -> int:
         """Bytes of ``self.state`` on ``rank`` once every tensor has stepped, from shapes alone:
         ``groups`` as the method's param groups, each ``{"shapes": [...], **options}``; Adam's
-        moments in ``state_dtype`` (``lowbit.state_bytes``: both moments and the step)."""
+        moments and ``lowbit_keys`` in ``state_dtype`` (``lowbit.state_bytes``: both moments and the
+        step; ``lowbit.tensor_bytes``)."""
         partitioned = zero_stage > 0 and world > 1
         shells = [{**{k: v for k, v in g.items() if k != "shapes"},
                    "params": [torch.empty(s, device="meta") for s in g["shapes"]]} for g in groups]
@@ -353,7 +361,8 @@ class FragmentOptimizer(torch.optim.Optimizer):
                 total += lowbit.state_bytes(lay.numel, state_dtype)
                 continue
             total += lowbit.state_bytes(geo.moment_numel, state_dtype)
-            total += sum(numel * opt.state_element_size(name) for name, numel in geo.extra_numel.items())
+            total += sum(lowbit.tensor_bytes(numel, state_dtype) if name in opt.lowbit_keys
+                         else numel * opt.state_element_size(name) for name, numel in geo.extra_numel.items())
         return total
 
     def state_element_size(self, name: str) -> int:

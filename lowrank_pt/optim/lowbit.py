@@ -109,16 +109,22 @@ def decode(codes: torch.Tensor, scales: torch.Tensor, signed: bool, numel: int) 
     return values[:numel]
 
 
+def tensor_bytes(numel: int, state_dtype: str) -> int:
+    """Bytes of one state tensor of ``numel`` elements stored in ``state_dtype`` (int8: the codes
+    padded to whole blocks and one fp32 scale per block)."""
+    if state_dtype == "fp32":
+        return 4 * numel
+    if state_dtype == "bf16":
+        return 2 * numel
+    if state_dtype == "int8":
+        return padded(numel) + 4 * (padded(numel) // BLOCK)
+    raise ValueError(f"state_dtype={state_dtype!r}: allowed {STATE_DTYPES}")
+
+
 def state_bytes(numel: int, state_dtype: str) -> int:
     """Bytes of the state of one stepped tensor of ``numel`` elements: both moments and Adam's
     4-byte step counter (what the memory tracker counts, what the planner predicts)."""
-    if state_dtype == "fp32":
-        return 2 * 4 * numel + 4
-    if state_dtype == "bf16":
-        return 2 * 2 * numel + 4
-    if state_dtype == "int8":
-        return 2 * (padded(numel) + 4 * (padded(numel) // BLOCK)) + 4
-    raise ValueError(f"state_dtype={state_dtype!r}: allowed {STATE_DTYPES}")
+    return 2 * tensor_bytes(numel, state_dtype) + 4
 
 
 def load_keeping_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict, load) -> None:
@@ -136,29 +142,38 @@ def load_keeping_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict, load
             optimizer.state[p][key] = value.detach().to(p.device).clone()
 
 
+def decode_state(state: dict, key: str, signed: bool, state_dtype: str, numel: int) -> None:
+    """Put the fp32 values of ``state[key]`` (1-D, ``numel`` elements) under ``key``, from how
+    ``store_state`` stored them in ``state_dtype`` (a state without them is left alone)."""
+    if state_dtype == "bf16" and key in state:
+        state[key] = state[key].float()
+    elif state_dtype == "int8" and f"{key}_codes" in state:
+        state[key] = decode(state[f"{key}_codes"], state[f"{key}_scales"], signed, numel)
+
+
+def store_state(state: dict, key: str, signed: bool, state_dtype: str) -> None:
+    """Store the fp32 ``state[key]`` in ``state_dtype``: bf16 under the same name, int8 as
+    ``{key}_codes`` and ``{key}_scales`` (the reverse of ``decode_state``)."""
+    if state_dtype == "bf16" and key in state:
+        state[key] = state[key].to(torch.bfloat16)
+    elif state_dtype == "int8" and key in state:
+        state[f"{key}_codes"], state[f"{key}_scales"] = encode(state.pop(key), signed)
+
+
 def decode_moments(state: dict, state_dtype: str, shape: tuple[int, ...]) -> None:
     """Add fp32 ``exp_avg`` / ``exp_avg_sq`` of ``shape`` to a state holding them stored in
     ``state_dtype`` (bf16 tensors under those names, or int8 ``*_codes`` and ``*_scales``)."""
-    if state_dtype == "bf16":
-        for key in MOMENT_KEYS:
-            if key in state:
-                state[key] = state[key].float()
-    elif state_dtype == "int8" and "exp_avg_codes" in state:
-        numel = math.prod(shape)
-        for key, signed in zip(MOMENT_KEYS, (True, False)):
-            state[key] = decode(state[f"{key}_codes"], state[f"{key}_scales"], signed, numel).view(shape)
+    for key, signed in zip(MOMENT_KEYS, (True, False)):
+        decode_state(state, key, signed, state_dtype, math.prod(shape))
+        if key in state:
+            state[key] = state[key].view(shape)
 
 
 def store_moments(state: dict, state_dtype: str) -> None:
     """Store the fp32 ``exp_avg`` / ``exp_avg_sq`` of ``state`` in ``state_dtype`` (the reverse of
     ``decode_moments``; a state with none is left alone)."""
-    if state_dtype == "bf16":
-        for key in MOMENT_KEYS:
-            if key in state:
-                state[key] = state[key].to(torch.bfloat16)
-    elif state_dtype == "int8" and "exp_avg" in state:
-        for key, signed in zip(MOMENT_KEYS, (True, False)):
-            state[f"{key}_codes"], state[f"{key}_scales"] = encode(state.pop(key), signed)
+    for key, signed in zip(MOMENT_KEYS, (True, False)):
+        store_state(state, key, signed, state_dtype)
 
 
 class LowBitAdamW(torch.optim.Optimizer):

@@ -101,6 +101,7 @@ class MuonAdamW(OrthonormalAdamW):
 
     projected_key = "muon"
     state_keys = ("momentum",)
+    lowbit_keys = ("momentum",)
     ns_dtype: torch.dtype = torch.bfloat16
     """Newton–Schulz's arithmetic (bf16, as published). bf16 turns a one-ulp difference of a
     gradient (another ZeRO stage's reduction order) into a bf16 step of the update: the tests

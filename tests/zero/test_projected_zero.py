@@ -205,8 +205,9 @@ def bf16_runs(rank, world):
 
 
 STATE_RUNS = [(case, dtype, stage) for case in ("apollo", "fira_left") for dtype in ("bf16", "int8")
-              for stage in (0, 2, 3)]
-"""Low-bit Adam moments of the projected optimizers (``optimizer.state_dtype``), fp32 training."""
+              for stage in (0, 2, 3)] + [(case, "int8", stage) for case in ("muon", "dion") for stage in (0, 3)]
+"""Low-bit Adam moments of the projected optimizers (``optimizer.state_dtype``), and Muon's and
+Dion's momentum buffers, fp32 training."""
 
 
 def low_bit_state_runs(rank, world):
@@ -502,7 +503,9 @@ def test_low_bit_moments_are_counted_and_follow_fp32_moments(one_rank, two_ranks
     itself, 0.21-0.29 (both sides; worst matrix 0.53; 0 after one step, where the moments are
     still exact) — as
     8-bit AdamW's weights end ~20% of their update away from 32-bit AdamW's
-    (tests/reference/test_lowbit_reference.py). The plumbing is what bf16 checks tightly."""
+    (tests/reference/test_lowbit_reference.py). The plumbing is what bf16 checks tightly. Muon's
+    and Dion's int8 momentum buffers (ZeRO 0 and 3, cut matrices on 2 ranks): Muon's update moves
+    0.06-0.09 (median matrix; worst 0.18), Dion's at rank 4 0.23 (worst 0.43), measured."""
     from lowrank_pt.model.llama import LlamaModel
     from lowrank_pt.zero.held import STATE_CATEGORIES
 
