@@ -308,7 +308,7 @@ def _validate_stage(run: RunConfig, stage: StageConfig, where: str, model_cfg: M
     for key in ("warmup_steps", "restart_every", "restart_warmup_steps"):
         if getattr(sched, key) < 0:
             raise ConfigError(f"{where}.schedule.{key}={getattr(sched, key)} must be >= 0")
-    for key in ("micro_batch_size", "grad_accum"):
+    for key in ("micro_batch_size", "grad_accum", "eval_sequences"):
         value = getattr(stage, key)
         if value is not None and value < 1:
             raise ConfigError(f"{where}.{key}={value} must be >= 1")

@@ -78,6 +78,9 @@ class StageConfig:
     """Sequences per rank per micro-batch; null takes train.micro_batch_size."""
     grad_accum: Optional[int] = None
     """Micro-batches per optimizer step; null takes train.grad_accum."""
+    eval_sequences: Optional[int] = None
+    """Validation sequences per evaluation of this stage (SFT: conversations, each batch only as
+    wide as its longest; DPO: pairs); null takes train.eval_sequences."""
     options: Dict[str, Any] = field(default_factory=dict)
     """The method's own options (e.g. rank, restart_every); checked against its schema."""
     data: Optional[DataConfig] = None
@@ -162,7 +165,8 @@ class TrainConfig:
     """Validation sequences per evaluation: the first N of the held-out split, fixed across runs."""
     eval_questions: int = 32
     """Held-out questions a post-training stage answers greedily at its start and at every
-    evaluation, scored by exact match: on the shakespeare set (SFT or DPO) "who says this line";
+    evaluation, scored by exact match: on the shakespeare set (DPO, or SFT with who among its
+    tasks) "who says this line";
     on SFT data files the held-out conversations whose final reply takes at most 12 tokens
     (short answers). 0 = off."""
     save_every: int = 0

@@ -39,9 +39,9 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -59,6 +59,8 @@ ROLES = ("system", "user", "assistant")
 ROLE_PIECES = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END_PIECE = "<|end|>"
 SHAKESPEARE = "shakespeare"
+SHAKESPEARE_TASKS = ("continue", "who")
+"""The kinds of record of the shakespeare set (``shakespeare_records``)."""
 SHAKESPEARE_SET_VERSION = 1
 """Bump when build_shakespeare_sft changes what it writes: part of the cache key of the set."""
 
@@ -80,11 +82,21 @@ class SFTDataConfig:
     """Seed of the shakespeare set's choices (which line of a speech, which subset)."""
     cache_dir: str = ".cache/lowrank_pt"
     """Where the shakespeare set is written (under sft/), keyed by its parameters."""
+    tasks: List[str] = field(default_factory=lambda: list(SHAKESPEARE_TASKS))
+    """The shakespeare set's kinds of record: continue ("continue this speech": a line -> the
+    next line) and who ("who says this line": a line -> its speaker). Exact-match questions are
+    the held-out "who" questions when who is in, else the held-out records with short replies."""
 
 
 def validate_config(cfg: SFTDataConfig) -> None:
     """Cheap checks before any work: paths exist, values in range (DataError / ValueError)."""
     check_files_and_split(cfg, "sft")
+    tasks = list(cfg.tasks)
+    if not tasks or len(set(tasks)) != len(tasks) or not set(tasks) <= set(SHAKESPEARE_TASKS):
+        raise ValueError(f"sft.tasks={tasks}: one or more of {list(SHAKESPEARE_TASKS)}, each once")
+    if cfg.train != SHAKESPEARE and sorted(tasks) != sorted(SHAKESPEARE_TASKS):
+        raise ValueError(f"sft.tasks={tasks} chooses records of the shakespeare set; sft.train is a file "
+                         f"({cfg.train}): leave tasks out")
 
 
 def check_files_and_split(cfg, section: str) -> None:
@@ -282,8 +294,8 @@ def prepare_sft(cfg: SFTDataConfig, tokenizer: Tokenizer) -> tuple[SFTData, SFTD
     validate_config(cfg)
     train, val = cfg.train, cfg.validation
     if train == SHAKESPEARE:
-        out_dir = Path(cfg.cache_dir).expanduser() / "sft" / shakespeare_key(cfg.max_examples, cfg.seed)
-        train, shakespeare_val = build_shakespeare_sft(out_dir, cfg.max_examples, cfg.seed)
+        out_dir = Path(cfg.cache_dir).expanduser() / "sft" / shakespeare_key(cfg.max_examples, cfg.seed, cfg.tasks)
+        train, shakespeare_val = build_shakespeare_sft(out_dir, cfg.max_examples, cfg.seed, tuple(cfg.tasks))
         val = val or shakespeare_val
     if val is None:
         return (SFTData.from_jsonl(train, tokenizer, cfg.max_examples, "train", cfg.val_fraction),
@@ -308,13 +320,15 @@ def _fit(data: SFTData, seq_len: int) -> tuple[np.ndarray, int]:
     return np.asarray(kept, dtype=np.int64), cut
 
 
-def _batch(data: SFTData, seq_len: int, indices: Iterable[int]) -> dict[str, torch.Tensor]:
+def _batch(data: SFTData, seq_len: int, indices: Iterable[int], trim: bool = False) -> dict[str, torch.Tensor]:
+    """Rows of ``seq_len`` tokens, right-padded; with ``trim``, only as wide as the longest row
+    (a causal model's outputs at a row's tokens do not depend on the padding after them)."""
     indices = list(indices)
-    inputs = np.full((len(indices), seq_len), data.pad_id, dtype=np.int64)
-    labels = np.full((len(indices), seq_len), -100, dtype=np.int64)
-    for row, i in enumerate(indices):
-        ids, trained = data.examples[i]
-        ids, trained = ids[:seq_len + 1], trained[:seq_len + 1]
+    rows = [(ids[:seq_len + 1], trained[:seq_len + 1]) for ids, trained in (data.examples[i] for i in indices)]
+    width = max(len(ids) - 1 for ids, _ in rows) if trim and rows else seq_len
+    inputs = np.full((len(indices), width), data.pad_id, dtype=np.int64)
+    labels = np.full((len(indices), width), -100, dtype=np.int64)
+    for row, (ids, trained) in enumerate(rows):
         n = len(ids) - 1
         inputs[row, :n] = ids[:-1]
         labels[row, :n] = np.where(trained[1:], ids[1:], -100)
@@ -346,7 +360,8 @@ def sft_validation_batches(data: SFTData, seq_len: int, micro_batch_size: int, n
                            rank: int = 0, world_size: int = 1) -> list[dict[str, torch.Tensor]]:
     """The fixed validation set: the first ``num_sequences`` usable examples, unshuffled, dealt
     round-robin to ranks, the count rounded down to a multiple of the world size (as
-    ``validation_batches``: every rank runs the same number of forwards)."""
+    ``validation_batches``: every rank runs the same number of forwards); each batch only as wide
+    as its longest example, so scoring many short conversations costs what their tokens do."""
     if micro_batch_size < 1 or num_sequences < 1:
         raise ValueError(f"micro_batch_size and num_sequences must be >= 1, got {micro_batch_size}, {num_sequences}")
     check_rank(rank, world_size)
@@ -356,7 +371,7 @@ def sft_validation_batches(data: SFTData, seq_len: int, micro_batch_size: int, n
     if count == 0:
         raise DataError(f"{data.path}: fewer usable SFT examples ({len(kept)}) than ranks ({world_size})")
     mine = kept[np.arange(rank, count, world_size)]
-    return [_batch(data, seq_len, mine[i:i + micro_batch_size]) for i in range(0, len(mine), micro_batch_size)]
+    return [_batch(data, seq_len, mine[i:i + micro_batch_size], trim=True) for i in range(0, len(mine), micro_batch_size)]
 
 
 def spread(items: list, count: int) -> list:
@@ -373,9 +388,11 @@ SHAKESPEARE_VAL_FRACTION = 0.05
 _MIN_WORDS_WHO = 5  # "who says" lines shorter than this are too often spoken by several people
 
 
-def shakespeare_key(max_examples: Optional[int], seed: int) -> str:
+def shakespeare_key(max_examples: Optional[int], seed: int, tasks=SHAKESPEARE_TASKS) -> str:
     params = {"version": SHAKESPEARE_SET_VERSION, "max_examples": max_examples, "seed": seed,
               "val_fraction": SHAKESPEARE_VAL_FRACTION, "corpus": _corpus_version()}
+    if sorted(tasks) != sorted(SHAKESPEARE_TASKS):  # the full set keeps the key it always had
+        params["tasks"] = sorted(tasks)
     return "shakespeare-" + hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -411,23 +428,27 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def build_shakespeare_sft(out_dir: str | Path, max_examples: Optional[int] = None, seed: int = 0) -> tuple[str, str]:
+def build_shakespeare_sft(out_dir: str | Path, max_examples: Optional[int] = None, seed: int = 0,
+                          tasks=SHAKESPEARE_TASKS) -> tuple[str, str]:
     """Write ``train.jsonl`` and ``val.jsonl`` of the instruction set derived from the embedded
     corpus into ``out_dir``; returns their paths. Validation holds whole scenes out (a hash of play,
-    act and scene below SHAKESPEARE_VAL_FRACTION). With ``max_examples``, train keeps a random
-    ``max_examples`` records and validation ``max(8, max_examples // 10)``, drawn with ``seed``.
+    act and scene below SHAKESPEARE_VAL_FRACTION). Only records of ``tasks`` are kept. With
+    ``max_examples``, train keeps a random ``max_examples`` records and validation
+    ``max(8, max_examples // 10)``, drawn with ``seed``.
 
     Cached: if ``out_dir`` already holds the files of the same parameters, nothing is done. Files
     appear atomically (params.json last), so concurrent callers are safe.
     """
     out = Path(out_dir)
     train_path, val_path, params_path = out / "train.jsonl", out / "val.jsonl", out / "params.json"
-    params = {"key": shakespeare_key(max_examples, seed), "max_examples": max_examples, "seed": seed}
+    params = {"key": shakespeare_key(max_examples, seed, tasks), "max_examples": max_examples, "seed": seed}
     if params_path.is_file() and train_path.is_file() and val_path.is_file():
         if json.loads(params_path.read_text()) == params:
             return str(train_path), str(val_path)
     splits: dict[str, list[dict]] = {"train": [], "val": []}
     for record in shakespeare_records(iter_speeches(), seed):
+        if record["task"] not in tasks:
+            continue
         scene = json.dumps([record["play"], record["act"], record["scene"]])
         splits["val" if held_out(scene, SHAKESPEARE_VAL_FRACTION) else "train"].append(record)
     rng = np.random.Generator(np.random.PCG64([seed, 1]))

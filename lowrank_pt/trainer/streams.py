@@ -80,10 +80,11 @@ class DataStreams:
         return self.loaders[key]
 
     def validation(self, stage, micro_batch_size: int) -> list[dict]:
-        """The stage's fixed validation batches (DPO: ``train.eval_sequences`` pairs)."""
+        """The stage's fixed validation batches: ``eval_sequences`` (the stage's, else the run's)
+        sequences, conversations or pairs."""
         _, (_, val) = self._prepared(stage)
-        batches = objective_class(stage).validation_batches(val, self.seq_len, micro_batch_size,
-                                                            self.run.train.eval_sequences, dist.rank(),
+        count = stage.eval_sequences if stage.eval_sequences is not None else self.run.train.eval_sequences
+        batches = objective_class(stage).validation_batches(val, self.seq_len, micro_batch_size, count, dist.rank(),
                                                             dist.world_size())
         # Every rank must run the same number of forwards (ZeRO-3 gathers are collective).
         return batches[:dist.min_over_ranks(len(batches))]
@@ -102,7 +103,8 @@ class DataStreams:
     def questions(self, stage) -> list:
         """Held-out exact-match questions ``(prompt ids, answer)`` of a post-training stage
         (``train.eval_questions`` of them): on the shakespeare set its "who says this line"
-        questions, asked as one user message; on SFT data files the held-out conversations whose
+        questions, asked as one user message (a set without them: as a file); on SFT data files
+        the held-out conversations whose
         final reply takes at most ``ANSWER_TOKENS`` tokens (short answers: a name, a label, a
         number); none for DPO files."""
         objective = objective_class(stage)
@@ -110,7 +112,7 @@ class DataStreams:
         count = self.run.train.eval_questions
         if section is None or count < 1:
             return []
-        if section.train == SHAKESPEARE and section.validation is None:
+        if section.train == SHAKESPEARE and section.validation is None and "who" in getattr(section, "tasks", ["who"]):
             asked = on_local_rank0_first(lambda: speaker_questions(section.cache_dir, section.max_examples,
                                                                    section.seed, count))
             return [(encode_prompt(self.tokenizer, [{"role": "user", "content": prompt}]), speaker)

@@ -129,7 +129,7 @@ def test_the_config_refuses_what_low_bit_states_cannot_do():
     # a restart's pruning and a refresh's re-projection edit int8 moments decoded (moments_as_tensors)
     assert refusal("relora", "int8") is None
     assert refusal("galore", "int8", options={"moments_on_refresh": "reproject"}) is None
-    for method in ("apollo", "apollo_mini", "fira"):  # their projected optimizer stores its moments alike
+    for method in ("apollo", "apollo_mini", "fira", "muon", "dion"):  # their optimizers store moments (momentum) alike
         assert refusal(method, "bf16") is None and refusal(method, "int8") is None
 
 

@@ -18,6 +18,7 @@ from lowrank_pt.data.sft import (
     SFTDataConfig,
     SFTLoader,
     build_shakespeare_sft,
+    shakespeare_key,
     encode_conversations,
     encode_prompt,
     prepare_sft,
@@ -57,6 +58,33 @@ def labelled_runs(labels: torch.Tensor) -> list[list[int]]:
         else:
             current.append(value)
     return runs + ([current] if current else [])
+
+
+def test_validation_batches_are_as_wide_as_their_longest_conversation_and_score_the_same(tmp_path, tokenizer):
+    """SFT validation rows are cut after the longest conversation of their batch, not padded to
+    seq_len: a causal model's logits at every scored position are those of the full-width batch."""
+    from lowrank_pt.config.schema import ModelConfig
+    from lowrank_pt.data.sft import _batch
+    from lowrank_pt.model.llama import LlamaModel, resolve
+
+    path = write_jsonl(tmp_path / "sft.jsonl", [
+        {"prompt": "Who says: to be, or not to be?", "response": "HAMLET"},
+        {"messages": CONVERSATIONS[1]},
+    ])
+    data = SFTData.from_jsonl(path, tokenizer)
+    seq_len = 96
+    trimmed = sft_validation_batches(data, seq_len, micro_batch_size=2, num_sequences=2)[0]
+    full = _batch(data, seq_len, [0, 1])
+    width = max(len(ids) for ids, _ in data.examples) - 1
+    assert trimmed["input_ids"].shape == (2, width) and width < seq_len
+    assert torch.equal(full["input_ids"][:, :width], trimmed["input_ids"])
+    assert torch.equal(full["labels"][:, :width], trimmed["labels"]) and (full["labels"][:, width:] == -100).all()
+    torch.manual_seed(0)
+    model = LlamaModel(resolve(ModelConfig(size="tiny", seq_len=seq_len), vocab_size=tokenizer.vocab_size)).eval()
+    with torch.no_grad():
+        scored = trimmed["labels"] != -100
+        assert torch.allclose(model(trimmed["input_ids"])[scored], model(full["input_ids"])[:, :width][scored],
+                              atol=1e-5)
 
 
 def test_loss_mask_covers_exactly_the_responses(tmp_path, tokenizer):
@@ -167,7 +195,7 @@ def test_loader_ranks_disjoint_deterministic_and_resumable(tokenizer):
         SFTLoader(data, 16, 4, rank=0, world_size=1, seed=7).load_state_dict(cursor)
 
     v0, v1 = (sft_validation_batches(data, 16, 4, 10, r, 3) for r in (0, 1))
-    assert len(v0) == len(v1) == 1 and v0[0]["input_ids"].shape == (3, 16)
+    assert len(v0) == len(v1) == 1 and v0[0]["input_ids"].shape[0] == 3 and v0[0]["input_ids"].shape[1] <= 16
     assert not set(answers(v0)) & set(answers(v1))
 
 
@@ -246,6 +274,19 @@ def test_shakespeare_set_is_derived_from_the_corpus_with_scenes_held_out(tmp_pat
 
     data, held = prepare_sft(SFTDataConfig(max_examples=200, cache_dir=str(tmp_path / "cache")), tokenizer)
     assert len(data) == 200 and len(held) == 20
+
+    # sft.tasks: one kind of record only, in a set of its own (the full set keeps its key).
+    assert shakespeare_key(3000, 1, ("who", "continue")) == shakespeare_key(3000, 1)
+    assert shakespeare_key(3000, 1, ("continue",)) != shakespeare_key(3000, 1)
+    only = tmp_path / "continue_only"
+    for path in build_shakespeare_sft(only, 3000, seed=1, tasks=("continue",)):
+        records = [json.loads(line) for line in open(path)]
+        assert records and {r["task"] for r in records} == {"continue"}
+    for bad in ([], ["continue", "continue"], ["summarise"]):
+        with pytest.raises(ValueError, match="sft.tasks"):
+            prepare_sft(SFTDataConfig(tasks=bad, cache_dir=str(tmp_path / "cache")), tokenizer)
+    with pytest.raises(ValueError, match="leave tasks out"):
+        prepare_sft(SFTDataConfig(train=str(train_path), tasks=["who"]), tokenizer)
     batch = SFTLoader(data, 64, 4).next_batch()
     assert (batch["labels"] != -100).any()
 
@@ -271,3 +312,23 @@ def test_answer_token_accuracy_has_the_best_constant_token_beside_it():
 
     out = lm_validation(AlwaysThree(), [{"input_ids": torch.zeros_like(labels), "labels": labels}], post_training=True)
     assert out["eval/answer_token_accuracy_constant"] == out["eval/answer_token_accuracy"] == 0.5
+
+
+def test_an_sft_stage_scores_its_own_number_of_conversations(tmp_path, tokenizer):
+    """``stages.N.eval_sequences`` overrides ``train.eval_sequences`` for that stage (a post-training
+    stage scores many short conversations where pre-training evaluates a few long sequences)."""
+    from lowrank_pt.config.recipe import validate
+    from lowrank_pt.config.schema import RunConfig, StageConfig, TrainConfig
+    from lowrank_pt.core.errors import ConfigError
+    from lowrank_pt.trainer.streams import DataStreams
+
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"Say {i}.", "response": f"{i}"} for i in range(12)])
+    for own, scored in ((10, 10), (None, 2)):
+        stage = StageConfig(steps=1, method="lora", eval_sequences=own,
+                            sft=SFTDataConfig(train=path, validation=path))
+        run = RunConfig(train=TrainConfig(eval_sequences=2), stages=[stage])
+        batches = DataStreams(run, 64, tokenizer).validation(stage, micro_batch_size=4)
+        assert sum(b["input_ids"].shape[0] for b in batches) == scored
+    run.stages[0].eval_sequences = 0
+    with pytest.raises(ConfigError, match="eval_sequences=0 must be >= 1"):
+        validate(run, environment=False)
