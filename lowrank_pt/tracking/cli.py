@@ -9,7 +9,6 @@ import sys
 
 import yaml
 
-from lowrank_pt.config.engine_keys import check_engine
 from lowrank_pt.config.schema import EngineConfig
 from lowrank_pt.model.llama import MODEL_SIZES, ModelConfig, resolve
 from lowrank_pt.optim.lowbit import STATE_DTYPES
@@ -157,8 +156,8 @@ def _plan_recipe(args) -> int:
 
 def _plan(args) -> int:
     # The planner builds methods, which import DeepSpeed (seconds): only plan pays for it.
-    from lowrank_pt.config.recipe import check_update
     from lowrank_pt.tracking import planner
+    from lowrank_pt.tracking.fit import check_setting
 
     if args.rank_index >= args.gpus:
         print(f"error: plan --rank-index {args.rank_index} must be below --gpus {args.gpus}", file=sys.stderr)
@@ -176,9 +175,8 @@ def _plan(args) -> int:
             engine = EngineConfig(zero_stage=args.zero_stage, precision=args.precision,
                                   master_weights=args.master_weights, weight_dtype=args.weight_dtype,
                                   grad_accum_dtype=args.grad_accum_dtype)
-            check_engine(engine)
-            check_update(engine, args.update)
             options = _parse_options(args.method, args.rank, args.option)
+            check_setting(args.method, options, engine, args.update)
             cfg = resolve(ModelConfig(size=args.size, seq_len=args.seq_len,
                                       activation_checkpointing=args.activation_checkpointing),
                           vocab_size=args.vocab_size)

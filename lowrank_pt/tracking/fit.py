@@ -103,21 +103,27 @@ def settings(method: str, options: dict, world: int, precision: str):
         yield setting, extra_price
 
 
+def check_setting(method: str, options: dict, engine: EngineConfig, update: str) -> None:
+    """The config checks a plan's setting can fail, without a recipe (ValueError naming the keys):
+    the engine keys, the update mode, the method's options, and the method's own checks of int8
+    updated weights and of per-layer updates. What ``plan`` refuses and ``--fit`` skips."""
+    check_engine(engine)
+    check_update(engine, update)
+    cls = methods.METHODS[method]
+    parsed = methods.parse_options(method, options)
+    if engine.weight_dtype == "int8" and not cls.has_frozen_base:
+        cls.check_int8_updated(SimpleNamespace(engine=engine))
+    if update == "per_layer":
+        stage = StageConfig(method=method, steps=1, options=dict(options), update="per_layer")
+        cls.check_per_layer(parsed, stage, None)
+
+
 def allowed(method: str, options: dict, setting: dict, precision: str, grad_accum: int) -> bool:
     """Whether the config checks would take this setting (``options``: the user's and the search's)."""
     engine = EngineConfig(zero_stage=setting["zero_stage"], precision=precision,
                           master_weights=setting["master_weights"], weight_dtype=setting["weight_dtype"])
     try:
-        check_engine(engine)
-        check_update(engine, setting["update"])
-        cls = methods.METHODS[method]
-        if setting["weight_dtype"] == "int8" and not cls.has_frozen_base:
-            cls.check_int8_updated(SimpleNamespace(engine=engine))
-        if setting["update"] == "per_layer":
-            stage = StageConfig(method=method, steps=1, options=dict(options), update="per_layer")
-            cls.check_per_layer(methods.parse_options(method, options), stage, None)
-        else:
-            methods.parse_options(method, options)
+        check_setting(method, options, engine, setting["update"])
     except ValueError:
         return False
     return not (options.get("refresh") == "backward" and grad_accum != 1)

@@ -301,6 +301,13 @@ def test_plan_command(capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["bytes"]["total"] > data["bytes"]["resident"] > 0
     assert cli(["plan", "--size", "tiny", "--method", "lora", "--option", "rank=0"]) == 2
+    capsys.readouterr()
+    # What train refuses, plan refuses with the same words instead of planning it (an int8 weight
+    # the optimizer updates exists at ZeRO 0 only; planned at ZeRO 3 its bytes came out negative).
+    assert cli(["plan", "--size", "tiny", "--method", "full", "--zero-stage", "3", "--gpus", "2", "--precision",
+                "bf16", "--master-weights", "bf16", "--weight-dtype", "int8"]) == 2
+    said = capsys.readouterr()
+    assert "engine.weight_dtype=int8 at engine.zero_stage=3" in said.err and "peak estimate" not in said.out
 
 
 def fake_run(run_dir, label_loss=5.0):
