@@ -88,6 +88,13 @@ def validate_engine(run: RunConfig, environment: bool) -> None:
     if e.backend is not None:
         choice("engine.backend", e.backend, BACKENDS)
     number("engine.collective_timeout_s", e.collective_timeout_s, 0, above=True)
+    if e.reduce_bucket_size is not None:
+        if e.reduce_bucket_size < 1:
+            raise ConfigError(f"engine.reduce_bucket_size={e.reduce_bucket_size} must be >= 1 (elements), or null")
+        theirs = _raw(e.deepspeed or {}, "zero_optimization.reduce_bucket_size")
+        if theirs is not _ABSENT and theirs != e.reduce_bucket_size:
+            raise ConfigError(f"engine.deepspeed.zero_optimization.reduce_bucket_size={theirs!r} contradicts "
+                              f"engine.reduce_bucket_size={e.reduce_bucket_size}; give one of them")
     world = world_size()
     for index in range(len(run.stages)):
         for raw_key, value, ours in _generated_keys(run, index, world):

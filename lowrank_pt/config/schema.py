@@ -134,6 +134,11 @@ class EngineConfig:
     micro-batches of a step. null keeps DeepSpeed's default (the training dtype); fp32 with
     precision bf16 at ZeRO 1 runs DeepSpeed's BF16_Optimizer, which accumulates the whole padded
     group in fp32 on every rank (the planner counts it); bf16 is the default spelled out."""
+    reduce_bucket_size: Optional[int] = None
+    """Elements of ZeRO's gradient reduce bucket (DeepSpeed's zero_optimization.reduce_bucket_size,
+    stages 1-3: ZeRO-3 holds one for the whole run, stages 1-2 one during each backward). null:
+    hidden_size² of the model, at least 5e6 (DeepSpeed's own default, 5e8, is 1 GB per GPU in
+    bf16 at ZeRO-3); a value under engine.deepspeed.zero_optimization wins over both."""
     deepspeed: Dict[str, Any] = field(default_factory=dict)
     """Raw DeepSpeed config keys, deep-merged over the generated config."""
     backend: Optional[str] = None

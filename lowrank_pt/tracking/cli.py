@@ -13,7 +13,6 @@ from lowrank_pt.config.schema import EngineConfig
 from lowrank_pt.model.llama import MODEL_SIZES, ModelConfig, resolve
 from lowrank_pt.optim.lowbit import STATE_DTYPES
 from lowrank_pt.tracking.report import build_report
-from lowrank_pt.zero.partition import DEEPSPEED_REDUCE_BUCKET
 
 GIB = 1024.0**3
 
@@ -115,6 +114,7 @@ def recipe_plans(path: str, overrides: list[str], gpus: int, rank: int = 0, devi
     update, as the run would hold them. The recipe is validated first (without its data)."""
     from lowrank_pt.config.recipe import expected_vocab_size, load
     from lowrank_pt.tracking import planner
+    from lowrank_pt.zero.engine import reduce_bucket_elements
 
     run = load(path, overrides, environment=False)
     cfg = resolve(run.model, vocab_size=expected_vocab_size(run, environment=False))
@@ -127,7 +127,8 @@ def recipe_plans(path: str, overrides: list[str], gpus: int, rank: int = 0, devi
             seq_len=cfg.seq_len, precision=e.precision, activation_checkpointing=cfg.activation_checkpointing,
             rank=rank, weight_decay=stage.optimizer.weight_decay, state_dtype=stage.optimizer.state_dtype,
             master_weights=e.master_weights, weight_dtype=e.weight_dtype, grad_accum_dtype=e.grad_accum_dtype,
-            update=stage.update or t.update, device_bytes=device_bytes or planner.DEFAULT_DEVICE_BYTES)))
+            update=stage.update or t.update, device_bytes=device_bytes or planner.DEFAULT_DEVICE_BYTES,
+            reduce_bucket_size=reduce_bucket_elements(e, cfg.hidden_size))))
     return plans
 
 
@@ -290,8 +291,9 @@ def register(subparsers) -> None:
                     help="find the cheapest setting (state/master/weight dtypes, update, checkpointing, GaLore's "
                          "refresh, ZeRO stage) whose peak fits GIB per GPU; the other flags fix the rest")
     pl.add_argument("--vocab-size", type=at_least(1), default=32000, help="vocabulary size")
-    pl.add_argument("--reduce-bucket-size", type=at_least(1), default=DEEPSPEED_REDUCE_BUCKET,
-                    help="DeepSpeed zero_optimization.reduce_bucket_size (elements)")
+    pl.add_argument("--reduce-bucket-size", type=at_least(1), default=None,
+                    help="ZeRO's gradient reduce bucket in elements (engine.reduce_bucket_size; default: the "
+                         "model's hidden_size², at least 5e6)")
     pl.add_argument("--rank-index", "--process-rank", type=at_least(0), default=0, help="which rank to report (partitions differ by padding)")
     pl.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     pl.add_argument("--paper", action="store_true", help="print the comparison with the GaLore paper's estimates")

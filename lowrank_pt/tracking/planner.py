@@ -10,7 +10,7 @@ size, b the bytes of the training dtype (2 for bf16/fp16, 4 for fp32):
 category        stage 0              stages 1-2                   stage 3
 ==============  ===================  ===========================  =============================
 params          all params · b       frozen · b + Σ pad(N)·b      Σ⌈n/W⌉·b over every param n
-master_params   bf16: N·4; fp32: 0   Σ pad(N)/W · 4               Σ Σ⌈n/W⌉·4
+master_params   bf16: N·4; fp32: 0   Σ pad(N)/W · 4               Σ Σ⌈n/W⌉·4 (fp32, bf16 masters: 0)
 optimizer       2·N·4 + 4 per param  2·pad(N)/W·4 + 4 per group   2·Σ⌈n/W⌉·4 + 4 per sub-group
 grads           N·b                  b · Σ n over params that     Σ Σ⌈n/W⌉·b
                                      overlap the rank's slice
@@ -74,6 +74,7 @@ from lowrank_pt.zero.partition import (
     DEEPSPEED_REDUCE_BUCKET,
     DEEPSPEED_SUB_GROUP,
     allreduce_bucket_numel,
+    default_reduce_bucket,
     group_shapes,
     padded_group,
     piece_of,
@@ -204,7 +205,8 @@ def state_bytes(lay: Layout, zero_stage: int, world: int, precision: str, rank: 
     the params' bf16 gradients are held beside it until the step.
 
     ``master_weights`` bf16 (``engine.master_weights``): no fp32 copy; at ZeRO 0 the bf16 params are
-    what the optimizer updates, at ZeRO 1-3 DeepSpeed keeps the rank's master partition in bf16.
+    what the optimizer updates, at ZeRO 1-2 DeepSpeed keeps the rank's master partition in bf16,
+    at ZeRO 3 the rank's bf16 param partition is the master (as the fp32 one is in fp32 training).
 
     ``update`` per_layer (ZeRO 0, ``zero.per_layer``): at ``grad_accum`` 1 the most gradient bytes
     held at once are the largest trained tensor's; with more micro-batches, or where some steps
@@ -236,7 +238,8 @@ def state_bytes(lay: Layout, zero_stage: int, world: int, precision: str, rank: 
         parts = [[piece_of(n, W) for n in g] for g in lay.groups]
         slice_elems = sum(sum(p) for p in parts)
         out["params"] = (slice_elems + sum(piece_of(n, W) for n in lay.frozen)) * b
-        out["master_params"] = slice_elems * (master or 4)
+        # masters of the params' dtype are the param partitions themselves (zero.engine.share_masters)
+        out["master_params"] = 0 if precision == "fp32" or master_weights == "bf16" else slice_elems * 4
         out["optimizer_states"] = formula(zero_stage, W, rank, sub_group_size)
         out["grads"] = slice_elems * b
         out["zero_buffers"] = reduce_bucket_size * b
@@ -324,13 +327,16 @@ class Plan:
 def plan(model_cfg, method: str = "full", options: dict | None = None, zero_stage: int = 0, world: int = 1,
          micro_batch: int = 1, seq_len: int | None = None, precision: str = "bf16",
          activation_checkpointing: bool = False, rank: int = 0, weight_decay: float = 0.0,
-         reduce_bucket_size: int = DEEPSPEED_REDUCE_BUCKET, grad_accum: int = 1, state_dtype: str = "fp32",
+         reduce_bucket_size: int | None = None, grad_accum: int = 1, state_dtype: str = "fp32",
          master_weights: str = "fp32", weight_dtype: str = "bf16", grad_accum_dtype: str | None = None,
          update: str = "step", lay: Layout | None = None, device_bytes: int = DEFAULT_DEVICE_BYTES) -> Plan:
     """Per-rank memory of training ``model_cfg`` (resolved) with ``method`` on ``world`` ranks
     (``lay``: its ``layout``, where the caller has it already). GaLore's ``refresh: auto`` (its
-    default) is decided against ``device_bytes`` per GPU (``resolve_refresh``)."""
+    default) is decided against ``device_bytes`` per GPU (``resolve_refresh``). ZeRO's reduce
+    bucket: ``reduce_bucket_size`` elements, or the run's default for the model
+    (``partition.default_reduce_bucket``)."""
     seq_len = seq_len or model_cfg.seq_len
+    reduce_bucket_size = reduce_bucket_size or default_reduce_bucket(model_cfg.hidden_size)
     if method == "galore" and (options or {}).get("refresh", "auto") == "auto":  # decided, then planned
         _, auto, decided = resolve_refresh(
             model_cfg, dict(options or {}), device_bytes, zero_stage=zero_stage, world=world, micro_batch=micro_batch,

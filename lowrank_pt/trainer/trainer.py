@@ -155,7 +155,8 @@ class Trainer:
         step_tokens = tokens_per_step(stage, run, self.world_size)
         total = stage_steps(stage, step_tokens)
         method = methods.build(stage, run, plan_refresh=planner.resolve_refresh)
-        ds_config = E.deepspeed_config(run.engine, micro, accum, method.grad_clip(), self.world_size)
+        ds_config = E.deepspeed_config(run.engine, micro, accum, method.grad_clip(), self.world_size,
+                                       self.model_cfg.hidden_size)
         if self.finished is not None:  # its moments are not carried: free them before anything is built
             zero_io.release_optimizer_state(self.finished.engine)
         # Same seed on every rank: the ranks must build identical models before ZeRO partitions.

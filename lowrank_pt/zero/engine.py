@@ -14,6 +14,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from lowrank_pt.core import dist
 from lowrank_pt.zero import state as zero_io
 from lowrank_pt.zero.params import full_numel
+from lowrank_pt.zero.partition import default_reduce_bucket
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -26,10 +27,26 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def reduce_bucket_elements(engine_cfg, hidden_size: int) -> int:
+    """The reduce bucket a run's DeepSpeed config gets (elements): ``engine.deepspeed``'s own
+    ``zero_optimization.reduce_bucket_size``, else ``engine.reduce_bucket_size``, else
+    ``partition.default_reduce_bucket``. What the trainer configures and the planner counts."""
+    raw = (engine_cfg.deepspeed or {}).get("zero_optimization", {}).get("reduce_bucket_size")
+    if raw is not None:
+        return int(raw)
+    if getattr(engine_cfg, "reduce_bucket_size", None) is not None:
+        return int(engine_cfg.reduce_bucket_size)
+    return default_reduce_bucket(hidden_size)
+
+
 def deepspeed_config(engine_cfg, micro_batch_size: int, grad_accum: int, grad_clip: float,
-                     world_size: int) -> dict:
-    """The DeepSpeed config for one stage; ``engine.deepspeed`` keys are merged over it."""
+                     world_size: int, hidden_size: int | None = None) -> dict:
+    """The DeepSpeed config for one stage; ``engine.deepspeed`` keys are merged over it. With
+    ``hidden_size`` (the model's), ZeRO 1-3 get ``reduce_bucket_elements``; without, DeepSpeed's
+    default bucket."""
     zero = {"stage": engine_cfg.zero_stage}
+    if hidden_size is not None and engine_cfg.zero_stage > 0:
+        zero["reduce_bucket_size"] = reduce_bucket_elements(engine_cfg, hidden_size)
     if engine_cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     threshold = getattr(engine_cfg, "stage3_param_persistence_threshold", None)
@@ -140,12 +157,34 @@ def initialize(model, optimizer, lr_lambda, ds_config: dict, masters: dict[int, 
         config=with_persistence_threshold(model, ds_config),
         dist_init_required=False,
     )
+    share_masters(engine)
     zero_io.restore_method_buffers(engine, held)
     if masters and (ds_config.get("bf16", {}).get("enabled") or ds_config.get("fp16", {}).get("enabled")):
         for p in engine.module.parameters():
             if id(p) in masters:
                 zero_io.restore_master(engine, p, masters[id(p)])
     return engine
+
+
+def share_masters(engine) -> None:
+    """ZeRO-3 where the master partitions have the param partitions' dtype (fp32 training, or bf16
+    with bf16 masters: ``bf16_master_weights_and_grads``; no offload): each sub-group's master
+    partition becomes the rank's param partition itself instead of a second copy of it, 4 (fp32)
+    or 2 (bf16) bytes per trained parameter less. DeepSpeed 0.19.8 means to share them where the
+    two have one dtype and device, but compares ``tensor.device`` with a device *name*, which
+    torch answers False, so it always copies. The master tensors stay the objects the optimizer
+    and its state know; only their storage changes, and DeepSpeed's copy of the updated masters
+    into the params after each step becomes a copy onto itself. Every rank calls it; no
+    communication."""
+    opt = engine.optimizer
+    masters = getattr(opt, "fp32_partitioned_groups_flat", None)
+    params = getattr(opt, "fp16_partitioned_groups_flat", None)
+    if not masters or not params or getattr(opt, "offload_optimizer", False):
+        return
+    for master, param in zip(masters, params):
+        if (param is not None and master.dtype == param.dtype and master.device == param.device
+                and master.numel() == param.numel() and master.data_ptr() != param.data_ptr()):
+            master.data = param.data
 
 
 def check_precision(precision: str) -> None:

@@ -7,7 +7,8 @@ Categories (per rank):
   partitions, ``ds_tensor``), int8 bases (``lowrank_pt.model.int8_weights``) in their own dtype.
 - ``master_params``: fp32 master copies where DeepSpeed keeps them apart from the params
   (stage 0 bf16: ``fp32_groups``; stages 1-2: ``single_partition_of_fp32_groups``, also at
-  fp32, where they are clones; stage 3: ``fp32_partitioned_groups_flat``).
+  fp32, where they are clones; stage 3: ``fp32_partitioned_groups_flat``, which in fp32
+  training and with bf16 masters are the param partitions themselves, counted as params).
 - ``optimizer_states``: every tensor in the inner torch optimizer's ``state`` (Adam's two
   moments and its step counters; a peer optimizer's projector objects kept there included).
 - ``grads``: reduced gradients held between the last backward of a step and the optimizer
@@ -96,6 +97,12 @@ def inner_optimizer(engine) -> torch.optim.Optimizer:
     opt = engine.optimizer
     inner = getattr(opt, "optimizer", None)
     return inner if isinstance(inner, torch.optim.Optimizer) else opt
+
+
+def reduce_bucket_elements(engine) -> int:
+    """The ``zero_optimization.reduce_bucket_size`` the engine was built with (elements): what its
+    ZeRO-3 reduce bucket holds, and what the planner is given for it."""
+    return int(engine.zero_reduce_bucket_size())
 
 
 def persistent_buffers(module: nn.Module) -> Iterator[torch.Tensor]:

@@ -65,6 +65,18 @@ from lowrank_pt.zero.params import full_shape, piece_range, piece_size
 
 DEEPSPEED_REDUCE_BUCKET = 500_000_000
 """DeepSpeed's default ``zero_optimization.reduce_bucket_size`` (elements)."""
+REDUCE_BUCKET_FLOOR = 5_000_000
+"""The least ``default_reduce_bucket`` gives: a small model reduces its gradients in one bucket
+instead of many tiny collectives."""
+
+
+def default_reduce_bucket(hidden_size: int) -> int:
+    """Our ``zero_optimization.reduce_bucket_size`` where the run sets none (``engine.reduce_bucket_size``
+    null): ``hidden_size²`` elements, at least ``REDUCE_BUCKET_FLOOR``, instead of DeepSpeed's
+    500M. ZeRO-3 keeps a bucket for the whole run (1 GB in bf16 at DeepSpeed's size, 32 MB at
+    LLaMA 7B's 4096² here) and stages 1-2 one during each backward; a bucket of a layer's matrix
+    or more keeps the reductions few and large."""
+    return max(hidden_size * hidden_size, REDUCE_BUCKET_FLOOR)
 DEEPSPEED_SUB_GROUP = 1_000_000_000
 """DeepSpeed's default ``zero_optimization.sub_group_size`` (elements, stage 3)."""
 DEEPSPEED_ALLREDUCE_BUCKET = 500_000_000

@@ -19,6 +19,7 @@ from lowrank_pt.eval.generate import generate
 from lowrank_pt.model.llama import LlamaModel
 from lowrank_pt.model.llama import flops_per_token as dense_flops_per_token
 from lowrank_pt.tracking.summary import read_summary
+from lowrank_pt.zero.partition import default_reduce_bucket
 
 CATEGORIES = ("params", "grads", "optimizer_states", "method_buffers", "master_params")
 
@@ -71,8 +72,11 @@ def test_sltrain_and_cola_train_resume_and_export_under_zero3(tmp_path, data_cac
                                        (straight, "cola", "cola", {"recompute": True})):
         stage = next(s for s in read_summary(run)["stages"] if s["name"] == name)
         measured, formula = stage["memory"]["measured"], stage["memory"]["formula"]
-        for category in (*CATEGORIES, "step_cache"):
+        for category in (*CATEGORIES, "step_cache", "zero_buffers"):
             assert measured.get(category, 0) == formula.get(category, 0), (run, category, measured, formula)
+        # ZeRO-3's resident reduce bucket, bf16: the default for the model (5e6 elements for this one)
+        assert measured["zero_buffers"] == 2 * default_reduce_bucket(checkpoint_config(checkpoint.complete(run)[0])
+                                                                     .hidden_size) == 10**7
         assert (measured.get("step_cache", 0) > 0) == (method == "sltrain")  # the supports, kept on every rank
         cfg = checkpoint_config(checkpoint.complete(run)[0])
         assert stage["flops_per_token"] == declared_flops(cfg, method, options) != dense_flops_per_token(cfg)

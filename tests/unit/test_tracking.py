@@ -522,3 +522,33 @@ def test_progress_line_gives_elapsed_time_and_the_stage_and_run_etas():
     assert (stage_left, run_left) == (60.0, 160.0)
     assert progress.line(20.0, 10, 30, 1000, 50_000) == "elapsed 20s, ETA stage 1m00s, run 2m40s"
     assert progress.line(20.0, 10, 30, 1000, 0) == "elapsed 20s, ETA stage 1m00s"  # the last stage
+
+
+def test_the_reduce_bucket_is_sized_to_the_model_configured_and_planned_alike():
+    """ZeRO's gradient reduce bucket: the model's hidden_size² elements (at least 5e6) unless the run
+    says otherwise (engine.reduce_bucket_size; a raw engine.deepspeed key wins, one contradicting
+    ours is refused); DeepSpeed's config and the planner take the same number."""
+    from lowrank_pt.config.recipe import validate
+    from lowrank_pt.config.schema import EngineConfig, RunConfig
+    from lowrank_pt.core.errors import ConfigError
+    from lowrank_pt.model.llama import ModelConfig, resolve
+    from lowrank_pt.tracking import planner
+    from lowrank_pt.zero import engine as E
+
+    def bucket(cfg, hidden):
+        return E.deepspeed_config(cfg, 1, 1, 1.0, 8, hidden_size=hidden)["zero_optimization"].get("reduce_bucket_size")
+
+    assert bucket(EngineConfig(zero_stage=3, precision="bf16"), 4096) == 4096**2
+    assert bucket(EngineConfig(zero_stage=2), 64) == 5_000_000
+    assert bucket(EngineConfig(zero_stage=0), 4096) is None  # no ZeRO partitioning, no bucket
+    assert bucket(EngineConfig(zero_stage=3, reduce_bucket_size=2 * 10**8), 4096) == 2 * 10**8
+    raw = {"zero_optimization": {"reduce_bucket_size": 123456}}
+    assert bucket(EngineConfig(zero_stage=3, deepspeed=raw), 4096) == 123456
+    seven_b = resolve(ModelConfig(size="7b", seq_len=2048), vocab_size=32000)
+    common = dict(zero_stage=3, world=8, precision="bf16", activation_checkpointing=True)
+    assert planner.plan(seven_b, "full", {}, **common).bytes["zero_buffers"] == 2 * 4096**2
+    assert planner.plan(seven_b, "full", {}, reduce_bucket_size=5 * 10**8, **common).bytes["zero_buffers"] == 10**9
+    for engine, said in ((EngineConfig(zero_stage=3, reduce_bucket_size=0), "must be >= 1"),
+                         (EngineConfig(zero_stage=3, reduce_bucket_size=7, deepspeed=raw), "contradicts")):
+        with pytest.raises(ConfigError, match=said):
+            validate(RunConfig(engine=engine), environment=False)

@@ -157,10 +157,11 @@ def check_bytes(results):
             fp32, bf16, int8 = (per_rank[(zero_stage, label)][0]["optimizer_states"]
                                 for label in ("full", "full+bf16_states", "full+int8_states"))
             assert int8 < 0.3 * fp32 and abs(bf16 - fp32 / 2) < 64, (zero_stage, fp32, bf16, int8)
-            if (zero_stage, "full+bf16_masters") in per_rank:  # no fp32 copy: none at ZeRO 0, half at 1-3
-                fp32_masters = per_rank[(zero_stage, "full")][0]["master_params"]
+            if (zero_stage, "full+bf16_masters") in per_rank:  # no fp32 copy: none at ZeRO 0, half at 1-2,
+                fp32_masters = per_rank[(zero_stage, "full")][0]["master_params"]  # none at 3 (the params)
                 bf16_masters = per_rank[(zero_stage, "full+bf16_masters")][0]["master_params"]
-                assert bf16_masters == (0 if zero_stage == 0 else fp32_masters // 2), (zero_stage, bf16_masters)
+                assert bf16_masters == (fp32_masters // 2 if zero_stage in (1, 2) else 0), (zero_stage, bf16_masters)
+                assert fp32_masters > 0
             if (zero_stage, "lora+int8_weights") in per_rank:  # bf16 bases (2 bytes) -> 1 byte + scales
                 bf16, int8 = (per_rank[(zero_stage, label)][0] for label in ("lora", "lora+int8_weights"))
                 elements = 2 * (4 * 38 * 38 + 3 * 38 * 100)  # q k v o, gate up down of 2 layers (38, MLP 100)

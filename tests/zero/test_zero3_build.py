@@ -123,3 +123,42 @@ def test_init_from_at_zero3_reaches_every_shard(tmp_path, data_cache):
     start, end = final_weights(source), final_weights(target)
     fresh_moved = max(float((start[n] - end[n]).abs().max()) for n in start)
     assert fresh_moved < 1e-6, "the ZeRO-3 stage began from the source run's weights (lr 1e-12 moves nothing)"
+
+
+def shared_masters_worker(rank, world):
+    """Four bf16 steps at ZeRO 3 with bf16 masters, the masters shared with the param partitions
+    and (the same run again) kept as DeepSpeed's own second copy."""
+    from lowrank_pt.model.llama import LlamaModel
+    from lowrank_pt.zero import engine as E
+
+    out = {}
+    for shared in (True, False):
+        original = E.share_masters
+        if not shared:
+            E.share_masters = lambda engine: None
+        try:
+            torch.manual_seed(0)
+            engine, _ = tiny_engine(3, "bf16", model=LlamaModel(model_cfg()), vocab_size=VOCAB, master_weights="bf16")
+        finally:
+            E.share_masters = original
+        opt = engine.optimizer
+        same = [m.data_ptr() == p.data_ptr() for m, p in zip(opt.fp32_partitioned_groups_flat,
+                                                             opt.fp16_partitioned_groups_flat)]
+        for batch in random_batches(4, vocab_size=VOCAB, rank=rank):
+            engine.backward(engine(batch["input_ids"], batch["labels"]))
+            engine.step()
+        out[shared] = (same, [p.detach().clone() for p in opt.fp16_partitioned_groups_flat],
+                       [m.dtype for m in opt.fp32_partitioned_groups_flat])
+    return out
+
+
+def test_zero3_bf16_masters_are_the_param_partitions_and_train_the_same():
+    """``zero.engine.share_masters``: at ZeRO 3 with bf16 masters every master partition is the
+    rank's bf16 param partition (one storage, where DeepSpeed 0.19.8 keeps a copy), and the
+    weights after four steps equal, bit for bit, those of the run that keeps the copy."""
+    for r in spawn(shared_masters_worker, 2):
+        same, weights, dtypes = r[True]
+        kept, reference, _ = r[False]
+        assert same and all(same) and not any(kept), (same, kept)
+        assert all(d == torch.bfloat16 for d in dtypes)
+        assert all(torch.equal(a, b) for a, b in zip(weights, reference))
