@@ -34,11 +34,10 @@ from .sft import (
     build_shakespeare_sft,
     chat_ids,
     check_files_and_split,
-    held_out,
-    read_jsonl,
     shakespeare_key,
     spread,
 )
+from .records import held_out, read_jsonl
 from .tokenizer import Tokenizer
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
