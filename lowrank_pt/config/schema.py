@@ -126,7 +126,7 @@ class EngineConfig:
     bf16. For the methods with a frozen base (lora, relora, galore) int8 holds the base, at every
     ZeRO stage (ZeRO-3 partitions the codes and scales like the weights); a merge into it,
     ReLoRA's restart or GaLore's subspace install, re-quantises with stochastic rounding. For the
-    others (full, apollo, apollo_mini, fira, galore_weights) it holds the weights the optimizer
+    others (full, apollo, apollo_mini, fira, galore_weights, muon, dion) it holds the weights the optimizer
     updates, at ZeRO 0 with master_weights bf16: each step dequantises one matrix, updates it in
     fp32 and re-quantises it with stochastic rounding. Exports are dequantised."""
     grad_accum_dtype: Optional[str] = None

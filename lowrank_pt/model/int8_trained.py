@@ -1,5 +1,5 @@
 """Weights the optimizer updates, stored in int8 (``engine.weight_dtype: int8`` for methods that
-update dense weights: full, apollo, apollo_mini, fira, galore_weights; ZeRO 0, bf16 masters).
+update dense weights: full, apollo, apollo_mini, fira, galore_weights, muon, dion; ZeRO 0, bf16 masters).
 
 Each of the blocks' bias-free projections (q/k/v/o, gate/up/down; embeddings, norms, the head and
 Qwen2's biased q/k/v stay bf16)

@@ -65,6 +65,7 @@ class FragmentOptimizer(torch.optim.Optimizer):
                 self._index[id(p)] = spec.index
                 self.specs.append(spec)
         self._group_options = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
+        self._built_groups = [list(group["params"]) for group in self.param_groups]
         self._deferred = defer_until_attached
         self._pairs: list[tuple[torch.Tensor, FlatLayout]] | None = None
         self._layouts: dict[int, FlatLayout] = {}
@@ -110,9 +111,11 @@ class FragmentOptimizer(torch.optim.Optimizer):
         self._deferred = False
 
     def _whole_pairs(self) -> list[tuple[torch.Tensor, FlatLayout]]:
+        """Every param this optimizer was built with, whole: from its groups as built, not as they
+        stand (``int8_trained.steps_through_codes`` steps views of them, one int8 weight apart)."""
         out = []
-        for g, group in enumerate(self.param_groups):
-            for i, p in enumerate(group["params"]):
+        for g, group in enumerate(self._built_groups):
+            for i, p in enumerate(group):
                 index = self._index[id(p)]
                 out.append((p, FlatLayout((g, i), p.numel(), (Fragment(index, 0, p.numel(), 0),))))
         return out

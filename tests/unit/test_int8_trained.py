@@ -95,3 +95,33 @@ def test_checkpoints_hold_the_codes_where_a_frozen_base_does_and_load_back():
         assert "weight_dtype" in str(e)
     else:
         raise AssertionError("a 16-bit weight loaded into int8 codes")
+
+
+def test_muon_and_dion_step_an_int8_weight_as_they_step_its_dequantised_value():
+    """``engine.weight_dtype: int8`` with muon or dion: each step's codes are the keyed stochastic
+    rounding of what the same optimizer does to the dequantised weight, step after step (their
+    momentum and Dion's factor depend on the gradients only, so a reference stepping the
+    dequantised weight keeps the same state)."""
+    from lowrank_pt.optim.dion import DionAdamW
+    from lowrank_pt.optim.muon import MuonAdamW
+
+    for cls, key in ((MuonAdamW, "muon"), (DionAdamW, "dion")):
+        m = model(seed=1)
+        int8_trained.store(m)
+        lin = m.layers[0]
+        ref = nn.Parameter(int8_trained.value(lin))
+        opt = int8_trained.steps_through_codes(cls([{"params": [lin.weight], key: True}], lr=2e-2), int8_weight_draws)
+        ref_opt = cls([{"params": [ref], key: True}], lr=2e-2)
+        torch.manual_seed(2)
+        for step in (1, 2, 3):
+            grad = torch.randn(lin.weight.shape).to(lin.weight.dtype)
+            lin.weight.grad, ref.grad = grad, grad.float()
+            opt.step()
+            ref_opt.step()
+            want = torch.cat([int8_weights.quantise(ref.detach()[r:r + 256], int8_weight_draws(step, 0, r))[0]
+                              for r in (0, 256)])
+            assert torch.equal(lin.weight_codes, want), (key, step)
+            assert int(lin.weight_updates) == step and lin.weight.untyped_storage().nbytes() == 2
+            moved = (int8_trained.value(lin) - ref.detach()).abs().max()
+            assert moved > 0  # the stored weight is the rounded one
+            ref.data = int8_trained.value(lin)  # the reference goes on from what was stored
