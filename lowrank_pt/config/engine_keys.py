@@ -36,7 +36,9 @@ def _generated_keys(run: RunConfig, index: int, world: int) -> list[tuple[str, A
          f"engine.master_weights={masters}"),
         ("fp16.enabled", run.engine.precision == "fp16", precision),
     ] + ([("data_types.grad_accum_dtype", run.engine.grad_accum_dtype,
-           f"engine.grad_accum_dtype={run.engine.grad_accum_dtype}")] if run.engine.grad_accum_dtype and bf16["enabled"] else [])
+           f"engine.grad_accum_dtype={run.engine.grad_accum_dtype}")] if run.engine.grad_accum_dtype and bf16["enabled"] else []
+         ) + ([("zero_optimization.reduce_bucket_size", run.engine.reduce_bucket_size,
+                f"engine.reduce_bucket_size={run.engine.reduce_bucket_size}")] if run.engine.reduce_bucket_size else [])
 
 
 def _raw(tree: dict, dotted: str):
@@ -88,13 +90,8 @@ def validate_engine(run: RunConfig, environment: bool) -> None:
     if e.backend is not None:
         choice("engine.backend", e.backend, BACKENDS)
     number("engine.collective_timeout_s", e.collective_timeout_s, 0, above=True)
-    if e.reduce_bucket_size is not None:
-        if e.reduce_bucket_size < 1:
-            raise ConfigError(f"engine.reduce_bucket_size={e.reduce_bucket_size} must be >= 1 (elements), or null")
-        theirs = _raw(e.deepspeed or {}, "zero_optimization.reduce_bucket_size")
-        if theirs is not _ABSENT and theirs != e.reduce_bucket_size:
-            raise ConfigError(f"engine.deepspeed.zero_optimization.reduce_bucket_size={theirs!r} contradicts "
-                              f"engine.reduce_bucket_size={e.reduce_bucket_size}; give one of them")
+    if e.reduce_bucket_size is not None and e.reduce_bucket_size < 1:
+        raise ConfigError(f"engine.reduce_bucket_size={e.reduce_bucket_size} must be >= 1 (elements), or null")
     world = world_size()
     for index in range(len(run.stages)):
         for raw_key, value, ours in _generated_keys(run, index, world):

@@ -28,6 +28,7 @@ from lowrank_pt.core.errors import DataError
 
 from . import chat_template
 from .loader import ShuffledLoader, check_rank
+from .records import held_out, read_jsonl
 from .sft import (
     SHAKESPEARE,
     _write_jsonl,
@@ -37,7 +38,6 @@ from .sft import (
     shakespeare_key,
     spread,
 )
-from .records import held_out, read_jsonl
 from .tokenizer import Tokenizer
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")

@@ -94,9 +94,13 @@ def validate_config(cfg: SFTDataConfig) -> None:
     tasks = list(cfg.tasks)
     if not tasks or len(set(tasks)) != len(tasks) or not set(tasks) <= set(SHAKESPEARE_TASKS):
         raise ValueError(f"sft.tasks={tasks}: one or more of {list(SHAKESPEARE_TASKS)}, each once")
-    if cfg.train != SHAKESPEARE and sorted(tasks) != sorted(SHAKESPEARE_TASKS):
+    if cfg.train != SHAKESPEARE and not _all_tasks(tasks):
         raise ValueError(f"sft.tasks={tasks} chooses records of the shakespeare set; sft.train is a file "
                          f"({cfg.train}): leave tasks out")
+
+
+def _all_tasks(tasks) -> bool:
+    return set(tasks) == set(SHAKESPEARE_TASKS)
 
 
 def check_files_and_split(cfg, section: str) -> None:
@@ -331,7 +335,7 @@ _MIN_WORDS_WHO = 5  # "who says" lines shorter than this are too often spoken by
 def shakespeare_key(max_examples: Optional[int], seed: int, tasks=SHAKESPEARE_TASKS) -> str:
     params = {"version": SHAKESPEARE_SET_VERSION, "max_examples": max_examples, "seed": seed,
               "val_fraction": SHAKESPEARE_VAL_FRACTION, "corpus": _corpus_version()}
-    if sorted(tasks) != sorted(SHAKESPEARE_TASKS):  # the full set keeps the key it always had
+    if not _all_tasks(tasks):  # the full set keeps the key it always had
         params["tasks"] = sorted(tasks)
     return "shakespeare-" + hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
 

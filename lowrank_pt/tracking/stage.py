@@ -19,7 +19,7 @@ from lowrank_pt.core.timer import PhaseTimer
 from lowrank_pt.model import int8_weights
 from lowrank_pt.tracking import flops, memory, planner
 from lowrank_pt.tracking.summary import derive_rates
-from lowrank_pt.zero.held import reduce_bucket_elements
+from lowrank_pt.zero.held import built_reduce_bucket
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class StageTracker:
             lay = planner.layout(model_cfg, stage.method, self.options, stage.optimizer.weight_decay,
                                  stage.optimizer.state_dtype, weight_dtype="int8" if int8 else "bf16")
             self.formula = planner.state_bytes(lay, zero_stage, self.world, precision, self.rank,
-                                               reduce_bucket_elements(engine),
+                                               built_reduce_bucket(engine),
                                                fp32_grad_accumulation=_accumulates_in_fp32(engine),
                                                master_weights=master_weights, update=update, grad_accum=accum)
             self.formula["method_transient"] = planner.capture_bytes(lay, self.world, self.rank, zero_stage)

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from lowrank_pt.core import dist
 from lowrank_pt.data import Tokenizer, TokenShard, check_tokenizer, prepare_data
 from lowrank_pt.data.preference import preference_batch, speaker_questions
-from lowrank_pt.data.sft import SHAKESPEARE, encode_prompt
+from lowrank_pt.data.sft import SHAKESPEARE, SHAKESPEARE_TASKS, encode_prompt
 from lowrank_pt.eval.scores import ANSWER_TOKENS, reply_questions
 from lowrank_pt.objectives import objective_class
 
@@ -112,7 +112,7 @@ class DataStreams:
         count = self.run.train.eval_questions
         if section is None or count < 1:
             return []
-        if section.train == SHAKESPEARE and section.validation is None and "who" in getattr(section, "tasks", ["who"]):
+        if section.train == SHAKESPEARE and section.validation is None and "who" in getattr(section, "tasks", SHAKESPEARE_TASKS):
             asked = on_local_rank0_first(lambda: speaker_questions(section.cache_dir, section.max_examples,
                                                                    section.seed, count))
             return [(encode_prompt(self.tokenizer, [{"role": "user", "content": prompt}]), speaker)

@@ -34,7 +34,7 @@ def reduce_bucket_elements(engine_cfg, hidden_size: int) -> int:
     raw = (engine_cfg.deepspeed or {}).get("zero_optimization", {}).get("reduce_bucket_size")
     if raw is not None:
         return int(raw)
-    if getattr(engine_cfg, "reduce_bucket_size", None) is not None:
+    if engine_cfg.reduce_bucket_size is not None:
         return int(engine_cfg.reduce_bucket_size)
     return default_reduce_bucket(hidden_size)
 

@@ -99,7 +99,7 @@ def inner_optimizer(engine) -> torch.optim.Optimizer:
     return inner if isinstance(inner, torch.optim.Optimizer) else opt
 
 
-def reduce_bucket_elements(engine) -> int:
+def built_reduce_bucket(engine) -> int:
     """The ``zero_optimization.reduce_bucket_size`` the engine was built with (elements): what its
     ZeRO-3 reduce bucket holds, and what the planner is given for it."""
     return int(engine.zero_reduce_bucket_size())

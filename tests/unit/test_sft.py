@@ -60,6 +60,15 @@ def labelled_runs(labels: torch.Tensor) -> list[list[int]]:
     return runs + ([current] if current else [])
 
 
+def two_conversations(tmp_path, tokenizer) -> SFTData:
+    """CONVERSATIONS as a file read back: a prompt/response record and a multi-turn one."""
+    path = write_jsonl(tmp_path / "sft.jsonl", [
+        {"prompt": "Who says: to be, or not to be?", "response": "HAMLET"},
+        {"messages": CONVERSATIONS[1]},
+    ])
+    return SFTData.from_jsonl(path, tokenizer)
+
+
 def test_validation_batches_are_as_wide_as_their_longest_conversation_and_score_the_same(tmp_path, tokenizer):
     """SFT validation rows are cut after the longest conversation of their batch, not padded to
     seq_len: a causal model's logits at every scored position are those of the full-width batch."""
@@ -67,12 +76,7 @@ def test_validation_batches_are_as_wide_as_their_longest_conversation_and_score_
     from lowrank_pt.data.sft import _batch
     from lowrank_pt.model.llama import LlamaModel, resolve
 
-    path = write_jsonl(tmp_path / "sft.jsonl", [
-        {"prompt": "Who says: to be, or not to be?", "response": "HAMLET"},
-        {"messages": CONVERSATIONS[1]},
-    ])
-    data = SFTData.from_jsonl(path, tokenizer)
-    seq_len = 96
+    data, seq_len = two_conversations(tmp_path, tokenizer), 96
     trimmed = sft_validation_batches(data, seq_len, micro_batch_size=2, num_sequences=2)[0]
     full = _batch(data, seq_len, [0, 1])
     width = max(len(ids) for ids, _ in data.examples) - 1
@@ -88,12 +92,7 @@ def test_validation_batches_are_as_wide_as_their_longest_conversation_and_score_
 
 
 def test_loss_mask_covers_exactly_the_responses(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "sft.jsonl", [
-        {"prompt": "Who says: to be, or not to be?", "response": "HAMLET"},
-        {"messages": CONVERSATIONS[1]},
-    ])
-    data = SFTData.from_jsonl(path, tokenizer)
-    seq_len = 96
+    data, seq_len = two_conversations(tmp_path, tokenizer), 96
     batch = sft_validation_batches(data, seq_len, micro_batch_size=2, num_sequences=2)[0]
     end = tokenizer.piece_id("<|end|>")
     for row, conv in enumerate(CONVERSATIONS):
